@@ -1,0 +1,38 @@
+"""fusionsurgery: turn a pretrained text decoder into a deep-fusion (Flamingo / Llama 3.2 Vision) model.
+
+The public API is imported lazily so that ``import fusionsurgery`` (and CLI commands that read
+headers only) do not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from .version import __version__
+
+_API = {
+    "fuse": "fusionsurgery.surgery.fuse",
+    "FuseResult": "fusionsurgery.surgery.fuse",
+    "load_fused": "fusionsurgery.loading",
+    "open_model": "fusionsurgery.loading",
+    "build_decoder": "fusionsurgery.builders",
+    "FusionLayer": "fusionsurgery.modules.fusion",
+    "FusionEmbedding": "fusionsurgery.modules.fusion",
+    "get_fusion_params": "fusionsurgery.modules.fusion",
+    "set_trainable_params": "fusionsurgery.modules.fusion",
+    "GatedCrossAttentionLayer": "fusionsurgery.modules.layers",
+    "DecoderLayer": "fusionsurgery.modules.layers",
+    "TransformerDecoder": "fusionsurgery.modules.decoder",
+    "Checkpoint": "fusionsurgery.io.checkpoint",
+    "ModelConfig": "fusionsurgery.arch.config",
+    "FusionConfig": "fusionsurgery.arch.config",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(import_module(_API[name]), name)
+    raise AttributeError(f"module 'fusionsurgery' has no attribute {name!r}")

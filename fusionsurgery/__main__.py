@@ -1,0 +1,5 @@
+"""``python -m fusionsurgery``."""
+
+from .cli import run
+
+run()

@@ -1,0 +1,1 @@
+"""Architectures as data: naming families (key templates) and the model config."""

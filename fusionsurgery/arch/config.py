@@ -1,0 +1,321 @@
+"""The model description: read from ``config.json`` or inferred from tensor shapes.
+
+``ModelConfig`` holds what building the decoder needs; ``FusionConfig`` what fusion added. Both
+round-trip through the ``config.json`` that ``fuse`` writes (the base's config plus a ``fusion``
+section). Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import CheckpointError, UsageError
+from ..io.checkpoint import Checkpoint
+from .families import FAMILIES, Family, detect_family, is_fusion_key
+
+#: Hugging Face ``model_type`` values this tool reads, with the class name transformers uses.
+SUPPORTED_MODEL_TYPES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build the (unfused) decoder."""
+
+    family: str
+    model_type: str
+    num_layers: int
+    dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_dim: int
+    vocab_size: int
+    norm_eps: float = 1e-5
+    rope_theta: float | None = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_embeddings: bool = False
+    attn_bias: bool = False
+    qk_norm: bool = False
+    max_seq_len: int = 4096
+    activation: str = "silu"
+    inferred: list[str] = field(default_factory=list)
+
+    @property
+    def family_obj(self) -> Family:
+        return FAMILIES[self.family]
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def rope_parameters(self) -> dict[str, Any]:
+        """RoPE settings in transformers 5's ``rope_parameters`` spelling."""
+        params: dict[str, Any] = {"rope_type": "default"}
+        if self.rope_scaling:
+            params.update(self.rope_scaling)
+        params["rope_theta"] = self.rope_theta
+        return params
+
+
+@dataclass
+class FusionConfig:
+    """What fusion added: the ``fusion`` section of a fused checkpoint's ``config.json``."""
+
+    layers: list[int]
+    fusion_first: bool = True
+    encoder_dim: int = 0
+    fusion_vocab: int = 0
+    init: str = "normal"
+    init_std: float = 0.02
+    seed: int = 0
+    dtype: str = "BF16"
+    qk_norm_eps: float = 1e-5
+    norm_eps: float = 1e-5
+    tool_version: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> "FusionConfig":
+        if not isinstance(doc, dict):
+            raise CheckpointError("config.json: 'fusion' section is not an object")
+        known = {k: doc[k] for k in cls.__dataclass_fields__ if k in doc}
+        try:
+            fc = cls(**known)
+        except TypeError as exc:
+            raise CheckpointError(f"config.json: bad 'fusion' section ({exc})") from None
+        if not isinstance(fc.layers, list) or not all(isinstance(i, int) for i in fc.layers):
+            raise CheckpointError("config.json: fusion.layers must be a list of layer indices")
+        return fc
+
+
+# ---------------------------------------------------------------------- reading
+def read_model_config(
+    ckpt: Checkpoint, *, num_heads: int | None = None, num_kv_heads: int | None = None
+) -> ModelConfig:
+    """Describe the decoder in ``ckpt`` from its config.json, or infer it from tensor shapes.
+
+    Fusion tensors (of an already fused checkpoint) are ignored here.
+    """
+    family = detect_family(ckpt.keys())
+    shapes = {}
+    for key in ckpt.keys():
+        canonical = family.to_canonical(key)
+        if not is_fusion_key(canonical):
+            shapes[canonical] = ckpt.info(key).shape
+    if ckpt.config is not None:
+        cfg = _from_hf_config(ckpt.config, family, shapes, num_heads, num_kv_heads)
+    else:
+        cfg = _infer(family, shapes, num_heads, num_kv_heads)
+    _check_shapes(cfg, shapes)
+    return cfg
+
+
+def _shape(shapes: dict[str, tuple[int, ...]], key: str) -> tuple[int, ...]:
+    if key not in shapes:
+        raise CheckpointError(f"checkpoint has no tensor {key!r} (canonical name); is it a complete decoder?")
+    return shapes[key]
+
+
+def _layer_count(shapes: dict[str, tuple[int, ...]]) -> int:
+    idx = {int(k.split(".")[1]) for k in shapes if k.startswith("layers.")}
+    if not idx:
+        raise CheckpointError("checkpoint has no decoder layers")
+    n = max(idx) + 1
+    missing = sorted(set(range(n)) - idx)
+    if missing:
+        raise CheckpointError(f"checkpoint is missing decoder layer(s) {missing[:5]}")
+    return n
+
+
+def _structure(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """What the tensors alone decide."""
+    vocab, dim = _shape(shapes, "tok_embeddings.weight")
+    q_out = _shape(shapes, "layers.0.attn.q_proj.weight")[0]
+    kv_out = _shape(shapes, "layers.0.attn.k_proj.weight")[0]
+    inter = _shape(shapes, "layers.0.mlp.w1.weight")[0]
+    qk_norm = "layers.0.attn.q_norm.scale" in shapes
+    return {
+        "vocab_size": vocab,
+        "dim": dim,
+        "q_out": q_out,
+        "kv_out": kv_out,
+        "intermediate_dim": inter,
+        "num_layers": _layer_count(shapes),
+        "tie_embeddings": "output.weight" not in shapes,
+        "attn_bias": "layers.0.attn.q_proj.bias" in shapes,
+        "qk_norm": qk_norm,
+        "qk_head_dim": shapes["layers.0.attn.q_norm.scale"][0] if qk_norm else None,
+    }
+
+
+def _heads(s: dict[str, Any], num_heads: int | None, num_kv_heads: int | None, head_dim: int | None) -> tuple[int, int, int]:
+    if head_dim is None:
+        head_dim = s["qk_head_dim"]
+    if head_dim is None:
+        if num_heads is None:
+            raise UsageError(
+                "the head count cannot be inferred from tensor shapes without a config.json: "
+                "pass --num-heads N (and --num-kv-heads N for grouped-query attention), or --config PATH"
+            )
+        if s["dim"] % num_heads:
+            raise UsageError(f"--num-heads {num_heads} does not divide the width {s['dim']}")
+        head_dim = s["dim"] // num_heads
+    if s["q_out"] % head_dim or s["kv_out"] % head_dim:
+        raise CheckpointError(
+            f"q/k projections ({s['q_out']}, {s['kv_out']} rows) are not multiples of head_dim {head_dim}"
+        )
+    heads = s["q_out"] // head_dim
+    if num_heads is not None and num_heads != heads:
+        raise UsageError(f"--num-heads {num_heads} disagrees with the q_proj shape ({heads} heads of {head_dim})")
+    kv = s["kv_out"] // head_dim
+    if num_kv_heads is not None and num_kv_heads != kv:
+        raise UsageError(f"--num-kv-heads {num_kv_heads} disagrees with the k_proj shape ({kv} heads of {head_dim})")
+    if kv == 0 or heads % kv:
+        raise CheckpointError(f"{heads} query heads cannot be grouped over {kv} key/value heads")
+    return heads, kv, head_dim
+
+
+def _infer(family: Family, shapes: dict[str, tuple[int, ...]], num_heads: int | None, num_kv_heads: int | None) -> ModelConfig:
+    s = _structure(shapes)
+    heads, kv, head_dim = _heads(s, num_heads, num_kv_heads, None)
+    model_type = "qwen3" if s["qk_norm"] else "qwen2" if s["attn_bias"] else "llama"
+    inferred = ["num_layers", "dim", "num_heads", "num_kv_heads", "head_dim", "intermediate_dim", "vocab_size",
+                "tie_embeddings", "model_type"]
+    return ModelConfig(
+        family=family.name, model_type=model_type, num_layers=s["num_layers"], dim=s["dim"],
+        num_heads=heads, num_kv_heads=kv, head_dim=head_dim, intermediate_dim=s["intermediate_dim"],
+        vocab_size=s["vocab_size"], tie_embeddings=s["tie_embeddings"], attn_bias=s["attn_bias"],
+        qk_norm=s["qk_norm"], rope_theta=None, inferred=inferred,
+    )
+
+
+def read_rope(doc: dict[str, Any]) -> tuple[float | None, dict[str, Any] | None]:
+    """(theta, scaling) from either spelling: top-level ``rope_theta``/``rope_scaling`` or ``rope_parameters``."""
+    params = doc.get("rope_parameters")
+    if isinstance(params, dict) and params:
+        theta = params.get("rope_theta", doc.get("rope_theta"))
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    else:
+        theta = doc.get("rope_theta", 10000.0)
+        scaling = dict(doc.get("rope_scaling") or {})
+    if "type" in scaling and "rope_type" not in scaling:
+        scaling["rope_type"] = scaling.pop("type")
+    scaling.pop("type", None)
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise CheckpointError(f"config.json: rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    return (float(theta) if theta is not None else None), (scaling if rope_type != "default" else None)
+
+
+def _from_hf_config(
+    doc: dict[str, Any], family: Family, shapes: dict[str, tuple[int, ...]], num_heads: int | None, num_kv_heads: int | None
+) -> ModelConfig:
+    s = _structure(shapes)
+    model_type = doc.get("model_type", "llama")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"config.json: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    try:
+        heads = int(doc.get("num_attention_heads") or num_heads or 0) or None
+        kv = int(doc.get("num_key_value_heads") or num_kv_heads or heads or 0) or None
+        head_dim = doc.get("head_dim")
+        if head_dim is None and heads:
+            head_dim = int(doc.get("hidden_size", s["dim"])) // heads
+        heads, kv, head_dim = _heads(s, heads, kv, int(head_dim) if head_dim else None)
+        theta, scaling = read_rope(doc)
+        norm_eps = float(doc.get("rms_norm_eps", 1e-6))
+        max_seq = int(doc.get("max_position_embeddings", 4096))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"config.json: unreadable value ({exc})") from None
+    for name, ours in (("hidden_size", s["dim"]), ("vocab_size", s["vocab_size"]),
+                       ("num_hidden_layers", s["num_layers"]), ("intermediate_size", s["intermediate_dim"])):
+        if name in doc and doc[name] != ours:
+            raise CheckpointError(f"config.json says {name}={doc[name]} but the tensors say {ours}")
+    tie = s["tie_embeddings"]
+    if doc.get("tie_word_embeddings") is False and tie:
+        raise CheckpointError("config.json says tie_word_embeddings=false but the checkpoint has no lm_head")
+    return ModelConfig(
+        family=family.name, model_type=model_type, num_layers=s["num_layers"], dim=s["dim"],
+        num_heads=heads, num_kv_heads=kv, head_dim=head_dim, intermediate_dim=s["intermediate_dim"],
+        vocab_size=s["vocab_size"], norm_eps=norm_eps, rope_theta=theta, rope_scaling=scaling,
+        tie_embeddings=tie, attn_bias=s["attn_bias"], qk_norm=s["qk_norm"], max_seq_len=max_seq,
+        activation=str(doc.get("hidden_act", "silu")),
+    )
+
+
+def _check_shapes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every tensor of every layer must have the shape the config implies."""
+    expected: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (cfg.vocab_size, cfg.dim), "norm.scale": (cfg.dim,)}
+    if not cfg.tie_embeddings:
+        expected["output.weight"] = (cfg.vocab_size, cfg.dim)
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.kv_dim
+    per_layer = {
+        "sa_norm.scale": (cfg.dim,), "mlp_norm.scale": (cfg.dim,),
+        "attn.q_proj.weight": (q, cfg.dim), "attn.k_proj.weight": (kv, cfg.dim), "attn.v_proj.weight": (kv, cfg.dim),
+        "attn.output_proj.weight": (cfg.dim, q),
+        "mlp.w1.weight": (cfg.intermediate_dim, cfg.dim), "mlp.w3.weight": (cfg.intermediate_dim, cfg.dim),
+        "mlp.w2.weight": (cfg.dim, cfg.intermediate_dim),
+    }
+    if cfg.attn_bias:
+        per_layer.update({"attn.q_proj.bias": (q,), "attn.k_proj.bias": (kv,), "attn.v_proj.bias": (kv,)})
+    if cfg.qk_norm:
+        per_layer.update({"attn.q_norm.scale": (cfg.head_dim,), "attn.k_norm.scale": (cfg.head_dim,)})
+    for i in range(cfg.num_layers):
+        for suffix, shape in per_layer.items():
+            expected[f"layers.{i}.{suffix}"] = shape
+    missing = sorted(set(expected) - set(shapes))
+    if missing:
+        raise CheckpointError(f"checkpoint is missing tensor(s) {', '.join(missing[:3])} (canonical names)")
+    for key, shape in expected.items():
+        if tuple(shapes[key]) != shape:
+            raise CheckpointError(f"tensor {key} has shape {list(shapes[key])}, expected {list(shape)}")
+    extra = sorted(set(shapes) - set(expected))
+    if extra:
+        raise CheckpointError(f"unexpected tensor(s) for this architecture: {', '.join(extra[:3])} (canonical names)")
+
+
+# ---------------------------------------------------------------------- writing
+def to_hf_config(cfg: ModelConfig, base_doc: dict[str, Any] | None) -> dict[str, Any]:
+    """A transformers-readable config.json for ``cfg``, keeping every field of the base's own."""
+    doc = copy.deepcopy(base_doc) if base_doc else {}
+    if not base_doc:
+        doc.update({
+            "architectures": [SUPPORTED_MODEL_TYPES[cfg.model_type]],
+            "model_type": cfg.model_type,
+            "hidden_size": cfg.dim,
+            "intermediate_size": cfg.intermediate_dim,
+            "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads,
+            "num_key_value_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim,
+            "vocab_size": cfg.vocab_size,
+            "rms_norm_eps": cfg.norm_eps,
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "max_position_embeddings": cfg.max_seq_len,
+            "hidden_act": cfg.activation,
+        })
+        if cfg.model_type == "llama":
+            doc["attention_bias"] = cfg.attn_bias
+        if cfg.rope_theta is not None:
+            doc["rope_theta"] = cfg.rope_theta
+            if cfg.rope_scaling:
+                doc["rope_scaling"] = dict(cfg.rope_scaling)
+    return doc
+
+
+def read_fusion_config(doc: dict[str, Any] | None) -> FusionConfig | None:
+    """The ``fusion`` section of a config.json, if any."""
+    if not doc or "fusion" not in doc:
+        return None
+    return FusionConfig.from_dict(doc["fusion"])

@@ -1,0 +1,172 @@
+"""Naming families: one table per family maps canonical tensor names onto the family's names.
+
+Canonical names are torchtune's (``layers.{i}.attn.q_proj.weight``): the modules in
+``fusionsurgery.modules`` are named that way, so a torchtune checkpoint maps onto itself and any
+other family is a table of rows, never a new code path. ``{i}`` stands for a layer index.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cached_property
+
+from ..errors import CheckpointError
+
+# Tensors of one decoder layer, canonical suffix -> family suffix (both under a layer prefix).
+_HF_LAYER = {
+    "sa_norm.scale": "input_layernorm.weight",
+    "mlp_norm.scale": "post_attention_layernorm.weight",
+    "attn.q_proj.weight": "self_attn.q_proj.weight",
+    "attn.k_proj.weight": "self_attn.k_proj.weight",
+    "attn.v_proj.weight": "self_attn.v_proj.weight",
+    "attn.q_proj.bias": "self_attn.q_proj.bias",
+    "attn.k_proj.bias": "self_attn.k_proj.bias",
+    "attn.v_proj.bias": "self_attn.v_proj.bias",
+    "attn.output_proj.weight": "self_attn.o_proj.weight",
+    "attn.q_norm.scale": "self_attn.q_norm.weight",
+    "attn.k_norm.scale": "self_attn.k_norm.weight",
+    "mlp.w1.weight": "mlp.gate_proj.weight",
+    "mlp.w3.weight": "mlp.up_proj.weight",
+    "mlp.w2.weight": "mlp.down_proj.weight",
+}
+# Tensors of one fusion layer (a gated cross-attention block), canonical -> family suffix.
+_HF_FUSION = {
+    "attn.q_proj.weight": "cross_attn.q_proj.weight",
+    "attn.k_proj.weight": "cross_attn.k_proj.weight",
+    "attn.v_proj.weight": "cross_attn.v_proj.weight",
+    "attn.output_proj.weight": "cross_attn.o_proj.weight",
+    "attn.q_norm.scale": "cross_attn.q_norm.weight",
+    "attn.k_norm.scale": "cross_attn.k_norm.weight",
+    "ca_norm.scale": "input_layernorm.weight",
+    "mlp_norm.scale": "post_attention_layernorm.weight",
+    "mlp.w1.weight": "mlp.gate_proj.weight",
+    "mlp.w3.weight": "mlp.up_proj.weight",
+    "mlp.w2.weight": "mlp.down_proj.weight",
+    "ca_scale.scale": "cross_attn_attn_gate",
+    "mlp_scale.scale": "cross_attn_mlp_gate",
+}
+_HF_GLOBAL = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "tok_embeddings.fusion_embedding.weight": "model.embed_tokens.fusion_embedding.weight",
+    "norm.scale": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_TUNE_LAYER = {k: k for k in _HF_LAYER}
+_TUNE_FUSION = {k: k for k in _HF_FUSION}
+_TUNE_GLOBAL = {k: k for k in _HF_GLOBAL}
+
+FUSION_SEGMENT = "fusion_layer"
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one naming family spells every tensor, and how its RoPE rotates."""
+
+    name: str
+    layer_prefix: str  # e.g. "model.layers.{i}."
+    global_keys: dict[str, str]
+    layer_keys: dict[str, str]
+    fusion_keys: dict[str, str]
+    rope_layout: str  # "half" (Hugging Face) or "interleaved" (torchtune, Meta)
+    marker: str  # a key every checkpoint of this family has
+    description: str = ""
+
+    @cached_property
+    def table(self) -> dict[str, str]:
+        """Every canonical template -> family template."""
+        out = dict(self.global_keys)
+        for c, f in self.layer_keys.items():
+            out[f"layers.{{i}}.{c}"] = self.layer_prefix + f
+        for c, f in self.fusion_keys.items():
+            out[f"layers.{{i}}.{FUSION_SEGMENT}.{c}"] = f"{self.layer_prefix}{FUSION_SEGMENT}.{f}"
+        return out
+
+    @cached_property
+    def _to_family(self) -> list[tuple[re.Pattern[str], str]]:
+        return [(_pattern(c), f) for c, f in self.table.items()]
+
+    @cached_property
+    def _to_canonical(self) -> list[tuple[re.Pattern[str], str]]:
+        return [(_pattern(f), c) for c, f in self.table.items()]
+
+    def to_family(self, canonical: str) -> str:
+        return _rename(canonical, self._to_family, self.name)
+
+    def to_canonical(self, key: str) -> str:
+        return _rename(key, self._to_canonical, self.name)
+
+    def knows(self, key: str) -> bool:
+        return any(p.fullmatch(key) for p, _ in self._to_canonical)
+
+    def fusion_key(self, layer: int, canonical_suffix: str) -> str:
+        """The family name of a fusion-layer tensor, e.g. (3, "ca_scale.scale")."""
+        return self.to_family(f"layers.{layer}.{FUSION_SEGMENT}.{canonical_suffix}")
+
+    def layer_key(self, layer: int, canonical_suffix: str) -> str:
+        return self.to_family(f"layers.{layer}.{canonical_suffix}")
+
+    def global_key(self, canonical: str) -> str:
+        return self.to_family(canonical)
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)"))
+
+
+def _rename(key: str, rules: list[tuple[re.Pattern[str], str]], family: str) -> str:
+    for pattern, target in rules:
+        m = pattern.fullmatch(key)
+        if m:
+            return target.replace("{i}", m.group("i")) if "{i}" in target else target
+    raise CheckpointError(f"tensor {key!r} has no place in the {family} naming family")
+
+
+FAMILIES: dict[str, Family] = {
+    "hf": Family(
+        name="hf",
+        layer_prefix="model.layers.{i}.",
+        global_keys=_HF_GLOBAL,
+        layer_keys=_HF_LAYER,
+        fusion_keys=_HF_FUSION,
+        rope_layout="half",
+        marker="model.embed_tokens.weight",
+        description="Hugging Face names (model.layers.{i}.self_attn.q_proj.weight)",
+    ),
+    "torchtune": Family(
+        name="torchtune",
+        layer_prefix="layers.{i}.",
+        global_keys=_TUNE_GLOBAL,
+        layer_keys=_TUNE_LAYER,
+        fusion_keys=_TUNE_FUSION,
+        rope_layout="interleaved",
+        marker="tok_embeddings.weight",
+        description="torchtune names (layers.{i}.attn.q_proj.weight)",
+    ),
+}
+
+
+def detect_family(keys: list[str]) -> Family:
+    """The family whose names every key follows; a clear error otherwise."""
+    keyset = set(keys)
+    for family in FAMILIES.values():
+        if family.marker in keyset:
+            unknown = [k for k in keys if not family.knows(k)]
+            if unknown:
+                shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+                raise CheckpointError(
+                    f"unsupported tensors for a Llama-family decoder in {family.name} naming: {shown}; "
+                    f"supported: {supported_text()}"
+                )
+            return family
+    sample = ", ".join(sorted(keys)[:3])
+    raise CheckpointError(f"unrecognised checkpoint (keys such as {sample}); supported: {supported_text()}")
+
+
+def supported_text() -> str:
+    return "; ".join(f.description for f in FAMILIES.values())
+
+
+def is_fusion_key(canonical: str) -> bool:
+    """True for canonical names of tensors that fusion added."""
+    return f".{FUSION_SEGMENT}." in canonical or canonical.startswith("tok_embeddings.fusion_embedding")

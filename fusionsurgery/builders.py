@@ -1,0 +1,72 @@
+"""Builders: a ``TransformerDecoder`` (fused or not) from a ``ModelConfig`` and ``FusionConfig``.
+
+Kept apart from the modules, as torchtune keeps its component builders: modules know nothing of
+configs, builders know nothing of files.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .arch.config import FusionConfig, ModelConfig
+from .errors import UsageError
+from .modules import (CrossAttention, DecoderLayer, FeedForward, FusionEmbedding, FusionLayer,
+                      GatedCrossAttentionLayer, RMSNorm, RotaryEmbedding, SelfAttention, TransformerDecoder)
+
+
+def build_self_attention_layer(cfg: ModelConfig, rope: RotaryEmbedding) -> DecoderLayer:
+    """One original decoder layer of ``cfg``'s architecture."""
+    attn = SelfAttention(cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rope, bias=cfg.attn_bias,
+                         qk_norm_eps=cfg.norm_eps if cfg.qk_norm else None)
+    mlp = FeedForward(cfg.dim, cfg.intermediate_dim, cfg.activation)
+    return DecoderLayer(attn, mlp, RMSNorm(cfg.dim, cfg.norm_eps), RMSNorm(cfg.dim, cfg.norm_eps))
+
+
+def build_fusion_layer(cfg: ModelConfig, fusion: FusionConfig) -> GatedCrossAttentionLayer:
+    """A gated cross-attention block as wide as the decoder, reading ``fusion.encoder_dim`` states."""
+    attn = CrossAttention(cfg.dim, fusion.encoder_dim or cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                          qk_norm_eps=fusion.qk_norm_eps)
+    mlp = FeedForward(cfg.dim, cfg.intermediate_dim, cfg.activation)
+    return GatedCrossAttentionLayer(attn, mlp, RMSNorm(cfg.dim, fusion.norm_eps), RMSNorm(cfg.dim, fusion.norm_eps))
+
+
+def build_decoder(cfg: ModelConfig, fusion: FusionConfig | None = None, *, rope_layout: str | None = None,
+                  rope_theta: float | None = None) -> TransformerDecoder:
+    """The decoder of ``cfg``, with ``FusionLayer``s at ``fusion.layers`` when given.
+
+    RoPE uses the layout of the checkpoint's naming family unless ``rope_layout`` says otherwise.
+    """
+    theta = rope_theta if rope_theta is not None else cfg.rope_theta
+    if theta is None:
+        raise UsageError(
+            "RoPE theta is unknown (no config.json gave it and tensors cannot tell): "
+            "pass --config PATH (or rope_theta=...) with the base's config"
+        )
+    rope = RotaryEmbedding(cfg.head_dim, theta, cfg.rope_scaling, rope_layout or cfg.family_obj.rope_layout)
+    fused = set(fusion.layers) if fusion else set()
+    layers: list[nn.Module] = []
+    for i in range(cfg.num_layers):
+        layer: nn.Module = build_self_attention_layer(cfg, rope)
+        if i in fused:
+            layer = FusionLayer(layer, build_fusion_layer(cfg, fusion), fusion_first=fusion.fusion_first)
+        layers.append(layer)
+    if fusion and fusion.fusion_vocab:
+        embed: nn.Module = FusionEmbedding(cfg.vocab_size, fusion.fusion_vocab, cfg.dim)
+    else:
+        embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+    output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+    return TransformerDecoder(tok_embeddings=embed, layers=layers, norm=RMSNorm(cfg.dim, cfg.norm_eps),
+                              output=output, key_family=cfg.family_obj)
+
+
+def build_empty(cfg: ModelConfig, fusion: FusionConfig | None, *, dtype: torch.dtype, device: torch.device | str,
+                rope_layout: str | None = None, rope_theta: float | None = None) -> TransformerDecoder:
+    """The decoder with uninitialised weights on ``device`` (no time spent on random init)."""
+    with torch.device("meta"):
+        model = build_decoder(cfg, fusion, rope_layout=rope_layout, rope_theta=rope_theta)
+    model = model.to_empty(device=device).to(dtype)
+    for m in model.modules():
+        if isinstance(m, RotaryEmbedding):
+            m.reset_buffers()
+    return model

@@ -1,0 +1,104 @@
+"""The Typer application and the one place where exceptions become one-line errors and exit codes."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import click
+import typer
+
+from ..errors import CheckFailed, FusionSurgeryError, WriteError
+from ..version import __version__
+from .console import err_console
+
+app = typer.Typer(
+    name="fusionsurgery",
+    help="Model surgery for deep fusion: fuse gated cross-attention layers into a pretrained decoder "
+    "checkpoint, inspect checkpoints, and verify fused ones.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fusionsurgery {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """fusionsurgery: deep-fusion model surgery."""
+
+
+def _register() -> None:
+    from . import fuse_cmd  # noqa: F401  (commands register themselves on `app`)
+
+    for optional in ("inspect_cmd", "verify_cmd", "export_cmd"):
+        try:
+            __import__(f"{__package__}.{optional}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{optional}":
+                raise
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 a check or write failed, 2 bad usage or input)."""
+    _register()
+    signal.signal(signal.SIGTERM, _terminate)
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit becomes an EFBIG error
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=list(argv) if argv is not None else None, prog_name="fusionsurgery",
+                          standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        _error(f"{exc.format_message()}{hint}")
+        return 2
+    except click.exceptions.Abort:
+        _error("interrupted; nothing was written")
+        return 130
+    except KeyboardInterrupt:
+        _error("interrupted; nothing was written")
+        return 130
+    except (FusionSurgeryError, CheckFailed, WriteError) as exc:
+        _error(str(exc))
+        return exc.exit_code
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            _error(f"out of disk space or over a file-size limit ({exc.strerror}); nothing was written")
+        elif exc.errno == errno.EPIPE:
+            return 1
+        else:
+            where = f"{exc.filename}: " if exc.filename else ""
+            _error(f"{where}{exc.strerror or exc}")
+        return 1
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        if os.environ.get("FUSIONSURGERY_DEBUG"):
+            raise
+        _error(f"internal error: {type(exc).__name__}: {exc} (set FUSIONSURGERY_DEBUG=1 for a traceback)")
+        return 1
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

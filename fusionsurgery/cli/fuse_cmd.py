@@ -1,0 +1,91 @@
+"""``fusionsurgery fuse``: the main job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from .app import app
+from .console import console, human_bytes, human_count, print_json
+from .progress import byte_progress
+
+
+@app.command()
+def fuse(
+    base: Annotated[Path, typer.Argument(help="Base checkpoint: a .safetensors file, or a directory with "
+                                          "model.safetensors or shards and model.safetensors.index.json.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory [default: <base>-fused beside the base].")] = None,
+    every: Annotated[Optional[int], typer.Option("--every", help="Fuse layers i with (i+1) % N == 0 (torchtune's fusion_interval; "
+                                                 "--every 4 on 32 layers: 3, 7, ..., 31).")] = None,
+    layers: Annotated[Optional[str], typer.Option("--layers", help="Explicit layers: indices and slices, e.g. '3,7,-1' or '3:32:4' "
+                                                  "(negative counts from the end; '0::4' is IDEFICS' placement).")] = None,
+    fusion_after: Annotated[bool, typer.Option("--fusion-after", help="Run each fusion layer after its original layer "
+                                               "(default: before, as Flamingo and Llama 3.2 Vision).")] = False,
+    encoder_dim: Annotated[Optional[int], typer.Option("--encoder-dim", help="Width of the encoder states the new "
+                                                       "cross-attention reads [default: the decoder width].")] = None,
+    fusion_vocab: Annotated[int, typer.Option("--fusion-vocab", help="Extra learnable token embeddings for ids >= vocab "
+                                              "(FusionEmbedding).")] = 0,
+    init: Annotated[str, typer.Option("--init", help="Init of the new projections: normal, xavier, or copy (from the "
+                                      "wrapped layer's self-attention and MLP). Gates are always zero, norms one.")] = "normal",
+    init_std: Annotated[float, typer.Option("--init-std", help="Standard deviation for --init normal.")] = 0.02,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the new weights (same seed, same bytes).")] = 0,
+    dtype: Annotated[str, typer.Option("--dtype", help="dtype of the new weights: same (the base's), bf16, fp16, fp32.")] = "same",
+    config: Annotated[Optional[Path], typer.Option("--config", help="config.json to use instead of the one beside the base.")] = None,
+    num_heads: Annotated[Optional[int], typer.Option("--num-heads", help="Attention heads, when there is no config and "
+                                                     "shapes cannot tell.")] = None,
+    num_kv_heads: Annotated[Optional[int], typer.Option("--num-kv-heads", help="Key/value heads (grouped-query attention), "
+                                                        "when there is no config.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output (only once the new one is complete).")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary instead of the report.")] = False,
+) -> None:
+    """Fuse gated cross-attention layers into a decoder checkpoint.
+
+    Every original tensor keeps its key and exact bytes; the new tensors go to new shard files; a
+    fusion_manifest.json records settings and digests. The output is written under a temporary
+    name and renamed into place at the end, so a failed run leaves nothing behind.
+    """
+    from ..surgery.fuse import fuse as fuse_api
+
+    with byte_progress(enabled=not json_out) as progress:
+        result = fuse_api(base, out, every=every, layers=layers, fusion_after=fusion_after, encoder_dim=encoder_dim,
+                          fusion_vocab=fusion_vocab, init=init, init_std=init_std, seed=seed, dtype=dtype,
+                          config=config, num_heads=num_heads, num_kv_heads=num_kv_heads, force=force,
+                          progress=progress)
+    if json_out:
+        print_json(result.to_dict())
+        return
+    _report(result)
+
+
+def _report(result) -> None:
+    cfg, fusion = result.config, result.fusion
+    if cfg.inferred:
+        console.print(f"[yellow]no config.json: inferred from tensor shapes:[/] {', '.join(cfg.inferred)}")
+    console.print(
+        f"[bold]{cfg.model_type}[/] ({cfg.family} names): {cfg.num_layers} layers, width {cfg.dim}, "
+        f"{cfg.num_heads} heads / {cfg.num_kv_heads} kv heads of {cfg.head_dim}, vocab {cfg.vocab_size}"
+    )
+    table = Table(title="Fused layers", title_justify="left")
+    table.add_column("layer", justify="right")
+    table.add_column("placement")
+    table.add_column("new parameters", justify="right")
+    for layer, count in result.params_per_layer().items():
+        table.add_row(str(layer), "before" if fusion.fusion_first else "after", human_count(count))
+    if fusion.fusion_vocab:
+        table.add_row("embed", "fusion vocab", human_count(fusion.fusion_vocab * cfg.dim))
+    console.print(table)
+    pct = 100.0 * result.fusion_params / result.base_params if result.base_params else 0.0
+    console.print(
+        f"added [bold]{human_count(result.fusion_params)}[/] parameters ({pct:.2f}% of the base's "
+        f"{human_count(result.base_params)}); init {fusion.init}, seed {fusion.seed}, dtype {fusion.dtype}, "
+        f"encoder width {fusion.encoder_dim}"
+    )
+    files = Table(title=f"Wrote {result.output}", title_justify="left")
+    files.add_column("file")
+    files.add_column("size", justify="right")
+    for f in result.files:
+        files.add_row(f["name"], human_bytes(f["bytes"]))
+    console.print(files)

@@ -1,0 +1,208 @@
+"""A checkpoint on disk: one safetensors file, or a directory of shards with an index.
+
+``Checkpoint.open`` validates every header and the index but reads no tensor data; tensors are
+read one at a time on demand. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError
+from .safetensors_format import SafetensorsHeader, TensorInfo, read_exact, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+MANIFEST_NAME = "fusion_manifest.json"
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+#: Files beside the weights that describe the tokenizer and generation; carried to outputs.
+SIDECAR_PATTERNS = (
+    "tokenizer*", "special_tokens_map.json", "generation_config.json", "chat_template*",
+    "vocab.json", "merges.txt", "*.tiktoken", "added_tokens.json", "preprocessor_config.json",
+)
+
+
+@dataclass
+class Checkpoint:
+    """Headers of every shard of a checkpoint, and where each key lives."""
+
+    root: Path  # the directory (or the file's parent for a single file)
+    files: dict[str, SafetensorsHeader]  # file name (relative to root) -> header
+    key_to_file: dict[str, str]
+    config: dict[str, Any] | None = None
+    config_path: Path | None = None
+    index_metadata: dict[str, Any] = field(default_factory=dict)
+    has_index: bool = False
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], config: str | os.PathLike[str] | None = None) -> "Checkpoint":
+        """Open ``path`` (a .safetensors file or a checkpoint directory) and validate it."""
+        p = Path(path)
+        if not p.exists():
+            raise CheckpointError(f"{p}: no such file or directory")
+        if p.is_dir():
+            ckpt = cls._open_dir(p)
+        else:
+            _refuse_pickle(p)
+            header = read_header(p)
+            ckpt = cls(p.parent, {p.name: header}, {k: p.name for k in header.tensors})
+            ckpt._load_config(p.parent / CONFIG_NAME, explicit=False)
+        if config is not None:
+            ckpt._load_config(Path(config), explicit=True)
+        if not ckpt.key_to_file:
+            raise CheckpointError(f"{p}: checkpoint holds no tensors")
+        return ckpt
+
+    @classmethod
+    def _open_dir(cls, d: Path) -> "Checkpoint":
+        index_path = d / INDEX_NAME
+        if index_path.exists():
+            weight_map, meta = _read_index(index_path)
+            names = sorted(set(weight_map.values()))
+            files = {name: read_header(_inside(d, name)) for name in names}
+            key_to_file: dict[str, str] = {}
+            for key, name in weight_map.items():
+                if key not in files[name].tensors:
+                    raise CheckpointError(f"{index_path}: key {key!r} is not in its shard {name}")
+                key_to_file[key] = name
+            for name, header in files.items():
+                for key in header.tensors:
+                    if weight_map.get(key) != name:
+                        if key in weight_map:
+                            raise CheckpointError(f"{d}: key {key!r} is in both {name} and {weight_map[key]}")
+                        raise CheckpointError(f"{d}: key {key!r} in shard {name} is missing from {INDEX_NAME}")
+            ckpt = cls(d, files, key_to_file, index_metadata=meta, has_index=True)
+        else:
+            candidates = sorted(f.name for f in d.iterdir() if f.suffix == ".safetensors" and not f.name.startswith("."))
+            if not candidates:
+                pickles = sorted(f.name for f in d.iterdir() if f.suffix in PICKLE_SUFFIXES)
+                if pickles:
+                    _refuse_pickle(d / pickles[0])
+                raise CheckpointError(f"{d}: no .safetensors files and no {INDEX_NAME} in this directory")
+            files = {name: read_header(_inside(d, name)) for name in candidates}
+            key_to_file = {}
+            for name, header in files.items():
+                for key in header.tensors:
+                    if key in key_to_file:
+                        raise CheckpointError(f"{d}: key {key!r} is in both {key_to_file[key]} and {name}")
+                    key_to_file[key] = name
+            ckpt = cls(d, files, key_to_file)
+        ckpt._load_config(d / CONFIG_NAME, explicit=False)
+        return ckpt
+
+    def _load_config(self, path: Path, explicit: bool) -> None:
+        if not path.exists():
+            if explicit:
+                raise CheckpointError(f"{path}: config file not found")
+            return
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a readable JSON config ({exc})") from None
+        if not isinstance(doc, dict):
+            raise CheckpointError(f"{path}: config is not a JSON object")
+        self.config, self.config_path = doc, path
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def is_dir(self) -> bool:
+        return self.has_index or len(self.files) > 1 or (self.root / MANIFEST_NAME).exists()
+
+    def keys(self) -> list[str]:
+        return list(self.key_to_file)
+
+    def info(self, key: str) -> TensorInfo:
+        return self.files[self.key_to_file[key]].tensors[key]
+
+    def tensors(self) -> Iterator[tuple[str, TensorInfo]]:
+        """(file name, info) for every tensor, shard by shard in file order."""
+        for name, header in self.files.items():
+            for info in header.tensors.values():
+                yield name, info
+
+    def path_of(self, file_name: str) -> Path:
+        return self.root / file_name
+
+    def total_bytes(self) -> int:
+        return sum(h.file_size for h in self.files.values())
+
+    def read_bytes(self, key: str) -> bytes:
+        """The raw bytes of one tensor."""
+        info = self.info(key)
+        with open(self.path_of(self.key_to_file[key]), "rb") as fh:
+            return read_exact(fh, info.start, info.nbytes)
+
+    def read_tensor(self, key: str):  # -> torch.Tensor
+        """One tensor as a torch tensor (imports torch)."""
+        from .torch_dtypes import tensor_from_bytes
+
+        info = self.info(key)
+        return tensor_from_bytes(self.read_bytes(key), info.dtype, info.shape)
+
+    def sidecar_files(self) -> list[Path]:
+        """Tokenizer, generation and chat-template files beside the weights."""
+        found: dict[str, Path] = {}
+        for pattern in SIDECAR_PATTERNS:
+            for f in sorted(self.root.glob(pattern)):
+                if f.is_file() and not f.is_symlink() and f.suffix != ".safetensors":
+                    found[f.name] = f
+        return list(found.values())
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        path = self.root / MANIFEST_NAME
+        if not path.exists():
+            return None
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: manifest is not readable JSON ({exc})") from None
+        if not isinstance(doc, dict):
+            raise CheckpointError(f"{path}: manifest is not a JSON object")
+        return doc
+
+
+def _refuse_pickle(p: Path) -> None:
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{p}: pickle checkpoints are refused (loading them can run arbitrary code); "
+            "convert it to safetensors first"
+        )
+
+
+def _inside(root: Path, name: Any) -> Path:
+    """Resolve a shard name from an index, refusing anything that escapes ``root``."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise CheckpointError(f"{root}: invalid shard file name {name!r} in {INDEX_NAME}")
+    if os.path.isabs(name) or "/" in name or "\\" in name or name in (".", ".."):
+        raise CheckpointError(f"{root}: shard name {name!r} escapes the checkpoint directory; refused")
+    path = root / name
+    if path.is_symlink():
+        target = path.resolve()
+        if root.resolve() not in target.parents:
+            raise CheckpointError(f"{path}: symlink points outside the checkpoint directory ({target}); refused")
+    if not path.is_file():
+        raise CheckpointError(f"{root}: shard {name} named in {INDEX_NAME} is missing")
+    _refuse_pickle(path)
+    return path
+
+
+def _read_index(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: index is not readable JSON ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
+        raise CheckpointError(f"{path}: index has no weight_map object")
+    weight_map = doc["weight_map"]
+    for key, name in weight_map.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"{path}: weight_map entry for {key!r} is not a file name")
+    meta = doc.get("metadata") or {}
+    return dict(weight_map), meta if isinstance(meta, dict) else {}

@@ -1,0 +1,91 @@
+"""``load_fused``: a checkpoint directory (fused or not) as a ready ``TransformerDecoder``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .arch.config import FusionConfig, ModelConfig, read_fusion_config, read_model_config
+from .builders import build_empty
+from .errors import CheckpointError
+from .io.checkpoint import Checkpoint
+from .io.torch_dtypes import TORCH_DTYPES, parse_dtype
+from .modules import TransformerDecoder
+
+
+@dataclass
+class LoadedModel:
+    """What ``open_model`` returns: the module and the descriptions it was built from."""
+
+    model: TransformerDecoder
+    config: ModelConfig
+    fusion: FusionConfig | None
+    checkpoint: Checkpoint
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto`` (or None) picks CUDA when present; ``cuda`` without CUDA is a clear error."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CheckpointError(f"device {device!s}: CUDA is not available on this machine (try --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CheckpointError(f"device {device!s}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
+
+
+def open_model(path: str | os.PathLike[str] | Checkpoint, *, dtype: torch.dtype | str | None = None,
+               device: str | torch.device | None = "cpu", config: str | os.PathLike[str] | None = None,
+               rope_theta: float | None = None, num_heads: int | None = None,
+               num_kv_heads: int | None = None) -> LoadedModel:
+    """Build the model described by ``path`` and load its tensors one at a time."""
+    ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path, config=config)
+    cfg = read_model_config(ckpt, num_heads=num_heads, num_kv_heads=num_kv_heads)
+    fusion = read_fusion_config(ckpt.config)
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype) if dtype != "same" else None
+    if dtype is None:
+        dtype = TORCH_DTYPES[ckpt.info(cfg.family_obj.global_key("tok_embeddings.weight")).dtype]
+    model = build_empty(cfg, fusion, dtype=dtype, device=resolve_device(device), rope_theta=rope_theta)
+    load_tensors(model, ckpt)
+    model.eval()
+    return LoadedModel(model, cfg, fusion, ckpt)
+
+
+def load_tensors(model: torch.nn.Module, ckpt: Checkpoint) -> None:
+    """Copy every tensor of ``ckpt`` into ``model``; every state-dict key must be covered exactly."""
+    targets = model.state_dict(keep_vars=True)
+    missing = sorted(set(targets) - set(ckpt.keys()))
+    unexpected = sorted(set(ckpt.keys()) - set(targets))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}" + (f" (+{len(missing) - 3})" if len(missing) > 3 else ""))
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}" + (f" (+{len(unexpected) - 3})" if len(unexpected) > 3 else ""))
+        raise CheckpointError(f"{ckpt.root}: tensors do not match the model its config describes: {'; '.join(parts)}")
+    with torch.no_grad():
+        for key, target in targets.items():
+            src = ckpt.read_tensor(key)
+            if tuple(src.shape) != tuple(target.shape):
+                raise CheckpointError(f"{key}: shape {list(src.shape)} but the model expects {list(target.shape)}")
+            target.copy_(src)
+
+
+def load_fused(path: str | os.PathLike[str], dtype: torch.dtype | str | None = None,
+               device: str | torch.device | None = "cpu", *, config: str | os.PathLike[str] | None = None,
+               rope_theta: float | None = None) -> TransformerDecoder:
+    """A fused checkpoint as a module: ``model(tokens, encoder_input=None, encoder_mask=None)`` gives logits.
+
+    Args:
+        path: the fused directory (a base checkpoint loads too, as a plain decoder).
+        dtype: torch dtype or ``bf16``/``fp16``/``fp32``; default: the checkpoint's embedding dtype.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        config: a config.json to use instead of the one beside the weights.
+        rope_theta: RoPE base when no config gives it.
+    """
+    return open_model(path, dtype=dtype, device=device, config=config, rope_theta=rope_theta).model

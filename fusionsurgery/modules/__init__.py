@@ -1,0 +1,15 @@
+"""Torch modules of a Llama-family decoder and of deep fusion (torchtune's names and contract)."""
+
+from .attention import CrossAttention, KVCache, SelfAttention
+from .decoder import TransformerDecoder
+from .fusion import FusionEmbedding, FusionLayer, get_fusion_params, set_trainable_params
+from .layers import DecoderLayer, GatedCrossAttentionLayer, TanhGate
+from .mlp import FeedForward
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+__all__ = [
+    "CrossAttention", "DecoderLayer", "FeedForward", "FusionEmbedding", "FusionLayer", "GatedCrossAttentionLayer",
+    "KVCache", "RMSNorm", "RotaryEmbedding", "SelfAttention", "TanhGate", "TransformerDecoder",
+    "get_fusion_params", "set_trainable_params",
+]

@@ -1,0 +1,151 @@
+"""Grouped-query self-attention (RoPE, KV cache) and cross-attention to encoder states."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+
+class KVCache(nn.Module):
+    """Key/value buffers ``[batch, kv_heads, max_seq_len, head_dim]`` and how much is filled."""
+
+    def __init__(self, batch_size: int, num_kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | None = None) -> None:
+        super().__init__()
+        shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.size = 0
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k_cache.shape[2]
+
+    def reset(self) -> None:
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+        self.size = 0
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``/``v`` ``[b, kv, s, d]`` at ``positions`` ``[s]``; return the whole buffers."""
+        if k.shape[0] > self.k_cache.shape[0]:
+            raise ValueError(f"batch {k.shape[0]} exceeds the cache's batch size {self.k_cache.shape[0]}")
+        if int(positions.max()) >= self.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} exceeds the cache length {self.max_seq_len}")
+        b = k.shape[0]
+        self.k_cache[:b, :, positions] = k.to(self.k_cache.dtype)
+        self.v_cache[:b, :, positions] = v.to(self.v_cache.dtype)
+        self.size = max(self.size, int(positions.max()) + 1)
+        return self.k_cache[:b], self.v_cache[:b]
+
+    def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Replace the contents with ``k``/``v`` ``[b, kv, s, d]`` (encoder states for cross-attention)."""
+        s = k.shape[2]
+        self.reset()
+        self.write(k, v, torch.arange(s, device=k.device))
+
+    def read(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k_cache[:batch, :, : self.size], self.v_cache[:batch, :, : self.size]
+
+
+class SelfAttention(nn.Module):
+    """Causal grouped-query attention with RoPE, optional q/k biases and q/k RMSNorms.
+
+    Shapes: ``x [b, s, dim] -> [b, s, dim]``; ``positions [s]`` absolute token positions.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, rope: RotaryEmbedding,
+                 bias: bool = False, qk_norm_eps: float | None = None) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=bias)
+        self.output_proj = nn.Linear(num_heads * head_dim, dim, bias=False)
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.rope = rope
+        self.kv_cache: KVCache | None = None
+        self.cache_enabled = False
+
+    def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int) -> None:
+        self.kv_cache = KVCache(batch_size, self.num_kv_heads, max_seq_len, self.head_dim, dtype,
+                                device=self.q_proj.weight.device)
+        self.cache_enabled = True
+
+    def forward(self, x: torch.Tensor, *, positions: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = self.rope(q.transpose(1, 2), positions)
+        k = self.rope(k.transpose(1, 2), positions)
+        if self.kv_cache is not None and self.cache_enabled:
+            k, v = self.kv_cache.write(k, v, positions)
+            mask = positions[:, None] >= torch.arange(k.shape[2], device=x.device)[None, :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, enable_gqa=True)
+        return self.output_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class CrossAttention(nn.Module):
+    """Non-causal grouped-query attention from decoder tokens to encoder states, no RoPE.
+
+    Queries and keys pass through RMSNorm over ``head_dim``. Keys/values come from ``encoder_input``
+    ``[b, e, encoder_dim]`` or, during decoding, from the cache. ``encoder_mask`` ``[b, s, e]`` is
+    True where a token may attend; a token that may attend nothing gets a zero output.
+    """
+
+    def __init__(self, dim: int, encoder_dim: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 qk_norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(encoder_dim, num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(encoder_dim, num_kv_heads * head_dim, bias=False)
+        self.output_proj = nn.Linear(num_heads * head_dim, dim, bias=False)
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps)
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps)
+        self.kv_cache: KVCache | None = None
+        self.cache_enabled = False
+
+    def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int) -> None:
+        self.kv_cache = KVCache(batch_size, self.num_kv_heads, max_seq_len, self.head_dim, dtype,
+                                device=self.q_proj.weight.device)
+        self.cache_enabled = True
+
+    @property
+    def has_cached_input(self) -> bool:
+        return self.kv_cache is not None and self.cache_enabled and self.kv_cache.size > 0
+
+    def forward(self, x: torch.Tensor, encoder_input: torch.Tensor | None = None,
+                encoder_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim)).transpose(1, 2)
+        if encoder_input is not None:
+            e = encoder_input.shape[1]
+            k = self.k_norm(self.k_proj(encoder_input).view(b, e, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+            v = self.v_proj(encoder_input).view(b, e, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            if self.kv_cache is not None and self.cache_enabled:
+                self.kv_cache.store(k, v)
+        elif self.has_cached_input:
+            k, v = self.kv_cache.read(b)
+        else:
+            raise ValueError("cross-attention needs encoder_input or a filled cache")
+        mask, dead = None, None
+        if encoder_mask is not None:
+            mask = encoder_mask.to(torch.bool)
+            dead = ~mask.any(-1)  # [b, s]: tokens that may attend nothing
+            mask = (mask | dead[..., None])[:, None]  # keep softmax finite; zeroed below
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=True)
+        out = self.output_proj(out.transpose(1, 2).reshape(b, s, -1))
+        if dead is not None:
+            out = out.masked_fill(dead[..., None], 0.0)
+        return out

@@ -1,0 +1,71 @@
+"""Decoder layers: the original self-attention layer and the gated cross-attention fusion layer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attention import CrossAttention, SelfAttention
+from .mlp import FeedForward
+from .norm import RMSNorm
+
+
+class TanhGate(nn.Module):
+    """Multiplies its input by ``tanh(scale)``; ``scale`` is a ``[1]`` parameter starting at zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.tanh()
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm self-attention then pre-norm MLP, each added to the residual.
+
+    Shapes: ``[b, s, dim] -> [b, s, dim]``. Encoder arguments are accepted and ignored, so a stack
+    can pass the same keyword arguments to every layer.
+    """
+
+    def __init__(self, attn: SelfAttention, mlp: FeedForward, sa_norm: RMSNorm, mlp_norm: RMSNorm) -> None:
+        super().__init__()
+        self.sa_norm, self.attn, self.mlp_norm, self.mlp = sa_norm, attn, mlp_norm, mlp
+
+    def setup_cache(self, batch_size: int, dtype: torch.dtype, *, encoder_max_seq_len: int,
+                    decoder_max_seq_len: int) -> None:
+        self.attn.setup_cache(batch_size, dtype, decoder_max_seq_len)
+
+    def forward(self, x: torch.Tensor, *, positions: torch.Tensor, **_: Any) -> torch.Tensor:
+        h = x + self.attn(self.sa_norm(x), positions=positions)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class GatedCrossAttentionLayer(nn.Module):
+    """Flamingo's gated cross-attention block (torchtune's ``TransformerCrossAttentionLayer``).
+
+    ``h = x + tanh(ca_scale) * attn(ca_norm(x), encoder)``; ``out = h + tanh(mlp_scale) * mlp(mlp_norm(h))``.
+    With zero gates the block is the identity; with no encoder input and an empty cache it returns
+    ``x`` untouched, so a fused model runs text-only. Shapes: ``[b, s, dim] -> [b, s, dim]``.
+    """
+
+    def __init__(self, attn: CrossAttention, mlp: FeedForward, ca_norm: RMSNorm, mlp_norm: RMSNorm) -> None:
+        super().__init__()
+        self.ca_norm, self.attn, self.mlp_norm, self.mlp = ca_norm, attn, mlp_norm, mlp
+        self.ca_scale, self.mlp_scale = TanhGate(), TanhGate()
+
+    def setup_cache(self, batch_size: int, dtype: torch.dtype, *, encoder_max_seq_len: int,
+                    decoder_max_seq_len: int) -> None:
+        self.attn.setup_cache(batch_size, dtype, encoder_max_seq_len)
+
+    def forward(self, x: torch.Tensor, *, encoder_input: torch.Tensor | None = None,
+                encoder_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+        if encoder_input is None and not self.attn.has_cached_input:
+            return x
+        h = x + self.ca_scale(self.attn(self.ca_norm(x), encoder_input, encoder_mask))
+        mlp_out = self.mlp(self.mlp_norm(h))
+        if encoder_mask is not None:
+            mlp_out = mlp_out.masked_fill(~encoder_mask.to(torch.bool).any(-1)[..., None], 0.0)
+        return h + self.mlp_scale(mlp_out)

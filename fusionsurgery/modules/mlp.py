@@ -1,0 +1,32 @@
+"""Gated feed-forward network (SwiGLU; GeGLU with ``activation='gelu_pytorch_tanh'``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+
+class FeedForward(nn.Module):
+    """``w2(act(w1(x)) * w3(x))``: w1 is the gate projection, w3 the up, w2 the down.
+
+    Shapes: ``[..., dim] -> [..., dim]`` through ``hidden_dim``.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "silu") -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unsupported activation {activation!r}")
+        self.activation = activation
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(ACTIVATIONS[self.activation](self.w1(x)) * self.w3(x))

@@ -1,0 +1,244 @@
+"""The fuse engine: base checkpoint in, fused checkpoint directory out, one tensor at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..arch.config import FusionConfig, ModelConfig, read_model_config, to_hf_config
+from ..arch.families import detect_family, is_fusion_key
+from ..errors import CheckpointError, UsageError
+from ..io.safetensors_format import DTYPE_SIZES, read_header
+from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
+from ..io.writer import AtomicDirectory, SafetensorsWriter, copy_file, tensor_digests
+from ..version import __version__
+from .init import tensor_chunks
+from .manifest import build_manifest, describe_base
+from .plan import INIT_CHOICES, NewTensor, plan_new_tensors
+from .selection import select_layers
+
+#: progress(stage, bytes_done_increment, stage_total_bytes)
+ProgressFn = Callable[[str, int, int], None]
+MAX_SHARD_BYTES = 5 * 1024**3
+DTYPE_CHOICES = {"same": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+
+
+@dataclass
+class FuseResult:
+    """What ``fuse`` did, for reports and ``--json``."""
+
+    output: Path
+    config: ModelConfig
+    fusion: FusionConfig
+    new_tensors: list[NewTensor]
+    files: list[dict[str, Any]] = field(default_factory=list)
+    base_params: int = 0
+
+    @property
+    def fusion_params(self) -> int:
+        return sum(t.numel for t in self.new_tensors)
+
+    def params_per_layer(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for t in self.new_tensors:
+            if t.layer is not None:
+                out[t.layer] = out.get(t.layer, 0) + t.numel
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output": str(self.output),
+            "family": self.config.family,
+            "model_type": self.config.model_type,
+            "num_layers": self.config.num_layers,
+            "inferred": self.config.inferred,
+            "fused_layers": self.fusion.layers,
+            "fusion_first": self.fusion.fusion_first,
+            "encoder_dim": self.fusion.encoder_dim,
+            "fusion_vocab": self.fusion.fusion_vocab,
+            "init": self.fusion.init,
+            "seed": self.fusion.seed,
+            "dtype": self.fusion.dtype,
+            "params_per_layer": {str(k): v for k, v in self.params_per_layer().items()},
+            "base_params": self.base_params,
+            "fusion_params": self.fusion_params,
+            "fusion_percent_of_base": round(100.0 * self.fusion_params / self.base_params, 4) if self.base_params else None,
+            "files": self.files,
+        }
+
+
+def default_output(base: Path) -> Path:
+    """``<base name>-fused`` beside the base (the file's stem for a single file)."""
+    base = base.resolve()
+    name = base.stem if base.is_file() else base.name
+    return base.parent / f"{name}-fused"
+
+
+def check_not_fused(ckpt: Checkpoint) -> None:
+    """Refuse a checkpoint that already holds fusion layers."""
+    family = detect_family(ckpt.keys())
+    fused = sorted({int(family.to_canonical(k).split(".")[1]) for k in ckpt.keys()
+                    if is_fusion_key(family.to_canonical(k)) and family.to_canonical(k).startswith("layers.")})
+    if fused or (ckpt.config or {}).get("fusion") or (ckpt.root / MANIFEST_NAME).exists() and ckpt.is_dir:
+        where = f" (fused layers {fused})" if fused else ""
+        raise UsageError(
+            f"{ckpt.root} is already a fused checkpoint{where}; fuse its base instead "
+            "(`fusionsurgery unfuse` gives the base back)"
+        )
+
+
+def _check_output_location(base: Path, out: Path) -> None:
+    b, o = base.resolve(), out.resolve()
+    root = b if b.is_dir() else b.parent
+    if o == b or (b.is_dir() and (o == root or root in o.parents)):
+        raise UsageError(f"output {out} is the input or inside it; choose another -o")
+    if b.is_file() and o == b:
+        raise UsageError(f"output {out} is the input file; choose another -o")
+
+
+def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *, every: int | None = None,
+         layers: str | None = None, fusion_after: bool = False, encoder_dim: int | None = None,
+         fusion_vocab: int = 0, init: str = "normal", init_std: float = 0.02, seed: int = 0, dtype: str = "same",
+         config: str | os.PathLike[str] | None = None, num_heads: int | None = None,
+         num_kv_heads: int | None = None, force: bool = False, progress: ProgressFn | None = None) -> FuseResult:
+    """Fuse gated cross-attention layers into a decoder checkpoint and write the fused directory.
+
+    Every original tensor keeps its key and bytes (its shard file is copied as is); the new tensors
+    go to ``fusion-*.safetensors`` files; an index maps every key; ``config.json`` gains a
+    ``fusion`` section; ``fusion_manifest.json`` records digests and settings. Returns a summary.
+    """
+    base_path = Path(base)
+    ckpt = Checkpoint.open(base_path, config=config)
+    check_not_fused(ckpt)
+    cfg = read_model_config(ckpt, num_heads=num_heads, num_kv_heads=num_kv_heads)
+    chosen = select_layers(cfg.num_layers, every, layers)
+    fusion = _fusion_config(cfg, ckpt, chosen, fusion_after, encoder_dim, fusion_vocab, init, init_std, seed, dtype)
+    new = plan_new_tensors(cfg, fusion)
+    out_path = Path(out) if out is not None else default_output(base_path)
+    _check_output_location(base_path, out_path)
+
+    result = FuseResult(out_path, cfg, fusion, new, base_params=sum(ckpt.info(k).numel for k in ckpt.keys()))
+    with AtomicDirectory(out_path, force=force) as staging:
+        tmp = staging.tmp
+        originals, file_digests = _copy_originals(ckpt, tmp, progress)
+        new_files, new_digests = _write_new(ckpt, new, fusion.seed, tmp, progress)
+        _write_index(tmp, ckpt, new, new_files)
+        doc = to_hf_config(cfg, ckpt.config)
+        doc["fusion"] = fusion.to_dict()
+        _write_json(tmp / CONFIG_NAME, doc)
+        for sidecar in ckpt.sidecar_files():
+            shutil.copyfile(sidecar, tmp / sidecar.name)
+        base_desc = describe_base(ckpt, cfg, str(base_path), file_digests)
+        manifest = build_manifest(base_desc=base_desc, fusion=fusion, new=new, new_files=new_files,
+                                  new_digests=new_digests, originals=originals)
+        _write_json(tmp / MANIFEST_NAME, manifest)
+        result.files = [{"name": f.name, "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())]
+        _fsync_dir(tmp)
+        staging.commit()
+    return result
+
+
+def _fusion_config(cfg: ModelConfig, ckpt: Checkpoint, chosen: list[int], fusion_after: bool, encoder_dim: int | None,
+                   fusion_vocab: int, init: str, init_std: float, seed: int, dtype: str) -> FusionConfig:
+    if encoder_dim is not None and encoder_dim <= 0:
+        raise UsageError(f"--encoder-dim must be positive, got {encoder_dim}")
+    if fusion_vocab < 0:
+        raise UsageError(f"--fusion-vocab must be 0 or more, got {fusion_vocab}")
+    if init not in INIT_CHOICES:
+        raise UsageError(f"--init must be one of {', '.join(INIT_CHOICES)}, got {init!r}")
+    if not init_std > 0:
+        raise UsageError(f"--init-std must be positive, got {init_std}")
+    if dtype not in DTYPE_CHOICES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
+    base_dtype = ckpt.info(cfg.family_obj.global_key("tok_embeddings.weight")).dtype
+    if DTYPE_CHOICES[dtype] is None and base_dtype not in ("BF16", "F16", "F32"):
+        raise CheckpointError(f"base embeddings are {base_dtype}; pass --dtype bf16, fp16 or fp32 for the new weights")
+    return FusionConfig(
+        layers=chosen, fusion_first=not fusion_after, encoder_dim=encoder_dim or cfg.dim, fusion_vocab=fusion_vocab,
+        init=init, init_std=init_std, seed=seed, dtype=DTYPE_CHOICES[dtype] or base_dtype,
+        qk_norm_eps=1e-5, norm_eps=cfg.norm_eps, tool_version=__version__,
+    )
+
+
+def _copy_originals(ckpt: Checkpoint, tmp: Path, progress: ProgressFn | None) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Copy every base shard as is; digest what was written (not what was read)."""
+    total = ckpt.total_bytes()
+    step = (lambda n: progress("copy", n, total)) if progress else None
+    originals: list[dict[str, Any]] = []
+    file_digests: dict[str, str] = {}
+    for name, header in ckpt.files.items():
+        dst = tmp / name
+        copy_file(ckpt.path_of(name), dst, step)
+        written = read_header(dst)
+        if written.tensors.keys() != header.tensors.keys():
+            raise CheckpointError(f"{name}: the base file changed while it was being copied")
+        digests, file_digests[name] = tensor_digests(dst, written, (lambda n: progress("digest", n, total)) if progress else None)
+        for key, info in written.tensors.items():
+            originals.append({"name": key, "shape": list(info.shape), "dtype": info.dtype, "file": name,
+                              "digest": digests[key]})
+    return originals, file_digests
+
+
+def _shard_new(new: list[NewTensor]) -> list[list[NewTensor]]:
+    shards: list[list[NewTensor]] = [[]]
+    size = 0
+    for t in new:
+        nbytes = t.numel * DTYPE_SIZES[t.dtype]
+        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += nbytes
+    return shards
+
+
+def _write_new(ckpt: Checkpoint, new: list[NewTensor], seed: int, tmp: Path,
+               progress: ProgressFn | None) -> tuple[dict[str, str], dict[str, str]]:
+    """Write the new tensors into ``fusion-XXXXX-of-YYYYY.safetensors``, one tensor at a time."""
+    shards = _shard_new(new)
+    total = sum(t.numel * DTYPE_SIZES[t.dtype] for t in new)
+    step = (lambda n: progress("init", n, total)) if progress else None
+    files: dict[str, str] = {}
+    digests: dict[str, str] = {}
+    for s, shard in enumerate(shards, 1):
+        name = f"fusion-{s:05d}-of-{len(shards):05d}.safetensors"
+        if name in ckpt.files:
+            raise CheckpointError(f"base already has a file named {name}")
+        writer = SafetensorsWriter(tmp / name, [(t.key, t.dtype, t.shape) for t in shard],
+                                   {"format": "pt", "producer": f"fusionsurgery {__version__}"})
+        try:
+            for t in shard:
+                digests[t.key] = writer.write(t.key, tensor_chunks(t, seed, ckpt), step)
+                files[t.key] = name
+        finally:
+            writer.close() if writer._next == len(shard) else writer.abort()
+    return files, digests
+
+
+def _write_index(tmp: Path, ckpt: Checkpoint, new: list[NewTensor], new_files: dict[str, str]) -> None:
+    weight_map = {k: ckpt.key_to_file[k] for k in ckpt.keys()}
+    weight_map.update({t.key: new_files[t.key] for t in new})
+    total = sum(ckpt.info(k).nbytes for k in ckpt.keys()) + sum(
+        t.numel * DTYPE_SIZES[t.dtype] for t in new)
+    _write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=2)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,65 @@
+"""``fusion_manifest.json``: what a fused checkpoint holds, with digests that make it checkable alone."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import asdict
+from typing import Any
+
+from ..arch.config import FusionConfig, ModelConfig
+from ..io.checkpoint import Checkpoint
+from ..version import __version__
+from .plan import NewTensor
+
+MANIFEST_FORMAT = "fusionsurgery-manifest"
+MANIFEST_VERSION = 1
+DIGEST_SCHEME = "sha256 of each tensor's raw bytes; file digest = sha256(header bytes + tensor digests in file order)"
+
+
+def describe_base(base: Checkpoint, cfg: ModelConfig, source: str, file_digests: dict[str, str]) -> dict[str, Any]:
+    """The base's identity: files (size, digest), architecture, counts."""
+    return {
+        "path": source,
+        "family": cfg.family,
+        "model_type": cfg.model_type,
+        "architecture": (base.config or {}).get("architectures", [None])[0] if base.config else None,
+        "config": {k: v for k, v in asdict(cfg).items() if k != "inferred"},
+        "inferred": list(cfg.inferred),
+        "files": [
+            {"name": name, "bytes": h.file_size, "digest": file_digests.get(name), "tensors": len(h.tensors)}
+            for name, h in base.files.items()
+        ],
+        "num_tensors": len(base.key_to_file),
+        "num_params": sum(base.info(k).numel for k in base.keys()),
+        "bytes": base.total_bytes(),
+    }
+
+
+def build_manifest(*, base_desc: dict[str, Any], fusion: FusionConfig, new: list[NewTensor],
+                   new_files: dict[str, str], new_digests: dict[str, str], originals: list[dict[str, Any]]) -> dict[str, Any]:
+    """The whole manifest document."""
+    fusion_params = sum(t.numel for t in new)
+    base_params = base_desc["num_params"]
+    return {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_VERSION,
+        "tool": {"name": "fusionsurgery", "version": __version__},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "digest_scheme": DIGEST_SCHEME,
+        "base": base_desc,
+        "fusion": fusion.to_dict(),
+        "new_tensors": [
+            {
+                "name": t.key, "shape": list(t.shape), "dtype": t.dtype, "numel": t.numel, "init": t.init_text,
+                "layer": t.layer, "trainable": True, "file": new_files[t.key], "digest": new_digests[t.key],
+            }
+            for t in new
+        ],
+        "original_tensors": originals,
+        "totals": {
+            "base_params": base_params,
+            "fusion_params": fusion_params,
+            "fusion_percent_of_base": round(100.0 * fusion_params / base_params, 4) if base_params else None,
+            "total_params": base_params + fusion_params,
+        },
+    }

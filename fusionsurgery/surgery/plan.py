@@ -1,0 +1,98 @@
+"""The new tensors a fusion adds: names in the base's family, shapes, dtype and how to initialise each."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..arch.config import FusionConfig, ModelConfig
+from ..arch.families import FUSION_SEGMENT
+from ..errors import UsageError
+
+INIT_CHOICES = ("normal", "xavier", "copy")
+#: Fusion-layer tensors that ``--init copy`` takes from the wrapped layer (canonical suffixes).
+COPY_SOURCES = {
+    "attn.q_proj.weight": "attn.q_proj.weight",
+    "attn.k_proj.weight": "attn.k_proj.weight",
+    "attn.v_proj.weight": "attn.v_proj.weight",
+    "attn.output_proj.weight": "attn.output_proj.weight",
+    "mlp.w1.weight": "mlp.w1.weight",
+    "mlp.w3.weight": "mlp.w3.weight",
+    "mlp.w2.weight": "mlp.w2.weight",
+}
+
+
+@dataclass(frozen=True)
+class NewTensor:
+    """One tensor that fusion adds."""
+
+    key: str  # name in the base's family
+    canonical: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype name
+    init: str  # "normal", "xavier", "zeros", "ones" or "copy"
+    std: float = 0.0
+    source: str | None = None  # base key for "copy"
+    layer: int | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def init_text(self) -> str:
+        if self.init == "normal":
+            return f"normal(std={self.std:g})"
+        if self.init == "copy":
+            return f"copy({self.source})"
+        return self.init
+
+
+def fusion_layer_shapes(cfg: ModelConfig, encoder_dim: int) -> dict[str, tuple[int, ...]]:
+    """Canonical suffix -> shape for one gated cross-attention block."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.kv_dim
+    return {
+        "ca_norm.scale": (cfg.dim,),
+        "attn.q_proj.weight": (q, cfg.dim),
+        "attn.k_proj.weight": (kv, encoder_dim),
+        "attn.v_proj.weight": (kv, encoder_dim),
+        "attn.output_proj.weight": (cfg.dim, q),
+        "attn.q_norm.scale": (cfg.head_dim,),
+        "attn.k_norm.scale": (cfg.head_dim,),
+        "ca_scale.scale": (1,),
+        "mlp_norm.scale": (cfg.dim,),
+        "mlp.w1.weight": (cfg.intermediate_dim, cfg.dim),
+        "mlp.w3.weight": (cfg.intermediate_dim, cfg.dim),
+        "mlp.w2.weight": (cfg.dim, cfg.intermediate_dim),
+        "mlp_scale.scale": (1,),
+    }
+
+
+def plan_new_tensors(cfg: ModelConfig, fusion: FusionConfig) -> list[NewTensor]:
+    """Every tensor the fusion adds, in writing order (layer by layer, then the fusion embedding)."""
+    family = cfg.family_obj
+    encoder_dim = fusion.encoder_dim or cfg.dim
+    if fusion.init == "copy" and encoder_dim != cfg.dim:
+        raise UsageError(
+            f"--init copy needs --encoder-dim equal to the decoder width ({cfg.dim}): the cross-attention "
+            f"keys/values read {encoder_dim}-wide states, so the self-attention's k/v weights do not fit"
+        )
+    out: list[NewTensor] = []
+    for i in fusion.layers:
+        for suffix, shape in fusion_layer_shapes(cfg, encoder_dim).items():
+            canonical = f"layers.{i}.{FUSION_SEGMENT}.{suffix}"
+            key = family.to_family(canonical)
+            if suffix.endswith("_scale.scale"):
+                init, source = "zeros", None
+            elif suffix.endswith(".scale"):
+                init, source = "ones", None
+            elif fusion.init == "copy":
+                init, source = "copy", family.layer_key(i, COPY_SOURCES[suffix])
+            else:
+                init, source = fusion.init, None
+            out.append(NewTensor(key, canonical, shape, fusion.dtype, init, fusion.init_std, source, i))
+    if fusion.fusion_vocab:
+        canonical = "tok_embeddings.fusion_embedding.weight"
+        out.append(NewTensor(family.to_family(canonical), canonical, (fusion.fusion_vocab, cfg.dim), fusion.dtype,
+                             "normal", fusion.init_std))
+    return out

@@ -1,0 +1,62 @@
+"""Small checkpoints built in-process for the tests (random weights, fixed seeds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5)
+
+ARCHS: dict[str, dict[str, Any]] = {
+    "llama": dict(TINY, rope_theta=500000.0,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "qwen2": dict(TINY, rope_theta=1000000.0, tie_word_embeddings=True),
+    "qwen3": dict(TINY, head_dim=24, rope_theta=1000000.0),
+}
+
+
+def hf_model(arch: str, seed: int = 0, **overrides: Any):
+    """A transformers model of family ``arch`` with random weights (norms perturbed from one)."""
+    import transformers
+
+    cfg_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+               "qwen3": transformers.Qwen3Config}[arch]
+    model_cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+                 "qwen3": transformers.Qwen3ForCausalLM}[arch]
+    kwargs = dict(ARCHS[arch], **overrides)
+    config = cfg_cls(**kwargs)
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            if name.endswith(".bias"):
+                p.normal_(0, 0.05)
+    return model
+
+
+def save_hf(model, path: Path, dtype: torch.dtype = torch.float32) -> Path:
+    model.to(dtype).save_pretrained(str(path))
+    return path
+
+
+def make_base(tmp_path: Path, arch: str = "llama", dtype: torch.dtype = torch.float32, **overrides: Any) -> tuple[Path, Any]:
+    """Save a transformers model to ``tmp_path/arch`` and return (path, model)."""
+    model = hf_model(arch, **overrides)
+    path = save_hf(model, tmp_path / f"{arch}-base", dtype)
+    return path, model
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def tokens(batch: int = 2, seq: int = 12, vocab: int = 128, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g)
