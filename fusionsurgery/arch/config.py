@@ -23,6 +23,10 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "qwen3": "Qwen3ForCausalLM",
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_ROPE_REQUIRED = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 @dataclass
@@ -113,7 +117,11 @@ def read_model_config(
         if not is_fusion_key(canonical):
             shapes[canonical] = ckpt.info(key).shape
     if ckpt.config is not None:
-        cfg = _from_hf_config(ckpt.config, family, shapes, num_heads, num_kv_heads)
+        try:
+            cfg = _from_hf_config(ckpt.config, family, shapes, num_heads, num_kv_heads)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            where = ckpt.config_path or "config.json"
+            raise CheckpointError(f"{where}: unreadable value ({type(exc).__name__}: {exc})") from None
     else:
         cfg = _infer(family, shapes, num_heads, num_kv_heads)
     _check_shapes(cfg, shapes)
@@ -214,6 +222,9 @@ def read_rope(doc: dict[str, Any]) -> tuple[float | None, dict[str, Any] | None]
     rope_type = scaling.get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise CheckpointError(f"config.json: rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    for key in _ROPE_REQUIRED.get(rope_type, ()):
+        if not isinstance(scaling.get(key), (int, float)) or isinstance(scaling.get(key), bool):
+            raise CheckpointError(f"config.json: {rope_type} rope scaling needs a number for {key!r}")
     return (float(theta) if theta is not None else None), (scaling if rope_type != "default" else None)
 
 

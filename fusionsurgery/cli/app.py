@@ -8,8 +8,12 @@ import signal
 import sys
 from collections.abc import Sequence
 
-import click
 import typer
+
+try:  # typer >= 0.20 vendors its own click
+    from typer._click import exceptions as _cx
+except ImportError:  # pragma: no cover - older typer on real click
+    import click.exceptions as _cx
 
 from ..errors import CheckFailed, FusionSurgeryError, WriteError
 from ..version import __version__
@@ -68,13 +72,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         rv = command.main(args=list(argv) if argv is not None else None, prog_name="fusionsurgery",
                           standalone_mode=False)
         return rv if isinstance(rv, int) else 0
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.UsageError as exc:
+    except _cx.NoArgsIsHelpError as exc:
+        typer.echo(exc.format_message())
+        return 0
+    except _cx.UsageError as exc:
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
         _error(f"{exc.format_message()}{hint}")
         return 2
-    except click.exceptions.Abort:
+    except _cx.ClickException as exc:
+        _error(exc.format_message())
+        return exc.exit_code
+    except (typer.Abort, _cx.Abort if hasattr(_cx, "Abort") else typer.Abort):
         _error("interrupted; nothing was written")
         return 130
     except KeyboardInterrupt:

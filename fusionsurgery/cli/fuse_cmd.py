@@ -15,7 +15,7 @@ from .progress import byte_progress
 
 @app.command()
 def fuse(
-    base: Annotated[Path, typer.Argument(help="Base checkpoint: a .safetensors file, or a directory with "
+    base: Annotated[Path, typer.Argument(metavar="BASE", help="Base checkpoint: a .safetensors file, or a directory with "
                                           "model.safetensors or shards and model.safetensors.index.json.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory [default: <base>-fused beside the base].")] = None,
     every: Annotated[Optional[int], typer.Option("--every", help="Fuse layers i with (i+1) % N == 0 (torchtune's fusion_interval; "

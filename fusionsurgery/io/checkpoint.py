@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from .safetensors_format import SafetensorsHeader, TensorInfo, read_exact, read_header
+from .safetensors_format import SafetensorsHeader, TensorInfo, _no_duplicates, read_exact, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -104,7 +104,7 @@ class Checkpoint:
             return
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise CheckpointError(f"{path}: not a readable JSON config ({exc})") from None
         if not isinstance(doc, dict):
             raise CheckpointError(f"{path}: config is not a JSON object")
@@ -161,7 +161,7 @@ class Checkpoint:
             return None
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise CheckpointError(f"{path}: manifest is not readable JSON ({exc})") from None
         if not isinstance(doc, dict):
             raise CheckpointError(f"{path}: manifest is not a JSON object")
@@ -185,7 +185,7 @@ def _inside(root: Path, name: Any) -> Path:
     path = root / name
     if path.is_symlink():
         target = path.resolve()
-        if root.resolve() not in target.parents:
+        if not any(allowed in target.parents for allowed in _allowed_link_roots(root)):
             raise CheckpointError(f"{path}: symlink points outside the checkpoint directory ({target}); refused")
     if not path.is_file():
         raise CheckpointError(f"{root}: shard {name} named in {INDEX_NAME} is missing")
@@ -193,10 +193,20 @@ def _inside(root: Path, name: Any) -> Path:
     return path
 
 
+def _allowed_link_roots(root: Path) -> list[Path]:
+    """Where a shard symlink may point: the directory itself, or the blob store of a Hugging Face
+    cache snapshot (``models--org--name/snapshots/<rev>/x -> ../../blobs/<sha>``)."""
+    real = root.resolve()
+    allowed = [real]
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        allowed.append((root.parent.parent / "blobs").resolve())
+    return allowed
+
+
 def _read_index(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        doc = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path}: index is not readable JSON ({exc})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
         raise CheckpointError(f"{path}: index has no weight_map object")

@@ -78,7 +78,7 @@ def parse_header_bytes(raw: bytes, data_size: int, where: str) -> tuple[dict[str
     try:
         text = raw.decode("utf-8")
         doc = json.loads(text, object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{where}: header is not valid JSON ({exc}); not a safetensors file?") from None
     if not isinstance(doc, dict):
         raise CheckpointError(f"{where}: header is not a JSON object; not a safetensors file?")

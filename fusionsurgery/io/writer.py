@@ -132,6 +132,7 @@ class AtomicDirectory:
         self.tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def __enter__(self) -> "AtomicDirectory":
+        self._remove_stale()
         if self.target.exists() and not self.force:
             raise UsageError(f"{self.target} already exists; pass --force to replace it")
         if not self.target.parent.is_dir():
@@ -141,6 +142,19 @@ class AtomicDirectory:
         except OSError as exc:
             raise WriteError(f"cannot create {self.tmp}: {exc.strerror}") from None
         return self
+
+    def _remove_stale(self) -> None:
+        """Remove temporary directories of earlier runs on ``target`` whose process is gone (killed)."""
+        if not self.target.parent.is_dir():
+            return
+        for stale in self.target.parent.glob(f".{self.target.name}.tmp-*-*"):
+            try:
+                pid = int(stale.name.rsplit("-", 2)[-2])
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                shutil.rmtree(stale, ignore_errors=True)
+            except (ValueError, PermissionError, IndexError):
+                continue
 
     def commit(self) -> None:
         """Move the finished directory into place (replacing the old one only with ``force``)."""

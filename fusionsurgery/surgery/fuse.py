@@ -93,12 +93,12 @@ def check_not_fused(ckpt: Checkpoint) -> None:
 
 
 def _check_output_location(base: Path, out: Path) -> None:
+    """Refuse an output that is the input, lies inside it, or contains it (``--force`` would delete it)."""
     b, o = base.resolve(), out.resolve()
-    root = b if b.is_dir() else b.parent
-    if o == b or (b.is_dir() and (o == root or root in o.parents)):
+    if o == b or (b.is_dir() and b in o.parents):
         raise UsageError(f"output {out} is the input or inside it; choose another -o")
-    if b.is_file() and o == b:
-        raise UsageError(f"output {out} is the input file; choose another -o")
+    if o in b.parents:
+        raise UsageError(f"output {out} contains the input {base}; choose another -o")
 
 
 def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *, every: int | None = None,
