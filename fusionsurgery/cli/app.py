@@ -53,7 +53,12 @@ def _register() -> None:
                 raise
 
 
+_interrupted: list[int] = []
+
+
 def _terminate(signum: int, frame: object) -> None:
+    """SIGINT/SIGTERM: unwind (so temporary outputs are removed), remembering why."""
+    _interrupted.append(signum)
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -65,12 +70,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 a check or write failed, 2 bad usage or input)."""
     _register()
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit becomes an EFBIG error
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=list(argv) if argv is not None else None, prog_name="fusionsurgery",
                           standalone_mode=False)
+        if _interrupted:  # typer turns KeyboardInterrupt into a silent exit 130
+            _error("interrupted; nothing was written")
+            return 130
         return rv if isinstance(rv, int) else 0
     except typer.Exit as exc:
         return exc.exit_code
@@ -84,10 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _cx.ClickException as exc:
         _error(exc.format_message())
         return exc.exit_code
-    except (typer.Abort, _cx.Abort if hasattr(_cx, "Abort") else typer.Abort):
-        _error("interrupted; nothing was written")
-        return 130
-    except KeyboardInterrupt:
+    except (typer.Abort, KeyboardInterrupt):
         _error("interrupted; nothing was written")
         return 130
     except (FusionSurgeryError, CheckFailed, WriteError) as exc:
