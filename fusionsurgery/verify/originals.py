@@ -1,0 +1,84 @@
+"""Check 2, originals intact: every original tensor bit-identical to the base (or the manifest's digests).
+
+Hashes each file once, sequentially (sha256 per tensor, the manifest's scheme). No torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..io.checkpoint import Checkpoint
+from ..io.writer import tensor_digests
+from .report import CheckResult
+from .structure import Layout, listed
+
+NAME, TITLE = "originals", "Originals intact: every original tensor bit-identical"
+Progress = Callable[[int], None]
+
+
+def checkpoint_digests(ckpt: Checkpoint, progress: Progress | None = None) -> dict[str, str]:
+    """sha256 of every tensor's bytes, reading each file once."""
+    out: dict[str, str] = {}
+    for name, header in ckpt.files.items():
+        digests, _ = tensor_digests(ckpt.path_of(name), header, progress)
+        out.update(digests)
+    return out
+
+
+def check_originals(ckpt: Checkpoint, layout: Layout, base: Checkpoint | None = None,
+                    progress: Progress | None = None) -> CheckResult:
+    """Compare original tensors with ``base`` when given and with the manifest's digests when present."""
+    result = CheckResult(NAME, TITLE)
+    manifest = layout.manifest
+    if base is None and manifest is None:
+        result.fail("nothing to compare with: no fusion_manifest.json and no --base")
+        return result.finish("", "no reference for the original tensors")
+    actual = checkpoint_digests(ckpt, progress)
+    originals = [k for k in layout.original_keys if k in actual]
+    sources = []
+    if manifest is not None:
+        sources.append("manifest digests")
+        expected = {e["name"]: e.get("digest") for e in manifest["original_tensors"]}
+        differ = [k for k in originals if expected.get(k) != actual[k]]
+        if differ:
+            result.fail(f"{len(differ)} original tensor(s) differ from their manifest digests: {listed(differ)}")
+        _report_trained(manifest, actual, result)
+    if base is not None:
+        sources.append("--base")
+        _compare_with_base(ckpt, base, actual, set(layout.original_keys), result, progress)
+    nbytes = sum(ckpt.info(k).nbytes for k in originals)
+    result.figures.update({"original_tensors": len(originals), "original_bytes": nbytes, "against": sources})
+    return result.finish(f"{len(originals)} original tensors ({nbytes:,} bytes) bit-identical "
+                         f"(checked against {' and '.join(sources)})")
+
+
+def _compare_with_base(ckpt: Checkpoint, base: Checkpoint, actual: dict[str, str], originals: set[str],
+                       result: CheckResult, progress: Progress | None) -> None:
+    base_digests = checkpoint_digests(base, progress)
+    missing = [k for k in base.keys() if k not in ckpt.key_to_file]
+    if missing:
+        result.fail(f"{len(missing)} base tensor(s) missing from the fused checkpoint: {listed(missing)}")
+    changed_meta, changed_bytes = [], []
+    for key in base.keys():
+        if key not in ckpt.key_to_file:
+            continue
+        a, b = base.info(key), ckpt.info(key)
+        if (a.shape, a.dtype) != (b.shape, b.dtype):
+            changed_meta.append(f"{key} ({list(a.shape)} {a.dtype} -> {list(b.shape)} {b.dtype})")
+        elif base_digests[key] != actual[key]:
+            changed_bytes.append(key)
+    if changed_meta:
+        result.fail(f"{len(changed_meta)} tensor(s) changed shape or dtype from the base: {listed(changed_meta)}")
+    if changed_bytes:
+        result.fail(f"{len(changed_bytes)} tensor(s) differ from the base's bytes: {listed(changed_bytes)}")
+    foreign = sorted(originals - set(base.keys()))
+    if foreign:
+        result.fail(f"{len(foreign)} tensor(s) the manifest calls original are not in the base: {listed(foreign)}")
+
+
+def _report_trained(manifest: dict, actual: dict[str, str], result: CheckResult) -> None:
+    """New tensors whose bytes changed since fusion were trained (or edited): reported, not failed."""
+    changed = [e["name"] for e in manifest["new_tensors"] if e["name"] in actual and e.get("digest") != actual[e["name"]]]
+    if changed:
+        result.notes.append(f"{len(changed)} fusion tensor(s) changed since fusion (trained?): {listed(changed)}")
+    result.figures["changed_fusion_tensors"] = changed
