@@ -40,6 +40,10 @@ def fuse(
                                                         "when there is no config.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output (only once the new one is complete).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary instead of the report.")] = False,
+    verify_output: Annotated[bool, typer.Option("--verify", help="Run every `fusionsurgery verify` check on the output "
+                                                "right after fusing (against the base).")] = False,
+    device: Annotated[str, typer.Option("--device", help="Device for --verify: auto (CUDA when present), cpu, cuda, "
+                                        "cuda:N.")] = "auto",
 ) -> None:
     """Fuse gated cross-attention layers into a decoder checkpoint.
 
@@ -49,15 +53,26 @@ def fuse(
     """
     from ..surgery.fuse import fuse as fuse_api
 
+    if verify_output:
+        from ..loading import resolve_device
+
+        resolve_device(device)  # an unusable --device fails before anything is written
     with byte_progress(enabled=not json_out) as progress:
         result = fuse_api(base, out, every=every, layers=layers, fusion_after=fusion_after, encoder_dim=encoder_dim,
                           fusion_vocab=fusion_vocab, init=init, init_std=init_std, seed=seed, dtype=dtype,
                           config=config, num_heads=num_heads, num_kv_heads=num_kv_heads, force=force,
                           progress=progress)
-    if json_out:
-        print_json(result.to_dict())
+    if not verify_output:
+        print_json(result.to_dict()) if json_out else _report(result)
         return
-    _report(result)
+    from .verify_cmd import raise_if_failed, run_verify
+
+    if not json_out:
+        _report(result)
+    report = run_verify(result.output, base=base, device=device, json_out=json_out, emit=not json_out)
+    if json_out:
+        print_json(dict(result.to_dict(), verify=report.to_dict()))
+    raise_if_failed(report)
 
 
 def _report(result) -> None:
