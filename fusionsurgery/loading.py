@@ -13,6 +13,7 @@ from .errors import CheckpointError
 from .io.checkpoint import Checkpoint
 from .io.torch_dtypes import TORCH_DTYPES, parse_dtype
 from .modules import TransformerDecoder
+from .surgery.adapter import attach_base
 
 
 @dataclass
@@ -41,9 +42,14 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def open_model(path: str | os.PathLike[str] | Checkpoint, *, dtype: torch.dtype | str | None = None,
                device: str | torch.device | None = "cpu", config: str | os.PathLike[str] | None = None,
                rope_theta: float | None = None, num_heads: int | None = None,
-               num_kv_heads: int | None = None) -> LoadedModel:
-    """Build the model described by ``path`` and load its tensors one at a time."""
+               num_kv_heads: int | None = None, base: str | os.PathLike[str] | None = None) -> LoadedModel:
+    """Build the model described by ``path`` and load its tensors one at a time.
+
+    ``base`` is the base checkpoint of an adapter output (``fuse --adapter-only``); it is refused
+    unless its digests match the adapter's manifest.
+    """
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path, config=config)
+    ckpt = attach_base(ckpt, Checkpoint.open(base) if base is not None else None)
     cfg = read_model_config(ckpt, num_heads=num_heads, num_kv_heads=num_kv_heads)
     fusion = read_fusion_config(ckpt.config)
     if isinstance(dtype, str):
@@ -78,7 +84,7 @@ def load_tensors(model: torch.nn.Module, ckpt: Checkpoint) -> None:
 
 def load_fused(path: str | os.PathLike[str], dtype: torch.dtype | str | None = None,
                device: str | torch.device | None = "cpu", *, config: str | os.PathLike[str] | None = None,
-               rope_theta: float | None = None) -> TransformerDecoder:
+               rope_theta: float | None = None, base: str | os.PathLike[str] | None = None) -> TransformerDecoder:
     """A fused checkpoint as a module: ``model(tokens, encoder_input=None, encoder_mask=None)`` gives logits.
 
     Args:
@@ -87,5 +93,6 @@ def load_fused(path: str | os.PathLike[str], dtype: torch.dtype | str | None = N
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         config: a config.json to use instead of the one beside the weights.
         rope_theta: RoPE base when no config gives it.
+        base: the base checkpoint, when ``path`` is an adapter (``fuse --adapter-only``).
     """
-    return open_model(path, dtype=dtype, device=device, config=config, rope_theta=rope_theta).model
+    return open_model(path, dtype=dtype, device=device, config=config, rope_theta=rope_theta, base=base).model

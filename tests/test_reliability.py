@@ -312,18 +312,17 @@ def test_two_runs_on_the_same_output(tmp_path):
 
 def test_base_modified_while_read_manifest_digests_what_was_written(tmp_path, llama, monkeypatch):
     """If the base changes between opening and copying, digests describe the bytes written."""
-    from fusionsurgery.io import writer
     from fusionsurgery.surgery import fuse as fuse_mod
 
-    real_copy = writer.copy_file
+    real_copy = fuse_mod.copy_and_digest
 
-    def tampering_copy(src, dst, progress=None):
+    def tampering_copy(src, dst, header, progress=None, cancel=None):
         data = bytearray(src.read_bytes())
         data[-1] ^= 0xFF  # someone rewrites the last byte of the base mid-run
         src.write_bytes(bytes(data))
-        real_copy(src, dst, progress)
+        return real_copy(src, dst, header, progress, cancel)
 
-    monkeypatch.setattr(fuse_mod, "copy_file", tampering_copy)
+    monkeypatch.setattr(fuse_mod, "copy_and_digest", tampering_copy)
     fuse_mod.fuse(llama, tmp_path / "out", every=2)
     manifest = json.loads((tmp_path / "out" / "fusion_manifest.json").read_text())
     ck = Checkpoint.open(tmp_path / "out")

@@ -38,6 +38,13 @@ def fuse(
                                                      "shapes cannot tell.")] = None,
     num_kv_heads: Annotated[Optional[int], typer.Option("--num-kv-heads", help="Key/value heads (grouped-query attention), "
                                                         "when there is no config.")] = None,
+    link: Annotated[bool, typer.Option("--link", help="Hard-link the base's shard files into the output instead of copying "
+                                       "them: only the new weights cost time and disk. The two directories then SHARE those "
+                                       "files: editing one in place edits both. Needs one filesystem (else the shards are "
+                                       "copied and the report says so).")] = False,
+    adapter_only: Annotated[bool, typer.Option("--adapter-only", help="Write only the new tensors, config and manifest (like "
+                                               "a PEFT adapter); the base is named by its digests, and load_fused(adapter, "
+                                               "base=BASE) / verify --base refuse any other base.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output (only once the new one is complete).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary instead of the report.")] = False,
     verify_output: Annotated[bool, typer.Option("--verify", help="Run every `fusionsurgery verify` check on the output "
@@ -60,8 +67,8 @@ def fuse(
     with byte_progress(enabled=not json_out) as progress:
         result = fuse_api(base, out, every=every, layers=layers, fusion_after=fusion_after, encoder_dim=encoder_dim,
                           fusion_vocab=fusion_vocab, init=init, init_std=init_std, seed=seed, dtype=dtype,
-                          config=config, num_heads=num_heads, num_kv_heads=num_kv_heads, force=force,
-                          progress=progress)
+                          config=config, num_heads=num_heads, num_kv_heads=num_kv_heads, force=force, link=link,
+                          adapter_only=adapter_only, progress=progress)
     if not verify_output:
         print_json(result.to_dict()) if json_out else _report(result)
         return
@@ -98,9 +105,12 @@ def _report(result) -> None:
         f"{human_count(result.base_params)}); init {fusion.init}, seed {fusion.seed}, dtype {fusion.dtype}, "
         f"encoder width {fusion.encoder_dim}"
     )
-    files = Table(title=f"Wrote {result.output}", title_justify="left")
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    layout = {"copy": "", "link": " (base shards hard-linked)", "adapter": " (adapter only: new tensors and manifest)"}
+    files = Table(title=f"Wrote {result.output}{layout[result.layout]}", title_justify="left")
     files.add_column("file")
     files.add_column("size", justify="right")
     for f in result.files:
-        files.add_row(f["name"], human_bytes(f["bytes"]))
+        files.add_row(f["name"] + (" (link)" if f.get("linked") else ""), human_bytes(f["bytes"]))
     console.print(files)

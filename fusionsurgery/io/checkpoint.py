@@ -128,7 +128,19 @@ class Checkpoint:
                 yield name, info
 
     def path_of(self, file_name: str) -> Path:
-        return self.root / file_name
+        return self.files[file_name].path
+
+    @classmethod
+    def combine(cls, base: "Checkpoint", extra: "Checkpoint") -> "Checkpoint":
+        """One view over a base and an adapter's files (the adapter's config describes both)."""
+        clash = set(base.files) & set(extra.files)
+        if clash:
+            raise CheckpointError(f"{extra.root}: file name(s) {sorted(clash)} also in the base {base.root}")
+        both = set(base.key_to_file) & set(extra.key_to_file)
+        if both:
+            raise CheckpointError(f"{extra.root}: tensor(s) {sorted(both)[:3]} are also in the base {base.root}")
+        return cls(extra.root, {**base.files, **extra.files}, {**base.key_to_file, **extra.key_to_file},
+                   config=extra.config, config_path=extra.config_path, has_index=False)
 
     def total_bytes(self) -> int:
         return sum(h.file_size for h in self.files.values())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import uuid
@@ -11,11 +10,10 @@ from pathlib import Path
 from types import TracebackType
 
 from ..errors import UsageError, WriteError
-from .safetensors_format import SafetensorsHeader, build_header
+from .digest import new_hash, tensor_digests  # noqa: F401  (tensor_digests re-exported for callers)
+from .safetensors_format import build_header
 
 Progress = Callable[[int], None]
-COPY_CHUNK = 64 * 1024 * 1024
-READ_CHUNK = 16 * 1024 * 1024
 
 
 class SafetensorsWriter:
@@ -30,18 +28,19 @@ class SafetensorsWriter:
         self._fh = open(path, "wb")
         self._fh.write(prefix)
 
-    def write(self, name: str, chunks: Iterable[bytes], progress: Progress | None = None) -> str:
-        """Write tensor ``name`` from ``chunks``; returns the sha256 of its bytes."""
+    def write(self, name: str, chunks: Iterable[bytes | memoryview], progress: Progress | None = None) -> str:
+        """Write tensor ``name`` from ``chunks`` (any buffers); returns the digest of its bytes."""
         if self._next >= len(self._order) or self._order[self._next] != name:
             raise RuntimeError(f"tensor {name!r} written out of header order")
         start, end = self._offsets[name]
-        digest, written = hashlib.sha256(), 0
+        digest, written = new_hash(), 0
         for chunk in chunks:
-            self._fh.write(chunk)
-            digest.update(chunk)
-            written += len(chunk)
+            view = memoryview(chunk).cast("B")
+            self._fh.write(view)
+            digest.update(view)
+            written += view.nbytes
             if progress:
-                progress(len(chunk))
+                progress(view.nbytes)
         if written != end - start:
             raise RuntimeError(f"tensor {name!r}: wrote {written} bytes, header says {end - start}")
         self._next += 1
@@ -57,65 +56,6 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         self._fh.close()
-
-
-def copy_file(src: Path, dst: Path, progress: Progress | None = None) -> None:
-    """Copy ``src`` to ``dst`` with the kernel's help (copy_file_range, else sendfile, else read/write)."""
-    size = src.stat().st_size
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        done = 0
-        fast = hasattr(os, "copy_file_range")
-        while done < size:
-            n = 0
-            if fast:
-                try:
-                    n = os.copy_file_range(fin.fileno(), fout.fileno(), min(COPY_CHUNK, size - done))
-                except OSError as exc:
-                    if exc.errno in (18, 22, 38, 95):  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP: fall back
-                        fast = False
-                        fin.seek(done)
-                        fout.seek(done)
-                        continue
-                    raise
-            else:
-                buf = fin.read(min(COPY_CHUNK, size - done))
-                fout.write(buf)
-                n = len(buf)
-            if n == 0:
-                raise WriteError(f"{src}: file shrank while being copied")
-            done += n
-            if progress:
-                progress(n)
-        fout.flush()
-        os.fsync(fout.fileno())
-
-
-def tensor_digests(path: Path, header: SafetensorsHeader, progress: Progress | None = None) -> tuple[dict[str, str], str]:
-    """sha256 of every tensor's bytes in one sequential read, and a file digest built from them.
-
-    The file digest is sha256 over the header bytes followed by each tensor digest in file order:
-    it changes whenever any byte of the file does, without hashing the data twice.
-    """
-    digests: dict[str, str] = {}
-    infos = list(header.tensors.values())
-    with open(path, "rb") as fh:
-        head = fh.read(header.data_start)
-        file_hash = hashlib.sha256(head)
-        for info in infos:
-            h = hashlib.sha256()
-            fh.seek(info.start)
-            left = info.nbytes
-            while left:
-                buf = fh.read(min(READ_CHUNK, left))
-                if not buf:
-                    raise WriteError(f"{path}: file shorter than its header says")
-                h.update(buf)
-                left -= len(buf)
-                if progress:
-                    progress(len(buf))
-            digests[info.name] = h.hexdigest()
-            file_hash.update(bytes.fromhex(digests[info.name]))
-    return digests, file_hash.hexdigest()
 
 
 class AtomicDirectory:

@@ -1,11 +1,18 @@
-"""The fuse engine: base checkpoint in, fused checkpoint directory out, one tensor at a time."""
+"""The fuse engine: base checkpoint in, fused checkpoint directory out, one tensor at a time.
+
+Two threads share the work: one brings the base's shard files over (copied with the kernel's
+help, or hard-linked) and digests them on the way, while the main thread writes the new tensors,
+whose chunks a third thread generates ahead of it. Nothing holds more than a few chunks in memory.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,9 +20,11 @@ from typing import Any
 from ..arch.config import FusionConfig, ModelConfig, read_model_config, to_hf_config
 from ..arch.families import detect_family, is_fusion_key
 from ..errors import CheckpointError, UsageError
-from ..io.safetensors_format import DTYPE_SIZES, read_header
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
-from ..io.writer import AtomicDirectory, SafetensorsWriter, copy_file, tensor_digests
+from ..io.copy import Cancelled, copy_and_digest, link_and_digest, same_filesystem
+from ..io.digest import tensor_digests
+from ..io.safetensors_format import DTYPE_SIZES
+from ..io.writer import AtomicDirectory, SafetensorsWriter
 from ..version import __version__
 from .init import tensor_chunks
 from .manifest import build_manifest, describe_base
@@ -26,6 +35,8 @@ from .selection import select_layers
 ProgressFn = Callable[[str, int, int], None]
 MAX_SHARD_BYTES = 5 * 1024**3
 DTYPE_CHOICES = {"same": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+#: How the base's tensors reach the output.
+LAYOUTS = ("copy", "link", "adapter")
 
 
 @dataclass
@@ -36,8 +47,10 @@ class FuseResult:
     config: ModelConfig
     fusion: FusionConfig
     new_tensors: list[NewTensor]
+    layout: str = "copy"
     files: list[dict[str, Any]] = field(default_factory=list)
     base_params: int = 0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def fusion_params(self) -> int:
@@ -53,6 +66,7 @@ class FuseResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "output": str(self.output),
+            "layout": self.layout,
             "family": self.config.family,
             "model_type": self.config.model_type,
             "num_layers": self.config.num_layers,
@@ -69,6 +83,7 @@ class FuseResult:
             "fusion_params": self.fusion_params,
             "fusion_percent_of_base": round(100.0 * self.fusion_params / self.base_params, 4) if self.base_params else None,
             "files": self.files,
+            "notes": self.notes,
         }
 
 
@@ -79,12 +94,17 @@ def default_output(base: Path) -> Path:
     return base.parent / f"{name}-fused"
 
 
+def fused_layers_of(ckpt: Checkpoint) -> list[int]:
+    """Layer indices that hold fusion tensors."""
+    family = detect_family(ckpt.keys())
+    canon = (family.to_canonical(k) for k in ckpt.keys())
+    return sorted({int(c.split(".")[1]) for c in canon if is_fusion_key(c) and c.startswith("layers.")})
+
+
 def check_not_fused(ckpt: Checkpoint) -> None:
     """Refuse a checkpoint that already holds fusion layers."""
-    family = detect_family(ckpt.keys())
-    fused = sorted({int(family.to_canonical(k).split(".")[1]) for k in ckpt.keys()
-                    if is_fusion_key(family.to_canonical(k)) and family.to_canonical(k).startswith("layers.")})
-    if fused or (ckpt.config or {}).get("fusion") or (ckpt.root / MANIFEST_NAME).exists() and ckpt.is_dir:
+    fused = fused_layers_of(ckpt)
+    if fused or (ckpt.config or {}).get("fusion") or (ckpt.is_dir and (ckpt.root / MANIFEST_NAME).exists()):
         where = f" (fused layers {fused})" if fused else ""
         raise UsageError(
             f"{ckpt.root} is already a fused checkpoint{where}; fuse its base instead "
@@ -105,13 +125,17 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
          layers: str | None = None, fusion_after: bool = False, encoder_dim: int | None = None,
          fusion_vocab: int = 0, init: str = "normal", init_std: float = 0.02, seed: int = 0, dtype: str = "same",
          config: str | os.PathLike[str] | None = None, num_heads: int | None = None,
-         num_kv_heads: int | None = None, force: bool = False, progress: ProgressFn | None = None) -> FuseResult:
+         num_kv_heads: int | None = None, force: bool = False, link: bool = False, adapter_only: bool = False,
+         progress: ProgressFn | None = None) -> FuseResult:
     """Fuse gated cross-attention layers into a decoder checkpoint and write the fused directory.
 
-    Every original tensor keeps its key and bytes (its shard file is copied as is); the new tensors
-    go to ``fusion-*.safetensors`` files; an index maps every key; ``config.json`` gains a
-    ``fusion`` section; ``fusion_manifest.json`` records digests and settings. Returns a summary.
+    Every original tensor keeps its key and bytes (its shard file is copied as is, or hard-linked
+    with ``link``, or left out with ``adapter_only``); the new tensors go to
+    ``fusion-*.safetensors`` files; an index maps every key; ``config.json`` gains a ``fusion``
+    section; ``fusion_manifest.json`` records settings and digests. Returns a summary.
     """
+    if link and adapter_only:
+        raise UsageError("--link and --adapter-only exclude each other")
     base_path = Path(base)
     ckpt = Checkpoint.open(base_path, config=config)
     check_not_fused(ckpt)
@@ -121,23 +145,37 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
     new = plan_new_tensors(cfg, fusion)
     out_path = Path(out) if out is not None else default_output(base_path)
     _check_output_location(base_path, out_path)
+    layout = "adapter" if adapter_only else "link" if link else "copy"
+    result = FuseResult(out_path, cfg, fusion, new, layout, base_params=sum(ckpt.info(k).numel for k in ckpt.keys()))
+    if layout == "link" and out_path.parent.exists() and not same_filesystem(ckpt.root, out_path.parent):
+        result.layout = layout = "copy"
+        result.notes.append("--link: the base and the output are on different filesystems, so the shards were copied")
 
-    result = FuseResult(out_path, cfg, fusion, new, base_params=sum(ckpt.info(k).numel for k in ckpt.keys()))
+    cancel = threading.Event()
     with AtomicDirectory(out_path, force=force) as staging:
         tmp = staging.tmp
-        originals, file_digests = _copy_originals(ckpt, tmp, progress)
-        new_files, new_digests = _write_new(ckpt, new, fusion.seed, tmp, progress)
-        _write_index(tmp, ckpt, new, new_files)
+        with ThreadPoolExecutor(1, thread_name_prefix="originals") as mover, \
+                ThreadPoolExecutor(1, thread_name_prefix="init") as generator:
+            try:
+                originals_job = mover.submit(_bring_originals, ckpt, tmp, layout, progress, cancel)
+                new_files, new_digests = _write_new(ckpt, new, fusion.seed, tmp, progress, generator)
+                originals, file_digests = originals_job.result()
+            except BaseException:
+                cancel.set()
+                raise
+        if layout != "adapter":
+            _write_index(tmp, ckpt, new, new_files)
+            for sidecar in ckpt.sidecar_files():
+                shutil.copyfile(sidecar, tmp / sidecar.name)
         doc = to_hf_config(cfg, ckpt.config)
         doc["fusion"] = fusion.to_dict()
         _write_json(tmp / CONFIG_NAME, doc)
-        for sidecar in ckpt.sidecar_files():
-            shutil.copyfile(sidecar, tmp / sidecar.name)
         base_desc = describe_base(ckpt, cfg, str(base_path), file_digests)
         manifest = build_manifest(base_desc=base_desc, fusion=fusion, new=new, new_files=new_files,
-                                  new_digests=new_digests, originals=originals)
+                                  new_digests=new_digests, originals=originals, layout=layout)
         _write_json(tmp / MANIFEST_NAME, manifest)
-        result.files = [{"name": f.name, "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())]
+        result.files = [{"name": f.name, "bytes": f.stat().st_size, "linked": f.stat().st_nlink > 1}
+                        for f in sorted(tmp.iterdir())]
         _fsync_dir(tmp)
         staging.commit()
     return result
@@ -165,43 +203,51 @@ def _fusion_config(cfg: ModelConfig, ckpt: Checkpoint, chosen: list[int], fusion
     )
 
 
-def _copy_originals(ckpt: Checkpoint, tmp: Path, progress: ProgressFn | None) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """Copy every base shard as is; digest what was written (not what was read)."""
+def _bring_originals(ckpt: Checkpoint, tmp: Path, layout: str, progress: ProgressFn | None,
+                     cancel: threading.Event) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Copy (or link, or only digest) every base shard; digests describe the bytes in the output."""
     total = ckpt.total_bytes()
-    step = (lambda n: progress("copy", n, total)) if progress else None
+    stage = {"copy": "copy", "link": "digest", "adapter": "digest"}[layout]
+    step = (lambda n: progress(stage, n, total)) if progress else None
     originals: list[dict[str, Any]] = []
     file_digests: dict[str, str] = {}
     for name, header in ckpt.files.items():
-        dst = tmp / name
-        copy_file(ckpt.path_of(name), dst, step)
-        written = read_header(dst)
-        if written.tensors.keys() != header.tensors.keys():
-            raise CheckpointError(f"{name}: the base file changed while it was being copied")
-        digests, file_digests[name] = tensor_digests(dst, written, (lambda n: progress("digest", n, total)) if progress else None)
-        for key, info in written.tensors.items():
+        if cancel.is_set():
+            raise Cancelled()
+        src = ckpt.path_of(name)
+        if layout == "copy":
+            digests, file_digests[name] = copy_and_digest(src, tmp / name, header, step, cancel)
+        elif layout == "link":
+            digests, file_digests[name] = link_and_digest(src, tmp / name, header, step)
+        else:
+            digests, file_digests[name] = tensor_digests(src, header, step)
+        for key, info in header.tensors.items():
             originals.append({"name": key, "shape": list(info.shape), "dtype": info.dtype, "file": name,
                               "digest": digests[key]})
     return originals, file_digests
+
+
+def _nbytes(t: NewTensor) -> int:
+    return t.numel * DTYPE_SIZES[t.dtype]
 
 
 def _shard_new(new: list[NewTensor]) -> list[list[NewTensor]]:
     shards: list[list[NewTensor]] = [[]]
     size = 0
     for t in new:
-        nbytes = t.numel * DTYPE_SIZES[t.dtype]
-        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
+        if shards[-1] and size + _nbytes(t) > MAX_SHARD_BYTES:
             shards.append([])
             size = 0
         shards[-1].append(t)
-        size += nbytes
+        size += _nbytes(t)
     return shards
 
 
-def _write_new(ckpt: Checkpoint, new: list[NewTensor], seed: int, tmp: Path,
-               progress: ProgressFn | None) -> tuple[dict[str, str], dict[str, str]]:
+def _write_new(ckpt: Checkpoint, new: list[NewTensor], seed: int, tmp: Path, progress: ProgressFn | None,
+               pool: ThreadPoolExecutor) -> tuple[dict[str, str], dict[str, str]]:
     """Write the new tensors into ``fusion-XXXXX-of-YYYYY.safetensors``, one tensor at a time."""
     shards = _shard_new(new)
-    total = sum(t.numel * DTYPE_SIZES[t.dtype] for t in new)
+    total = sum(_nbytes(t) for t in new)
     step = (lambda n: progress("init", n, total)) if progress else None
     files: dict[str, str] = {}
     digests: dict[str, str] = {}
@@ -213,18 +259,19 @@ def _write_new(ckpt: Checkpoint, new: list[NewTensor], seed: int, tmp: Path,
                                    {"format": "pt", "producer": f"fusionsurgery {__version__}"})
         try:
             for t in shard:
-                digests[t.key] = writer.write(t.key, tensor_chunks(t, seed, ckpt), step)
+                digests[t.key] = writer.write(t.key, tensor_chunks(t, seed, ckpt, pool), step)
                 files[t.key] = name
-        finally:
-            writer.close() if writer._next == len(shard) else writer.abort()
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
     return files, digests
 
 
 def _write_index(tmp: Path, ckpt: Checkpoint, new: list[NewTensor], new_files: dict[str, str]) -> None:
     weight_map = {k: ckpt.key_to_file[k] for k in ckpt.keys()}
     weight_map.update({t.key: new_files[t.key] for t in new})
-    total = sum(ckpt.info(k).nbytes for k in ckpt.keys()) + sum(
-        t.numel * DTYPE_SIZES[t.dtype] for t in new)
+    total = sum(ckpt.info(k).nbytes for k in ckpt.keys()) + sum(_nbytes(t) for t in new)
     _write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
 
 

@@ -1,78 +1,115 @@
-"""Creating the new weights one row-chunk at a time, reproducibly.
+"""Creating the new weights one row-chunk at a time, reproducibly and in parallel.
 
-Every chunk has its own generator seeded from (seed, canonical name, chunk index), so the values
-depend only on the seed and the tensor, never on memory limits, threads or the naming family.
+Every chunk has its own generator (numpy's SFC64) seeded from (seed, canonical name, chunk index),
+so the values depend only on the seed and the tensor: never on memory limits, thread count or the
+naming family. Chunks are produced by a small thread pool (numpy releases the GIL while it fills
+arrays) and handed to the writer in order, a few at a time, so memory stays flat.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Executor
 
+import numpy as np
 import torch
 
 from ..io.checkpoint import Checkpoint
 from ..io.safetensors_format import DTYPE_SIZES
-from ..io.torch_dtypes import TORCH_DTYPES, tensor_bytes
+from ..io.torch_dtypes import TORCH_DTYPES
 from .plan import NewTensor
 
 #: Elements per generated chunk (16 MiB of fp32): bounds memory whatever the tensor size.
 CHUNK_ELEMS = 1 << 22
+#: Chunks generated ahead of the writer when a pool is given.
+PREFETCH = 3
 
 
 def _seed(seed: int, name: str, chunk: int) -> int:
     digest = hashlib.sha256(f"{seed}/{name}/{chunk}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return int.from_bytes(digest[:16], "little")
 
 
-def _rows_per_chunk(shape: tuple[int, ...]) -> tuple[int, int]:
+def _layout(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(rows, columns, rows per chunk) of a tensor seen as a matrix."""
     rows = shape[0] if shape else 1
     cols = math.prod(shape[1:]) if len(shape) > 1 else 1
-    return rows, max(1, CHUNK_ELEMS // max(cols, 1))
+    return rows, cols, max(1, CHUNK_ELEMS // max(cols, 1))
 
 
-def tensor_chunks(spec: NewTensor, seed: int, base: Checkpoint | None = None) -> Iterator[bytes]:
-    """The bytes of ``spec``'s initial value, in row chunks."""
-    rows, step = _rows_per_chunk(spec.shape)
-    cols = math.prod(spec.shape[1:]) if len(spec.shape) > 1 else 1
-    dtype = TORCH_DTYPES[spec.dtype]
+def num_chunks(spec: NewTensor) -> int:
+    rows, _, step = _layout(spec.shape)
+    return max(1, -(-rows // step)) if rows else 0
+
+
+def _to_bytes_view(values: np.ndarray, dtype: str) -> np.ndarray:
+    """fp32 values as a contiguous array of ``dtype``'s raw bytes (bf16 goes through torch)."""
+    if dtype == "F32":
+        return np.ascontiguousarray(values, dtype=np.float32)
+    if dtype == "F16":
+        return values.astype(np.float16)
+    return torch.from_numpy(values).to(TORCH_DTYPES[dtype]).view(torch.int16).numpy()
+
+
+def make_chunk(spec: NewTensor, seed: int, index: int, base: Checkpoint | None = None) -> np.ndarray | bytes:
+    """Chunk ``index`` of ``spec``'s initial value, as raw bytes of ``spec.dtype``."""
+    rows, cols, step = _layout(spec.shape)
+    r0 = index * step
+    n = min(step, rows - r0)
     if spec.init == "copy":
-        yield from _copy_chunks(spec, base, rows, cols, step)
-        return
-    for index, r0 in enumerate(range(0, rows, step)):
-        n = min(step, rows - r0)
-        if spec.init == "zeros":
-            block = torch.zeros(n, cols)
-        elif spec.init == "ones":
-            block = torch.ones(n, cols)
+        return _copy_rows(spec, base, r0, n, cols)
+    if spec.init in ("zeros", "ones"):
+        values = np.full(n * cols, 0.0 if spec.init == "zeros" else 1.0, dtype=np.float32)
+    else:
+        gen = np.random.Generator(np.random.SFC64(_seed(seed, spec.canonical, index)))
+        if spec.init == "normal":
+            values = gen.standard_normal(n * cols, dtype=np.float32)
+            values *= np.float32(spec.std)
+        elif spec.init == "xavier":
+            bound = math.sqrt(6.0 / (cols + spec.shape[0]))
+            values = gen.random(n * cols, dtype=np.float32)
+            values *= np.float32(2 * bound)
+            values -= np.float32(bound)
         else:
-            gen = torch.Generator().manual_seed(_seed(seed, spec.canonical, index))
-            if spec.init == "normal":
-                block = torch.randn(n, cols, generator=gen) * spec.std
-            elif spec.init == "xavier":
-                fan_out, fan_in = spec.shape[0], cols
-                bound = math.sqrt(6.0 / (fan_in + fan_out))
-                block = (torch.rand(n, cols, generator=gen) * 2 - 1) * bound
-            else:
-                raise ValueError(f"unknown init {spec.init!r}")
-        yield tensor_bytes(block.to(dtype))
+            raise ValueError(f"unknown init {spec.init!r}")
+    return _to_bytes_view(values, spec.dtype)
 
 
-def _copy_chunks(spec: NewTensor, base: Checkpoint | None, rows: int, cols: int, step: int) -> Iterator[bytes]:
-    """Rows of the source tensor, cast to ``spec.dtype`` when it differs."""
+def _copy_rows(spec: NewTensor, base: Checkpoint | None, r0: int, n: int, cols: int) -> np.ndarray | bytes:
+    """Rows ``r0:r0+n`` of the source tensor, cast to ``spec.dtype`` when it differs."""
     assert base is not None and spec.source is not None
     info = base.info(spec.source)
     if info.shape != spec.shape:
         raise ValueError(f"{spec.key}: cannot copy {spec.source} of shape {list(info.shape)}")
     row_bytes = cols * DTYPE_SIZES[info.dtype]
     with open(base.path_of(base.key_to_file[spec.source]), "rb") as fh:
-        for r0 in range(0, rows, step):
-            n = min(step, rows - r0)
-            fh.seek(info.start + r0 * row_bytes)
-            raw = fh.read(n * row_bytes)
-            if info.dtype == spec.dtype:
-                yield raw
-            else:
-                src = torch.frombuffer(bytearray(raw), dtype=TORCH_DTYPES[info.dtype])
-                yield tensor_bytes(src.to(TORCH_DTYPES[spec.dtype]))
+        fh.seek(info.start + r0 * row_bytes)
+        raw = fh.read(n * row_bytes)
+    if info.dtype == spec.dtype:
+        return raw
+    src = torch.frombuffer(bytearray(raw), dtype=TORCH_DTYPES[info.dtype]).float().numpy()
+    return _to_bytes_view(src, spec.dtype)
+
+
+def tensor_chunks(spec: NewTensor, seed: int, base: Checkpoint | None = None,
+                  pool: Executor | None = None) -> Iterator[np.ndarray | bytes]:
+    """All chunks of ``spec`` in order; generated ``PREFETCH`` ahead on ``pool`` when given."""
+    total = num_chunks(spec)
+    if pool is None:
+        for i in range(total):
+            yield make_chunk(spec, seed, i, base)
+        return
+    pending: deque = deque()
+    next_index = 0
+    try:
+        while next_index < total or pending:
+            while next_index < total and len(pending) < PREFETCH:
+                pending.append(pool.submit(make_chunk, spec, seed, next_index, base))
+                next_index += 1
+            yield pending.popleft().result()
+    finally:
+        for fut in pending:
+            fut.cancel()

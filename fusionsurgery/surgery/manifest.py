@@ -36,8 +36,10 @@ def describe_base(base: Checkpoint, cfg: ModelConfig, source: str, file_digests:
 
 
 def build_manifest(*, base_desc: dict[str, Any], fusion: FusionConfig, new: list[NewTensor],
-                   new_files: dict[str, str], new_digests: dict[str, str], originals: list[dict[str, Any]]) -> dict[str, Any]:
-    """The whole manifest document."""
+                   new_files: dict[str, str], new_digests: dict[str, str], originals: list[dict[str, Any]],
+                   layout: str = "copy") -> dict[str, Any]:
+    """The whole manifest document. ``layout``: how the originals reached the output (copy, link)
+    or that they did not (adapter: only the new tensors, the base named by its digests)."""
     fusion_params = sum(t.numel for t in new)
     base_params = base_desc["num_params"]
     return {
@@ -46,6 +48,7 @@ def build_manifest(*, base_desc: dict[str, Any], fusion: FusionConfig, new: list
         "tool": {"name": "fusionsurgery", "version": __version__},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "digest_scheme": DIGEST_SCHEME,
+        "layout": layout,
         "base": base_desc,
         "fusion": fusion.to_dict(),
         "new_tensors": [

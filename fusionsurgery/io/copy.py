@@ -1,0 +1,91 @@
+"""Moving a base's shard files into an output: kernel-assisted copies or links, digested on the way."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import WriteError
+from .digest import FileDigester, tensor_digests
+from .safetensors_format import SafetensorsHeader, read_header
+
+COPY_CHUNK = 64 * 1024 * 1024
+Progress = Callable[[int], None]
+_FALLBACK_ERRNOS = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+
+
+class Cancelled(Exception):
+    """Raised inside a worker when the run was interrupted."""
+
+
+def copy_file(src: Path, dst: Path, progress: Progress | None = None, *, digester: FileDigester | None = None,
+              cancel: threading.Event | None = None) -> None:
+    """Copy ``src`` to ``dst`` chunk by chunk with ``copy_file_range`` (read/write where unsupported).
+
+    With a ``digester``, each chunk is read back from ``dst`` while it is hot in the page cache and
+    digested: the digests describe what was written, not what was read.
+    """
+    size = src.stat().st_size
+    with open(src, "rb") as fin, open(dst, "w+b") as fout:
+        fast = hasattr(os, "copy_file_range")
+        done = 0
+        while done < size:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            want = min(COPY_CHUNK, size - done)
+            n = 0
+            if fast:
+                try:
+                    n = os.copy_file_range(fin.fileno(), fout.fileno(), want)
+                except OSError as exc:
+                    if exc.errno not in _FALLBACK_ERRNOS:
+                        raise
+                    fast = False
+                    fin.seek(done)
+                    fout.seek(done)
+                    continue
+                if n and digester is not None:
+                    digester.update(os.pread(fout.fileno(), n, done))
+            else:
+                buf = fin.read(want)
+                fout.write(buf)
+                n = len(buf)
+                if digester is not None:
+                    digester.update(buf)
+            if n == 0:
+                raise WriteError(f"{src}: file shrank while being copied")
+            done += n
+            if progress:
+                progress(n)
+        fout.flush()
+        os.fsync(fout.fileno())
+
+
+def copy_and_digest(src: Path, dst: Path, header: SafetensorsHeader, progress: Progress | None = None,
+                    cancel: threading.Event | None = None) -> tuple[dict[str, str], str]:
+    """Copy one shard and return (tensor digests, file digest) of the written copy."""
+    digester = FileDigester(header)
+    copy_file(src, dst, progress, digester=digester, cancel=cancel)
+    _same_header(read_header(dst), header, src)
+    return digester.finish()
+
+
+def link_and_digest(src: Path, dst: Path, header: SafetensorsHeader,
+                    progress: Progress | None = None) -> tuple[dict[str, str], str]:
+    """Hard-link ``dst`` to ``src`` (same filesystem only) and digest the shared file."""
+    os.link(src, dst)
+    written = read_header(dst)
+    _same_header(written, header, src)
+    return tensor_digests(dst, written, progress)
+
+
+def _same_header(written: SafetensorsHeader, expected: SafetensorsHeader, src: Path) -> None:
+    if written.tensors != {k: v for k, v in expected.tensors.items()} or written.file_size != expected.file_size:
+        raise WriteError(f"{src}: the base file changed while it was being read; run again")
+
+
+def same_filesystem(a: Path, b: Path) -> bool:
+    return os.stat(a).st_dev == os.stat(b).st_dev

@@ -1,0 +1,46 @@
+"""Adapter outputs (``fuse --adapter-only``): the new tensors alone, the base named by its digests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import CheckpointError, UsageError
+from ..io.checkpoint import Checkpoint
+from ..io.digest import tensor_digests
+
+
+def is_adapter(manifest: dict[str, Any] | None) -> bool:
+    return bool(manifest) and manifest.get("layout") == "adapter"
+
+
+def check_base(base: Checkpoint, manifest: dict[str, Any]) -> None:
+    """Refuse a base whose files or tensor digests differ from those the adapter was made from."""
+    expected = {f["name"]: f for f in manifest.get("base", {}).get("files", [])}
+    if set(base.files) != set(expected):
+        raise CheckpointError(
+            f"{base.root}: not the adapter's base (files {sorted(base.files)} vs {sorted(expected)})")
+    originals = {t["name"]: t for t in manifest.get("original_tensors", [])}
+    for name, header in base.files.items():
+        if header.file_size != expected[name].get("bytes"):
+            raise CheckpointError(f"{base.root}: {name} has {header.file_size} bytes, the adapter's base had "
+                                  f"{expected[name].get('bytes')}; not the adapter's base")
+        digests, file_digest = tensor_digests(base.path_of(name), header)
+        if file_digest != expected[name].get("digest"):
+            differ = sorted(k for k, d in digests.items() if originals.get(k, {}).get("digest") != d)
+            shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+            raise CheckpointError(f"{base.root}: {name} differs from the adapter's base ({shown or 'header'}); refused")
+
+
+def attach_base(adapter: Checkpoint, base: Checkpoint | None, *, check: bool = True) -> Checkpoint:
+    """One checkpoint view of an adapter on top of its (verified) base."""
+    manifest = adapter.read_manifest()
+    if not is_adapter(manifest):
+        if base is not None:
+            raise UsageError(f"{adapter.root} is not an adapter (fuse --adapter-only); it needs no base")
+        return adapter
+    if base is None:
+        raise UsageError(f"{adapter.root} holds only the fusion tensors (fuse --adapter-only): give its base "
+                         "(--base BASE, or base=...)")
+    if check:
+        check_base(base, manifest)
+    return Checkpoint.combine(base, adapter)

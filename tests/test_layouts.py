@@ -1,0 +1,98 @@
+"""fuse --link and --adapter-only give the same model as a full copy."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import fusionsurgery as fs
+from fusionsurgery.cli import main
+from fusionsurgery.errors import UsageError
+from fusionsurgery.io.checkpoint import Checkpoint
+from helpers import hf_model, tokens
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("layouts")
+    base = tmp / "base"
+    hf_model("llama").save_pretrained(str(base), max_shard_size="200KB")
+    for name, kw in (("copy", {}), ("link", {"link": True}), ("adapter", {"adapter_only": True})):
+        fs.fuse(base, tmp / name, every=2, seed=5, **kw)
+    return tmp
+
+
+def _shards(path):
+    return sorted(p.name for p in path.glob("model-*.safetensors"))
+
+
+def test_link_shares_the_base_files(outputs):
+    base, link = outputs / "base", outputs / "link"
+    assert _shards(link) == _shards(base)
+    for name in _shards(base):
+        assert os.stat(link / name).st_ino == os.stat(base / name).st_ino
+    copy = json.loads((outputs / "copy" / "fusion_manifest.json").read_text())
+    linked = json.loads((link / "fusion_manifest.json").read_text())
+    assert linked["layout"] == "link" and copy["layout"] == "copy"
+    assert linked["original_tensors"] == copy["original_tensors"]
+    assert linked["new_tensors"] == copy["new_tensors"]
+
+
+def test_adapter_holds_only_the_new_tensors(outputs):
+    adapter = outputs / "adapter"
+    assert not _shards(adapter) and not (adapter / "model.safetensors.index.json").exists()
+    manifest = json.loads((adapter / "fusion_manifest.json").read_text())
+    assert manifest["layout"] == "adapter"
+    keys = Checkpoint.open(adapter).keys()
+    assert keys and all(".fusion_layer." in k for k in keys)
+
+
+def test_all_layouts_load_to_the_same_logits(outputs):
+    t = tokens()
+    enc = torch.randn(2, 5, 64)
+    models = {
+        "copy": fs.load_fused(outputs / "copy", dtype=torch.float32),
+        "link": fs.load_fused(outputs / "link", dtype=torch.float32),
+        "adapter": fs.load_fused(outputs / "adapter", dtype=torch.float32, base=outputs / "base"),
+    }
+    with torch.no_grad():
+        for m in models.values():
+            for name, p in fs.get_fusion_params(m).items():
+                if name.endswith("_scale.scale"):
+                    p.fill_(0.3)
+        ref = models["copy"](t, encoder_input=enc)
+        for name, m in models.items():
+            assert torch.equal(m(t, encoder_input=enc), ref), name
+
+
+def test_adapter_refuses_a_missing_or_different_base(outputs, tmp_path):
+    with pytest.raises(UsageError, match="--base"):
+        fs.load_fused(outputs / "adapter")
+    other = tmp_path / "other"
+    hf_model("llama", seed=1).save_pretrained(str(other), max_shard_size="200KB")
+    with pytest.raises(Exception, match="differs from the adapter's base"):
+        fs.load_fused(outputs / "adapter", base=other)
+    with pytest.raises(Exception, match="not an adapter"):
+        fs.load_fused(outputs / "copy", base=outputs / "base")
+
+
+def test_cli_link_and_adapter_flags(outputs, tmp_path, capsys):
+    base = outputs / "base"
+    assert main(["fuse", str(base), "--every", "2", "--link", "-o", str(tmp_path / "l")]) == 0
+    assert "(link)" in capsys.readouterr().out
+    assert main(["fuse", str(base), "--every", "2", "--link", "--adapter-only", "-o", str(tmp_path / "x")]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    assert main(["fuse", str(base), "--every", "2", "--adapter-only", "--json", "-o", str(tmp_path / "a")]) == 0
+    assert json.loads(capsys.readouterr().out)["layout"] == "adapter"
+
+
+def test_force_over_a_linked_output_keeps_the_base(outputs, tmp_path):
+    base = outputs / "base"
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    out = tmp_path / "o"
+    fs.fuse(base, out, every=2, link=True)
+    fs.fuse(base, out, every=4, link=True, force=True)
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
