@@ -8,7 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..io.checkpoint import Checkpoint
-from ..io.writer import tensor_digests
+try:
+    from ..io.digest import tensor_digests
+except ImportError:  # before the digest module split out of io/writer.py
+    from ..io.writer import tensor_digests  # type: ignore[attr-defined,no-redef]
 from .report import CheckResult
 from .structure import Layout, listed
 
