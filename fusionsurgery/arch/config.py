@@ -15,13 +15,50 @@ from ..errors import CheckpointError, UsageError
 from ..io.checkpoint import Checkpoint
 from .families import FAMILIES, Family, detect_family, is_fusion_key
 
-#: Hugging Face ``model_type`` values this tool reads, with the class name transformers uses.
-SUPPORTED_MODEL_TYPES: dict[str, str] = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
+
+@dataclass(frozen=True)
+class ModelType:
+    """What a Hugging Face ``model_type`` means beyond its tensors: one row per architecture.
+
+    Every field is a small, general switch of the modules (see ``builders.py``); a new variant of the
+    Llama recipe is a new row here (plus naming rows in ``families.py`` if it spells tensors differently).
+    """
+
+    architecture: str  # the transformers class that reads it
+    norm_offset: float = 0.0  # RMSNorm multiplies by (offset + weight): Gemma stores w for a scale of 1 + w
+    norm_fp32_scale: bool = False  # multiply by the scale in fp32, then cast (Gemma) instead of cast then multiply
+    embed_scale_sqrt_dim: bool = False  # token embeddings times sqrt(width) (Gemma)
+    fused_qkv: bool = False  # one self_attn.qkv_proj holding q, k, v rows (Phi-3)
+    fused_gate_up: bool = False  # one mlp.gate_up_proj holding gate then up rows (Phi-3)
+    activation_keys: tuple[str, ...] = ("hidden_act",)  # config keys naming the MLP activation, first set wins
+    default_activation: str = "silu"
+    default_norm_eps: float = 1e-6
+    default_theta: float = 10000.0
+    sliding_window_flag: str | None = None  # config key that must be true for ``sliding_window`` to apply
+
+
+#: Hugging Face ``model_type`` values this tool reads.
+MODEL_TYPES: dict[str, ModelType] = {
+    "llama": ModelType("LlamaForCausalLM"),
+    "mistral": ModelType("MistralForCausalLM"),
+    "qwen2": ModelType("Qwen2ForCausalLM", sliding_window_flag="use_sliding_window"),
+    "qwen3": ModelType("Qwen3ForCausalLM", sliding_window_flag="use_sliding_window"),
+    "gemma": ModelType("GemmaForCausalLM", norm_offset=1.0, norm_fp32_scale=True, embed_scale_sqrt_dim=True,
+                       activation_keys=("hidden_activation", "hidden_act"), default_activation="gelu_pytorch_tanh"),
+    "phi3": ModelType("Phi3ForCausalLM", fused_qkv=True, fused_gate_up=True, default_norm_eps=1e-5),
 }
+#: ``model_type`` -> the class name transformers uses.
+SUPPORTED_MODEL_TYPES: dict[str, str] = {k: v.architecture for k, v in MODEL_TYPES.items()}
+#: Key of a config.json written from tensor shapes (no base config): the fields that were inferred.
+INFERRED_MARK = "fusionsurgery_inferred"
+#: ``--rope-defaults NAME``: RoPE settings to assume when no config.json gives them (torchtune's builders
+#: carry these; a checkpoint's tensors cannot tell them).
+ROPE_DEFAULTS: dict[str, tuple[float, dict[str, Any] | None]] = {
+    "llama3": (500000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 8192}),
+}
+#: MLP activations the modules implement (``modules/mlp.py``).
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _ROPE_REQUIRED = {
     "linear": ("factor",),
@@ -51,10 +88,20 @@ class ModelConfig:
     max_seq_len: int = 4096
     activation: str = "silu"
     inferred: list[str] = field(default_factory=list)
+    norm_offset: float = 0.0
+    norm_fp32_scale: bool = False
+    embed_scale: float | None = None
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    sliding_window: int | None = None
 
     @property
     def family_obj(self) -> Family:
         return FAMILIES[self.family]
+
+    @property
+    def model_type_obj(self) -> ModelType:
+        return MODEL_TYPES[self.model_type]
 
     @property
     def kv_dim(self) -> int:
@@ -104,12 +151,17 @@ class FusionConfig:
 
 # ---------------------------------------------------------------------- reading
 def read_model_config(
-    ckpt: Checkpoint, *, num_heads: int | None = None, num_kv_heads: int | None = None
+    ckpt: Checkpoint, *, num_heads: int | None = None, num_kv_heads: int | None = None,
+    rope_defaults: str | None = None,
 ) -> ModelConfig:
     """Describe the decoder in ``ckpt`` from its config.json, or infer it from tensor shapes.
 
-    Fusion tensors (of an already fused checkpoint) are ignored here.
+    Fusion tensors (of an already fused checkpoint) are ignored here. RoPE settings are not in the
+    tensors: without a config they stay unknown (``rope_theta=None``) unless ``rope_defaults`` names a
+    set of ``ROPE_DEFAULTS`` (e.g. ``"llama3"``, torchtune's Llama 3 builders); a config always wins.
     """
+    if rope_defaults is not None and rope_defaults not in ROPE_DEFAULTS:
+        raise UsageError(f"--rope-defaults must be one of {', '.join(ROPE_DEFAULTS)}, got {rope_defaults!r}")
     family = detect_family(ckpt.keys())
     shapes = {}
     for key in ckpt.keys():
@@ -124,6 +176,10 @@ def read_model_config(
             raise CheckpointError(f"{where}: unreadable value ({type(exc).__name__}: {exc})") from None
     else:
         cfg = _infer(family, shapes, num_heads, num_kv_heads)
+    if cfg.rope_theta is None and rope_defaults is not None:
+        cfg.rope_theta, scaling = ROPE_DEFAULTS[rope_defaults]
+        cfg.rope_scaling = copy.deepcopy(scaling)
+        cfg.inferred.append(f"rope_theta and rope_scaling (--rope-defaults {rope_defaults})")
     _check_shapes(cfg, shapes)
     return cfg
 
@@ -146,23 +202,39 @@ def _layer_count(shapes: dict[str, tuple[int, ...]]) -> int:
 
 
 def _structure(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    """What the tensors alone decide."""
+    """What the tensors alone decide. A fused ``qkv_proj`` leaves q/k widths to the head count."""
     vocab, dim = _shape(shapes, "tok_embeddings.weight")
-    q_out = _shape(shapes, "layers.0.attn.q_proj.weight")[0]
-    kv_out = _shape(shapes, "layers.0.attn.k_proj.weight")[0]
-    inter = _shape(shapes, "layers.0.mlp.w1.weight")[0]
+    fused_qkv = "layers.0.attn.qkv_proj.weight" in shapes
+    fused_gate_up = "layers.0.mlp.w13.weight" in shapes
+    if fused_qkv:
+        q_out = kv_out = None
+        qkv_out = _shape(shapes, "layers.0.attn.qkv_proj.weight")[0]
+    else:
+        q_out = _shape(shapes, "layers.0.attn.q_proj.weight")[0]
+        kv_out = _shape(shapes, "layers.0.attn.k_proj.weight")[0]
+        qkv_out = None
+    if fused_gate_up:
+        rows = _shape(shapes, "layers.0.mlp.w13.weight")[0]
+        if rows % 2:
+            raise CheckpointError(f"mlp gate_up projection has an odd number of rows ({rows})")
+        inter = rows // 2
+    else:
+        inter = _shape(shapes, "layers.0.mlp.w1.weight")[0]
     qk_norm = "layers.0.attn.q_norm.scale" in shapes
     return {
         "vocab_size": vocab,
         "dim": dim,
         "q_out": q_out,
         "kv_out": kv_out,
+        "qkv_out": qkv_out,
         "intermediate_dim": inter,
         "num_layers": _layer_count(shapes),
         "tie_embeddings": "output.weight" not in shapes,
-        "attn_bias": "layers.0.attn.q_proj.bias" in shapes,
+        "attn_bias": "layers.0.attn.q_proj.bias" in shapes or "layers.0.attn.qkv_proj.bias" in shapes,
         "qk_norm": qk_norm,
         "qk_head_dim": shapes["layers.0.attn.q_norm.scale"][0] if qk_norm else None,
+        "fused_qkv": fused_qkv,
+        "fused_gate_up": fused_gate_up,
     }
 
 
@@ -178,14 +250,28 @@ def _heads(s: dict[str, Any], num_heads: int | None, num_kv_heads: int | None, h
         if s["dim"] % num_heads:
             raise UsageError(f"--num-heads {num_heads} does not divide the width {s['dim']}")
         head_dim = s["dim"] // num_heads
-    if s["q_out"] % head_dim or s["kv_out"] % head_dim:
+    q_out, kv_out = s["q_out"], s["kv_out"]
+    if s["qkv_out"] is not None:  # fused q/k/v: the query head count splits it
+        if num_heads is None:
+            raise UsageError(
+                "a fused qkv_proj cannot be split without the head count: pass --num-heads N or --config PATH"
+            )
+        q_out = num_heads * head_dim
+        rest = s["qkv_out"] - q_out
+        if rest <= 0 or rest % (2 * head_dim):
+            raise CheckpointError(
+                f"qkv_proj has {s['qkv_out']} rows, which is not {num_heads} query heads of {head_dim} "
+                "plus equal key and value parts"
+            )
+        kv_out = rest // 2
+    if q_out % head_dim or kv_out % head_dim:
         raise CheckpointError(
-            f"q/k projections ({s['q_out']}, {s['kv_out']} rows) are not multiples of head_dim {head_dim}"
+            f"q/k projections ({q_out}, {kv_out} rows) are not multiples of head_dim {head_dim}"
         )
-    heads = s["q_out"] // head_dim
+    heads = q_out // head_dim
     if num_heads is not None and num_heads != heads:
         raise UsageError(f"--num-heads {num_heads} disagrees with the q_proj shape ({heads} heads of {head_dim})")
-    kv = s["kv_out"] // head_dim
+    kv = kv_out // head_dim
     if num_kv_heads is not None and num_kv_heads != kv:
         raise UsageError(f"--num-kv-heads {num_kv_heads} disagrees with the k_proj shape ({kv} heads of {head_dim})")
     if kv == 0 or heads % kv:
@@ -193,32 +279,68 @@ def _heads(s: dict[str, Any], num_heads: int | None, num_kv_heads: int | None, h
     return heads, kv, head_dim
 
 
+def _type_switches(mt: ModelType, dim: int) -> dict[str, Any]:
+    return {
+        "norm_offset": mt.norm_offset,
+        "norm_fp32_scale": mt.norm_fp32_scale,
+        "embed_scale": dim ** 0.5 if mt.embed_scale_sqrt_dim else None,
+    }
+
+
+def _check_fusedness(model_type: str, s: dict[str, Any]) -> None:
+    mt = MODEL_TYPES[model_type]
+    for flag, what in (("fused_qkv", "one fused self_attn.qkv_proj"), ("fused_gate_up", "one fused mlp.gate_up_proj")):
+        if getattr(mt, flag) != s[flag]:
+            has = "has" if s[flag] else "does not have"
+            raise CheckpointError(
+                f"config.json says model_type {model_type!r}, but the checkpoint {has} {what}; "
+                "is the config the checkpoint's own?"
+            )
+
+
 def _infer(family: Family, shapes: dict[str, tuple[int, ...]], num_heads: int | None, num_kv_heads: int | None) -> ModelConfig:
     s = _structure(shapes)
     heads, kv, head_dim = _heads(s, num_heads, num_kv_heads, None)
-    model_type = "qwen3" if s["qk_norm"] else "qwen2" if s["attn_bias"] else "llama"
+    if s["fused_qkv"] and s["fused_gate_up"]:
+        model_type = "phi3"
+    else:
+        model_type = "qwen3" if s["qk_norm"] else "qwen2" if s["attn_bias"] else "llama"
+    _check_fusedness(model_type, s)
     inferred = ["num_layers", "dim", "num_heads", "num_kv_heads", "head_dim", "intermediate_dim", "vocab_size",
                 "tie_embeddings", "model_type"]
+    mt = MODEL_TYPES[model_type]
     return ModelConfig(
         family=family.name, model_type=model_type, num_layers=s["num_layers"], dim=s["dim"],
         num_heads=heads, num_kv_heads=kv, head_dim=head_dim, intermediate_dim=s["intermediate_dim"],
-        vocab_size=s["vocab_size"], tie_embeddings=s["tie_embeddings"], attn_bias=s["attn_bias"],
-        qk_norm=s["qk_norm"], rope_theta=None, inferred=inferred,
+        vocab_size=s["vocab_size"], norm_eps=1e-5, tie_embeddings=s["tie_embeddings"], attn_bias=s["attn_bias"],
+        qk_norm=s["qk_norm"], rope_theta=None, inferred=inferred, activation=mt.default_activation,
+        fused_qkv=s["fused_qkv"], fused_gate_up=s["fused_gate_up"], **_type_switches(mt, s["dim"]),
     )
 
 
-def read_rope(doc: dict[str, Any]) -> tuple[float | None, dict[str, Any] | None]:
-    """(theta, scaling) from either spelling: top-level ``rope_theta``/``rope_scaling`` or ``rope_parameters``."""
+def read_rope(doc: dict[str, Any], default_theta: float = 10000.0) -> tuple[float | None, dict[str, Any] | None]:
+    """(theta, scaling) from either spelling: top-level ``rope_theta``/``rope_scaling`` or ``rope_parameters``.
+
+    A config that this tool wrote from tensor shapes (``INFERRED_MARK``) and that names no theta
+    leaves it unknown (None) instead of assuming transformers' default.
+    """
+    if INFERRED_MARK in doc and "rope_theta" not in doc and not doc.get("rope_parameters"):
+        return None, None
     params = doc.get("rope_parameters")
     if isinstance(params, dict) and params:
-        theta = params.get("rope_theta", doc.get("rope_theta"))
+        theta = params.get("rope_theta", doc.get("rope_theta", default_theta))
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     else:
-        theta = doc.get("rope_theta", 10000.0)
+        theta = doc.get("rope_theta", default_theta)
         scaling = dict(doc.get("rope_scaling") or {})
     if "type" in scaling and "rope_type" not in scaling:
         scaling["rope_type"] = scaling.pop("type")
     scaling.pop("type", None)
+    partial = scaling.pop("partial_rotary_factor", doc.get("partial_rotary_factor", 1.0))
+    if partial is not None and float(partial) != 1.0:
+        raise CheckpointError(
+            f"config.json: partial_rotary_factor {partial} (RoPE on part of each head) is not supported"
+        )
     rope_type = scaling.get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise CheckpointError(f"config.json: rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
@@ -228,15 +350,37 @@ def read_rope(doc: dict[str, Any]) -> tuple[float | None, dict[str, Any] | None]
     return (float(theta) if theta is not None else None), (scaling if rope_type != "default" else None)
 
 
+def _activation(doc: dict[str, Any], mt: ModelType) -> str:
+    name = mt.default_activation
+    for key in mt.activation_keys:
+        if doc.get(key):
+            name = str(doc[key])
+            break
+    if name not in SUPPORTED_ACTIVATIONS:
+        raise CheckpointError(
+            f"config.json: MLP activation {name!r} is not supported (supported: {', '.join(SUPPORTED_ACTIVATIONS)})"
+        )
+    return name
+
+
+def _sliding_window(doc: dict[str, Any], mt: ModelType) -> int | None:
+    window = doc.get("sliding_window")
+    if window is None or (mt.sliding_window_flag and not doc.get(mt.sliding_window_flag)):
+        return None
+    return int(window)
+
+
 def _from_hf_config(
     doc: dict[str, Any], family: Family, shapes: dict[str, tuple[int, ...]], num_heads: int | None, num_kv_heads: int | None
 ) -> ModelConfig:
     s = _structure(shapes)
     model_type = doc.get("model_type", "llama")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in MODEL_TYPES:
         raise CheckpointError(
-            f"config.json: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            f"config.json: model_type {model_type!r} is not supported (supported: {', '.join(MODEL_TYPES)})"
         )
+    mt = MODEL_TYPES[model_type]
+    _check_fusedness(model_type, s)
     try:
         heads = int(doc.get("num_attention_heads") or num_heads or 0) or None
         kv = int(doc.get("num_key_value_heads") or num_kv_heads or heads or 0) or None
@@ -244,9 +388,10 @@ def _from_hf_config(
         if head_dim is None and heads:
             head_dim = int(doc.get("hidden_size", s["dim"])) // heads
         heads, kv, head_dim = _heads(s, heads, kv, int(head_dim) if head_dim else None)
-        theta, scaling = read_rope(doc)
-        norm_eps = float(doc.get("rms_norm_eps", 1e-6))
+        theta, scaling = read_rope(doc, mt.default_theta)
+        norm_eps = float(doc.get("rms_norm_eps", mt.default_norm_eps))
         max_seq = int(doc.get("max_position_embeddings", 4096))
+        window = _sliding_window(doc, mt)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"config.json: unreadable value ({exc})") from None
     for name, ours in (("hidden_size", s["dim"]), ("vocab_size", s["vocab_size"]),
@@ -261,30 +406,45 @@ def _from_hf_config(
         num_heads=heads, num_kv_heads=kv, head_dim=head_dim, intermediate_dim=s["intermediate_dim"],
         vocab_size=s["vocab_size"], norm_eps=norm_eps, rope_theta=theta, rope_scaling=scaling,
         tie_embeddings=tie, attn_bias=s["attn_bias"], qk_norm=s["qk_norm"], max_seq_len=max_seq,
-        activation=str(doc.get("hidden_act", "silu")),
+        activation=_activation(doc, mt), fused_qkv=s["fused_qkv"], fused_gate_up=s["fused_gate_up"],
+        sliding_window=window, **_type_switches(mt, s["dim"]),
     )
 
 
-def _check_shapes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Every tensor of every layer must have the shape the config implies."""
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape of every tensor of the (unfused) decoder ``cfg`` describes."""
     expected: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (cfg.vocab_size, cfg.dim), "norm.scale": (cfg.dim,)}
     if not cfg.tie_embeddings:
         expected["output.weight"] = (cfg.vocab_size, cfg.dim)
     q, kv = cfg.num_heads * cfg.head_dim, cfg.kv_dim
-    per_layer = {
-        "sa_norm.scale": (cfg.dim,), "mlp_norm.scale": (cfg.dim,),
-        "attn.q_proj.weight": (q, cfg.dim), "attn.k_proj.weight": (kv, cfg.dim), "attn.v_proj.weight": (kv, cfg.dim),
-        "attn.output_proj.weight": (cfg.dim, q),
-        "mlp.w1.weight": (cfg.intermediate_dim, cfg.dim), "mlp.w3.weight": (cfg.intermediate_dim, cfg.dim),
+    per_layer: dict[str, tuple[int, ...]] = {
+        "sa_norm.scale": (cfg.dim,), "mlp_norm.scale": (cfg.dim,), "attn.output_proj.weight": (cfg.dim, q),
         "mlp.w2.weight": (cfg.dim, cfg.intermediate_dim),
     }
-    if cfg.attn_bias:
-        per_layer.update({"attn.q_proj.bias": (q,), "attn.k_proj.bias": (kv,), "attn.v_proj.bias": (kv,)})
+    if cfg.fused_qkv:
+        per_layer["attn.qkv_proj.weight"] = (q + 2 * kv, cfg.dim)
+        if cfg.attn_bias:
+            per_layer["attn.qkv_proj.bias"] = (q + 2 * kv,)
+    else:
+        per_layer.update({"attn.q_proj.weight": (q, cfg.dim), "attn.k_proj.weight": (kv, cfg.dim),
+                          "attn.v_proj.weight": (kv, cfg.dim)})
+        if cfg.attn_bias:
+            per_layer.update({"attn.q_proj.bias": (q,), "attn.k_proj.bias": (kv,), "attn.v_proj.bias": (kv,)})
+    if cfg.fused_gate_up:
+        per_layer["mlp.w13.weight"] = (2 * cfg.intermediate_dim, cfg.dim)
+    else:
+        per_layer.update({"mlp.w1.weight": (cfg.intermediate_dim, cfg.dim), "mlp.w3.weight": (cfg.intermediate_dim, cfg.dim)})
     if cfg.qk_norm:
         per_layer.update({"attn.q_norm.scale": (cfg.head_dim,), "attn.k_norm.scale": (cfg.head_dim,)})
     for i in range(cfg.num_layers):
         for suffix, shape in per_layer.items():
             expected[f"layers.{i}.{suffix}"] = shape
+    return expected
+
+
+def _check_shapes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every tensor of every layer must have the shape the config implies."""
+    expected = expected_shapes(cfg)
     missing = sorted(set(expected) - set(shapes))
     if missing:
         raise CheckpointError(f"checkpoint is missing tensor(s) {', '.join(missing[:3])} (canonical names)")
@@ -315,9 +475,13 @@ def to_hf_config(cfg: ModelConfig, base_doc: dict[str, Any] | None) -> dict[str,
             "tie_word_embeddings": cfg.tie_embeddings,
             "max_position_embeddings": cfg.max_seq_len,
             "hidden_act": cfg.activation,
+            # marks a config written from tensor shapes: what it lacks (RoPE settings) stays unknown
+            INFERRED_MARK: list(cfg.inferred),
         })
         if cfg.model_type == "llama":
             doc["attention_bias"] = cfg.attn_bias
+        if cfg.sliding_window is not None:
+            doc["sliding_window"] = cfg.sliding_window
         if cfg.rope_theta is not None:
             doc["rope_theta"] = cfg.rope_theta
             if cfg.rope_scaling:

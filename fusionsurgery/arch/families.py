@@ -23,12 +23,17 @@ _HF_LAYER = {
     "attn.q_proj.bias": "self_attn.q_proj.bias",
     "attn.k_proj.bias": "self_attn.k_proj.bias",
     "attn.v_proj.bias": "self_attn.v_proj.bias",
+    # fused projections (Phi-3) keep their own tensor, so their bytes are kept too:
+    # qkv_proj holds q rows, then k rows, then v rows; w13 holds w1 (gate) rows, then w3 (up) rows
+    "attn.qkv_proj.weight": "self_attn.qkv_proj.weight",
+    "attn.qkv_proj.bias": "self_attn.qkv_proj.bias",
     "attn.output_proj.weight": "self_attn.o_proj.weight",
     "attn.q_norm.scale": "self_attn.q_norm.weight",
     "attn.k_norm.scale": "self_attn.k_norm.weight",
     "mlp.w1.weight": "mlp.gate_proj.weight",
     "mlp.w3.weight": "mlp.up_proj.weight",
     "mlp.w2.weight": "mlp.down_proj.weight",
+    "mlp.w13.weight": "mlp.gate_up_proj.weight",
 }
 # Tensors of one fusion layer (a gated cross-attention block), canonical -> family suffix.
 _HF_FUSION = {

@@ -55,40 +55,69 @@ class KVCache(nn.Module):
 class SelfAttention(nn.Module):
     """Causal grouped-query attention with RoPE, optional q/k biases and q/k RMSNorms.
 
+    Options (all off for Llama): ``bias`` on q/k/v; ``qk_norm_eps`` adds RMSNorms over ``head_dim``
+    on queries and keys (Qwen3); ``fused_qkv`` keeps one ``qkv_proj`` whose rows are q, then k, then
+    v (Phi-3), so a checkpoint's fused tensor loads as it is; ``sliding_window`` lets a token see
+    only the last ``sliding_window`` positions (itself included), as Mistral and Phi-3 configs say.
     Shapes: ``x [b, s, dim] -> [b, s, dim]``; ``positions [s]`` absolute token positions.
     """
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, rope: RotaryEmbedding,
-                 bias: bool = False, qk_norm_eps: float | None = None) -> None:
+                 bias: bool = False, qk_norm_eps: float | None = None, *, fused_qkv: bool = False,
+                 sliding_window: int | None = None, norm_offset: float = 0.0, norm_fp32_scale: bool = False) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=bias)
-        self.output_proj = nn.Linear(num_heads * head_dim, dim, bias=False)
-        self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
-        self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        q_out, kv_out = num_heads * head_dim, num_kv_heads * head_dim
+        self.split = (q_out, kv_out, kv_out)
+        if fused_qkv:
+            self.qkv_proj = nn.Linear(dim, q_out + 2 * kv_out, bias=bias)
+            self.q_proj = self.k_proj = self.v_proj = None
+        else:
+            self.qkv_proj = None
+            self.q_proj = nn.Linear(dim, q_out, bias=bias)
+            self.k_proj = nn.Linear(dim, kv_out, bias=bias)
+            self.v_proj = nn.Linear(dim, kv_out, bias=bias)
+        self.output_proj = nn.Linear(q_out, dim, bias=False)
+        norm = dict(offset=norm_offset, fp32_scale=norm_fp32_scale)
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps, **norm) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps, **norm) if qk_norm_eps is not None else None
         self.rope = rope
+        self.sliding_window = sliding_window
         self.kv_cache: KVCache | None = None
         self.cache_enabled = False
 
     def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int) -> None:
         self.kv_cache = KVCache(batch_size, self.num_kv_heads, max_seq_len, self.head_dim, dtype,
-                                device=self.q_proj.weight.device)
+                                device=self.output_proj.weight.device)
         self.cache_enabled = True
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_proj is not None:
+            return self.qkv_proj(x).split(self.split, dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x: torch.Tensor, *, positions: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self._qkv(x)
+        q = q.view(b, s, self.num_heads, self.head_dim)
+        k = k.view(b, s, self.num_kv_heads, self.head_dim)
+        v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = self.rope(q.transpose(1, 2), positions)
         k = self.rope(k.transpose(1, 2), positions)
-        if self.kv_cache is not None and self.cache_enabled:
+        caching = self.kv_cache is not None and self.cache_enabled
+        if caching:
             k, v = self.kv_cache.write(k, v, positions)
-            mask = positions[:, None] >= torch.arange(k.shape[2], device=x.device)[None, :]
+            key_pos = torch.arange(k.shape[2], device=x.device)
+        else:
+            key_pos = positions
+        windowed = self.sliding_window is not None and k.shape[2] > self.sliding_window
+        if caching or windowed:
+            gap = positions[:, None] - key_pos[None, :]  # query position minus key position
+            mask = gap >= 0
+            if windowed:
+                mask = mask & (gap < self.sliding_window)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, enable_gqa=True)
@@ -104,15 +133,15 @@ class CrossAttention(nn.Module):
     """
 
     def __init__(self, dim: int, encoder_dim: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 qk_norm_eps: float = 1e-5) -> None:
+                 qk_norm_eps: float = 1e-5, *, norm_offset: float = 0.0, norm_fp32_scale: bool = False) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(encoder_dim, num_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(encoder_dim, num_kv_heads * head_dim, bias=False)
         self.output_proj = nn.Linear(num_heads * head_dim, dim, bias=False)
-        self.q_norm = RMSNorm(head_dim, qk_norm_eps)
-        self.k_norm = RMSNorm(head_dim, qk_norm_eps)
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps, offset=norm_offset, fp32_scale=norm_fp32_scale)
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps, offset=norm_offset, fp32_scale=norm_fp32_scale)
         self.kv_cache: KVCache | None = None
         self.cache_enabled = False
 

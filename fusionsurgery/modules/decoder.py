@@ -20,12 +20,14 @@ class TransformerDecoder(nn.Module):
         output: the output projection, or None to tie it to the token embeddings.
         key_family: the naming family the state dict speaks; modules are named canonically
             (torchtune), and a state-dict hook renames keys to and from the family's names.
+        embed_scale: multiplies the token embeddings (Gemma: sqrt of the width), rounded to their dtype.
     """
 
     def __init__(self, *, tok_embeddings: nn.Module, layers: list[nn.Module] | nn.ModuleList, norm: nn.Module,
-                 output: nn.Linear | None, key_family: Family | None = None) -> None:
+                 output: nn.Linear | None, key_family: Family | None = None, embed_scale: float | None = None) -> None:
         super().__init__()
         self.tok_embeddings, self.layers, self.norm, self.output = tok_embeddings, nn.ModuleList(layers), norm, output
+        self.embed_scale = embed_scale
         self._pos = 0
         self.key_family = key_family
         if key_family is not None and key_family.name != "torchtune":
@@ -84,6 +86,8 @@ class TransformerDecoder(nn.Module):
         if caching:
             self._pos = int(input_pos.max()) + 1
         h = self.tok_embeddings(tokens)
+        if self.embed_scale is not None:
+            h = h * torch.tensor(self.embed_scale, dtype=h.dtype, device=h.device)
         kwargs: dict[str, Any] = {"positions": input_pos, "encoder_input": encoder_input, "encoder_mask": encoder_mask}
         for layer in self.layers:
             h = layer(h, **kwargs)

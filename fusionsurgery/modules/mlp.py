@@ -16,17 +16,28 @@ ACTIVATIONS = {
 class FeedForward(nn.Module):
     """``w2(act(w1(x)) * w3(x))``: w1 is the gate projection, w3 the up, w2 the down.
 
+    With ``fused_gate_up`` one ``w13`` projection holds the gate rows then the up rows (Phi-3's
+    ``gate_up_proj``), so a checkpoint's fused tensor loads as it is.
     Shapes: ``[..., dim] -> [..., dim]`` through ``hidden_dim``.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, activation: str = "silu") -> None:
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "silu", fused_gate_up: bool = False) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unsupported activation {activation!r}")
         self.activation = activation
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        if fused_gate_up:
+            self.w13 = nn.Linear(dim, 2 * hidden_dim, bias=False)
+            self.w1 = self.w3 = None
+        else:
+            self.w13 = None
+            self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+            self.w3 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(ACTIVATIONS[self.activation](self.w1(x)) * self.w3(x))
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(ACTIVATIONS[self.activation](gate) * up)

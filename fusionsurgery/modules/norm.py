@@ -12,15 +12,22 @@ class RMSNorm(nn.Module):
     Args:
         dim: size of the normalised (last) dimension.
         eps: added to the mean square before the square root.
+        offset: the effective scale is ``offset + scale`` (Gemma stores ``w`` for a scale of ``1 + w``,
+            so its identity is a stored zero); a new norm starts at an effective scale of one.
+        fp32_scale: multiply by the scale in fp32 and cast afterwards (Gemma), instead of casting
+            the normalised input first and multiplying in the input's dtype (Llama).
     Shapes: ``[..., dim] -> [..., dim]``.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, eps: float = 1e-6, offset: float = 0.0, fp32_scale: bool = False) -> None:
         super().__init__()
-        self.eps = eps
-        self.scale = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset, self.fp32_scale = eps, offset, fp32_scale
+        self.scale = nn.Parameter(torch.full((dim,), 1.0 - offset))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.scale * xf.to(x.dtype)
+        if self.fp32_scale:
+            return (xf * (self.scale.float() + self.offset)).to(x.dtype)
+        scale = self.scale + self.offset if self.offset else self.scale
+        return scale * xf.to(x.dtype)

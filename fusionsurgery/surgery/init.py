@@ -82,11 +82,14 @@ def _copy_rows(spec: NewTensor, base: Checkpoint | None, r0: int, n: int, cols: 
     """Rows ``r0:r0+n`` of the source tensor, cast to ``spec.dtype`` when it differs."""
     assert base is not None and spec.source is not None
     info = base.info(spec.source)
-    if info.shape != spec.shape:
+    first = spec.source_row or 0  # a row range of a fused projection, or the whole tensor
+    fits = info.shape == spec.shape if spec.source_row is None else (
+        info.shape[1:] == spec.shape[1:] and first + spec.shape[0] <= info.shape[0])
+    if not fits:
         raise ValueError(f"{spec.key}: cannot copy {spec.source} of shape {list(info.shape)}")
     row_bytes = cols * DTYPE_SIZES[info.dtype]
     with open(base.path_of(base.key_to_file[spec.source]), "rb") as fh:
-        fh.seek(info.start + r0 * row_bytes)
+        fh.seek(info.start + (first + r0) * row_bytes)
         raw = fh.read(n * row_bytes)
     if info.dtype == spec.dtype:
         return raw

@@ -34,6 +34,7 @@ class NewTensor:
     std: float = 0.0
     source: str | None = None  # base key for "copy"
     layer: int | None = None
+    source_row: int | None = None  # copy rows from here (a part of a fused qkv / gate_up); None: all of it
 
     @property
     def numel(self) -> int:
@@ -44,7 +45,8 @@ class NewTensor:
         if self.init == "normal":
             return f"normal(std={self.std:g})"
         if self.init == "copy":
-            return f"copy({self.source})"
+            rows = "" if self.source_row is None else f"[{self.source_row}:{self.source_row + self.shape[0]}]"
+            return f"copy({self.source}{rows})"
         return self.init
 
 
@@ -82,17 +84,40 @@ def plan_new_tensors(cfg: ModelConfig, fusion: FusionConfig) -> list[NewTensor]:
         for suffix, shape in fusion_layer_shapes(cfg, encoder_dim).items():
             canonical = f"layers.{i}.{FUSION_SEGMENT}.{suffix}"
             key = family.to_family(canonical)
+            row = None
             if suffix.endswith("_scale.scale"):
                 init, source = "zeros", None
             elif suffix.endswith(".scale"):
-                init, source = "ones", None
+                init, source = _identity_norm(cfg), None
             elif fusion.init == "copy":
-                init, source = "copy", family.layer_key(i, COPY_SOURCES[suffix])
+                init = "copy"
+                source_suffix, row = _copy_source(cfg, suffix)
+                source = family.layer_key(i, source_suffix)
             else:
                 init, source = fusion.init, None
-            out.append(NewTensor(key, canonical, shape, fusion.dtype, init, fusion.init_std, source, i))
+            out.append(NewTensor(key, canonical, shape, fusion.dtype, init, fusion.init_std, source, i, row))
     if fusion.fusion_vocab:
         canonical = "tok_embeddings.fusion_embedding.weight"
         out.append(NewTensor(family.to_family(canonical), canonical, (fusion.fusion_vocab, cfg.dim), fusion.dtype,
                              "normal", fusion.init_std))
     return out
+
+
+def _identity_norm(cfg: ModelConfig) -> str:
+    """How a new norm's stored scale starts so that its effective scale is one (Gemma's 1 + w: zeros)."""
+    stored = 1.0 - cfg.norm_offset
+    if stored not in (0.0, 1.0):
+        raise UsageError(f"no identity init for a norm with offset {cfg.norm_offset}")
+    return "ones" if stored == 1.0 else "zeros"
+
+
+def _copy_source(cfg: ModelConfig, suffix: str) -> tuple[str, int | None]:
+    """(canonical suffix, first row) of the base tensor ``--init copy`` reads for fusion tensor ``suffix``:
+    a row range of the fused projection when the base fuses q/k/v (or gate/up)."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.kv_dim
+    if cfg.fused_qkv and suffix in ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight"):
+        return "attn.qkv_proj.weight", {"attn.q_proj.weight": 0, "attn.k_proj.weight": q,
+                                        "attn.v_proj.weight": q + kv}[suffix]
+    if cfg.fused_gate_up and suffix in ("mlp.w1.weight", "mlp.w3.weight"):
+        return "mlp.w13.weight", 0 if suffix == "mlp.w1.weight" else cfg.intermediate_dim
+    return COPY_SOURCES[suffix], None
