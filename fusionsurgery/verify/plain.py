@@ -124,13 +124,13 @@ def _bench(model: TransformerDecoder, probe: Probe, bench_len: int) -> dict[str,
     with torch.no_grad():
         model(tokens, encoder_input=enc)
         _sync(device)
-        while runs < 3 or elapsed < 0.5:
+        while runs < 3 or elapsed < 0.2:
             t0 = time.perf_counter()
             model(tokens, encoder_input=enc)
             _sync(device)
             elapsed += time.perf_counter() - t0
             runs += 1
-            if runs >= 50:
+            if runs >= 20:
                 break
     return {"forward_tokens_per_s": runs * bench_len / elapsed, "forward_tokens": bench_len, "forward_runs": runs}
 
