@@ -1,0 +1,135 @@
+"""What every export shares: opening the source, the output's place, JSON files and the export manifest."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..arch.config import FusionConfig, ModelConfig, read_fusion_config, read_model_config
+from ..errors import UsageError
+from ..io.checkpoint import Checkpoint
+from ..version import __version__
+from .tensors import OutTensor
+
+EXPORT_MANIFEST_NAME = "export_manifest.json"
+EXPORT_FORMAT = "fusionsurgery-export"
+EXPORT_VERSION = 1
+
+
+@dataclass
+class Source:
+    """The checkpoint an export reads, described."""
+
+    path: Path
+    ckpt: Checkpoint
+    cfg: ModelConfig
+    fusion: FusionConfig | None
+
+
+@dataclass
+class ExportResult:
+    """What an export (or unfuse) wrote, for reports and ``--json``."""
+
+    output: Path
+    target: str
+    source_family: str
+    tensors: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    files: list[dict[str, Any]] = field(default_factory=list)
+    layer_map: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def transformed(self) -> list[dict[str, Any]]:
+        return [t for t in self.tensors if t.get("transform")]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output": str(self.output), "target": self.target, "source_family": self.source_family,
+            "num_tensors": len(self.tensors),
+            "transformed": [{"name": t["name"], "transform": t["transform"]} for t in self.transformed],
+            "notes": self.notes, "layer_map": self.layer_map, "files": self.files,
+        }
+
+
+def open_source(path: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None,
+                config: str | os.PathLike[str] | None = None, rope_defaults: str | None = None) -> Source:
+    """Open a checkpoint (an adapter output on top of its ``base``) and describe it."""
+    from ..surgery.adapter import attach_base
+
+    ckpt = Checkpoint.open(path, config=config)
+    ckpt = attach_base(ckpt, Checkpoint.open(base) if base is not None else None)
+    cfg = read_model_config(ckpt, rope_defaults=rope_defaults)
+    return Source(Path(path), ckpt, cfg, read_fusion_config(ckpt.config))
+
+
+def default_output(source: Path, suffix: str) -> Path:
+    source = source.resolve()
+    name = source.stem if source.is_file() else source.name
+    return source.parent / f"{name}-{suffix}"
+
+
+def check_output_location(source: Path, out: Path) -> None:
+    """Refuse an output that is the input, lies inside it, or contains it (``--force`` would delete it)."""
+    s, o = source.resolve(), out.resolve()
+    if o == s or (s.is_dir() and s in o.parents):
+        raise UsageError(f"output {out} is the input or inside it; choose another -o")
+    if o in s.parents:
+        raise UsageError(f"output {out} contains the input {source}; choose another -o")
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=2)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def copy_sidecars(ckpt: Checkpoint, directory: Path) -> list[str]:
+    """Tokenizer, generation-config and chat-template files, carried as they are."""
+    names = []
+    for sidecar in ckpt.sidecar_files():
+        shutil.copyfile(sidecar, directory / sidecar.name)
+        names.append(sidecar.name)
+    return names
+
+
+def tensor_entries(tensors: list[OutTensor], files: dict[str, str], digests: dict[str, str]) -> list[dict[str, Any]]:
+    return [
+        {"name": t.key, "shape": list(t.shape), "dtype": t.dtype, "file": files[t.key], "digest": digests[t.key],
+         "from": t.sources, "transform": t.transform}
+        for t in tensors
+    ]
+
+
+def export_manifest(src: Source, target: str, entries: list[dict[str, Any]], notes: list[str],
+                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``export_manifest.json``: every tensor with its digest and sources; ``transform`` says how a
+    tensor's bytes differ from its source's (null: the very same bytes, only the name may differ)."""
+    return {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_VERSION,
+        "tool": {"name": "fusionsurgery", "version": __version__},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "digest_scheme": "sha256 of each tensor's raw bytes",
+        "target": target,
+        "source": {
+            "path": str(src.path), "family": src.cfg.family, "model_type": src.cfg.model_type,
+            "fused_layers": src.fusion.layers if src.fusion else [],
+            "files": [{"name": n, "bytes": h.file_size} for n, h in src.ckpt.files.items()],
+        },
+        **(extra or {}),
+        "notes": notes,
+        "transformed": [{"name": e["name"], "from": e["from"], "transform": e["transform"]}
+                        for e in entries if e["transform"]],
+        "tensors": entries,
+    }
+
+
+def listed_files(directory: Path) -> list[dict[str, Any]]:
+    return [{"name": f.name, "bytes": f.stat().st_size} for f in sorted(directory.iterdir())]

@@ -1,0 +1,115 @@
+"""``unfuse``: the base a fused checkpoint was made from — same keys, dtypes, shapes, bytes and config.
+
+Shards that hold only original tensors are copied as they are (byte for byte, header included);
+a shard mixing original and fusion tensors is rewritten without the fusion ones. The config loses
+its ``fusion`` section; the manifest's digests, when present, confirm the originals are unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..arch.config import INFERRED_MARK, read_fusion_config, read_model_config
+from ..arch.families import detect_family, is_fusion_key
+from ..errors import CheckpointError, UsageError
+from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, Checkpoint
+from ..io.copy import copy_and_digest
+from ..io.writer import AtomicDirectory, SafetensorsWriter
+from .common import check_output_location, copy_sidecars, default_output, listed_files, write_json
+from .tensors import Part, chunks, OutTensor, Progress
+
+
+@dataclass
+class UnfuseResult:
+    output: Path
+    removed: list[str] = field(default_factory=list)
+    kept: int = 0
+    modified: list[str] = field(default_factory=list)  # originals whose digests differ from the manifest's
+    notes: list[str] = field(default_factory=list)
+    files: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output": str(self.output), "removed_tensors": len(self.removed), "kept_tensors": self.kept,
+                "modified_since_fuse": self.modified, "notes": self.notes, "files": self.files}
+
+
+def unfuse(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *, force: bool = False,
+           progress: Progress | None = None) -> UnfuseResult:
+    """Write the base of the fused checkpoint at ``path`` to ``out`` (default ``<name>-unfused``)."""
+    src = Path(path)
+    ckpt = Checkpoint.open(src)
+    manifest = ckpt.read_manifest()
+    if manifest is not None and manifest.get("layout") == "adapter":
+        raise UsageError(f"{src} is an adapter (fuse --adapter-only): it holds no base tensors; its base is the "
+                         "checkpoint it names")
+    family = detect_family(ckpt.keys())
+    fusion_keys = [k for k in ckpt.keys() if is_fusion_key(family.to_canonical(k))]
+    fusion = read_fusion_config(ckpt.config)
+    if not fusion_keys and fusion is None:
+        raise UsageError(f"{src} is not a fused checkpoint (no fusion tensors and no 'fusion' section in "
+                         "config.json); nothing to unfuse")
+    if not fusion_keys:
+        raise CheckpointError(f"{src}: config.json has a 'fusion' section but the checkpoint has no fusion tensors")
+    read_model_config(ckpt)  # what remains must be a complete decoder
+    out_path = Path(out) if out is not None else default_output(src, "unfused")
+    check_output_location(src, out_path)
+
+    expected = {e["name"]: e.get("digest") for e in (manifest or {}).get("original_tensors", [])
+                if isinstance(e, dict)}
+    dropped = set(fusion_keys)
+    result = UnfuseResult(out_path, removed=sorted(dropped))
+    with AtomicDirectory(out_path, force=force) as staging:
+        tmp = staging.tmp
+        weight_map: dict[str, str] = {}
+        digests: dict[str, str] = {}
+        total = 0
+        for name, header in ckpt.files.items():
+            keep = [k for k in header.tensors if k not in dropped]
+            if not keep:
+                continue
+            if len(keep) == len(header.tensors):
+                file_digests, _ = copy_and_digest(ckpt.path_of(name), tmp / name, header, progress)
+                digests.update(file_digests)
+            else:
+                digests.update(_rewrite_without(ckpt, name, keep, tmp / name, progress))
+            for k in keep:
+                weight_map[k] = name
+                total += header.tensors[k].nbytes
+        result.kept = len(weight_map)
+        result.modified = sorted(k for k, d in digests.items() if k in expected and expected[k] != d)
+        if result.modified:
+            result.notes.append(f"{len(result.modified)} original tensor(s) differ from the digests recorded at "
+                                "fusion (trained since?): the output holds them as they are now")
+        if set(weight_map.values()) != {SINGLE_NAME}:
+            write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+        doc = copy.deepcopy(ckpt.config) if ckpt.config is not None else None
+        if doc is not None:
+            doc.pop("fusion", None)
+            if INFERRED_MARK in doc:
+                result.notes.append("the base had no config.json (the fused one was inferred from shapes): none written")
+            else:
+                write_json(tmp / CONFIG_NAME, doc)
+        copy_sidecars(ckpt, tmp)
+        result.files = listed_files(tmp)
+        staging.commit()
+    return result
+
+
+def _rewrite_without(ckpt: Checkpoint, name: str, keep: list[str], dst: Path, progress: Progress | None) -> dict[str, str]:
+    """Shard ``name`` with only the tensors ``keep`` (in file order, same metadata), streamed."""
+    header = ckpt.files[name]
+    entries = [(k, header.tensors[k].dtype, header.tensors[k].shape) for k in keep]
+    writer = SafetensorsWriter(dst, entries, header.metadata or None)
+    digests: dict[str, str] = {}
+    try:
+        for k, dtype, shape in entries:
+            digests[k] = writer.write(k, chunks(ckpt, OutTensor(k, dtype, shape, [Part(k)])), progress)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    return digests
