@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from .arch.config import ModelConfig, read_fusion_config, read_model_config
-from .arch.families import FUSION_SEGMENT, Family, detect_family, is_fusion_key
+from .arch.families import FAMILIES, FUSION_SEGMENT, Family, detect_family, is_fusion_key
 from .errors import UsageError
 from .io.checkpoint import Checkpoint
+from .surgery.adapter import attach_base, is_adapter
 
 
 @dataclass
@@ -108,6 +109,11 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, base: str | os.PathLike[
     ``base`` adds a key diff against another checkpoint; ``tensors`` lists every tensor.
     """
     ckpt = Checkpoint.open(path)
+    manifest = ckpt.read_manifest()
+    if is_adapter(manifest):
+        if base is None:
+            return _describe_adapter(ckpt, manifest, str(path), tensors)
+        ckpt = attach_base(ckpt, Checkpoint.open(base), check=False)  # headers only: no digests here
     family = detect_family(ckpt.keys())
     out = _describe(ckpt, family, str(path))
     out.fusion = _fusion_summary(ckpt, family)
@@ -151,6 +157,35 @@ def _describe(ckpt: Checkpoint, family: Family, path: str) -> Inspection:
     )
 
 
+def _describe_adapter(ckpt: Checkpoint, manifest: dict[str, Any], path: str, tensors: bool) -> Inspection:
+    """An adapter (``fuse --adapter-only``) alone: the base's facts come from the manifest."""
+    base = manifest.get("base") or {}
+    cfg = base.get("config") or {}
+    family = FAMILIES[base.get("family", "hf")]
+    fusion = _fusion_summary(ckpt, family, base_params=int(base.get("num_params") or 0))
+    dtypes: Counter[str] = Counter()
+    for _, info in ckpt.tensors():
+        dtypes[info.dtype] += info.numel
+    out = Inspection(
+        path=path, family=family.name, family_description=family.description, model_type=base.get("model_type"),
+        architecture=base.get("architecture"), num_layers=cfg.get("num_layers", 0), dim=cfg.get("dim", 0),
+        num_heads=cfg.get("num_heads"), num_kv_heads=cfg.get("num_kv_heads"), head_dim=cfg.get("head_dim"),
+        intermediate_dim=cfg.get("intermediate_dim"), vocab_size=cfg.get("vocab_size", 0),
+        tie_embeddings=bool(cfg.get("tie_embeddings")), rope_theta=cfg.get("rope_theta"),
+        dtypes=dict(sorted(dtypes.items())), num_tensors=len(ckpt.key_to_file), num_params=sum(dtypes.values()),
+        nbytes=sum(ckpt.info(k).nbytes for k in ckpt.keys()),
+        files=[{"name": name, "bytes": h.file_size, "tensors": len(h.tensors)} for name, h in ckpt.files.items()],
+        has_index=False, inferred=list(base.get("inferred") or []),
+        notes=[f"adapter (fuse --adapter-only): the {base.get('num_tensors', '?')} original tensors live in the base "
+               f"{base.get('path', '?')}, named by digest in the manifest; pass --base BASE to include them"],
+        fusion=fusion,
+    )
+    if tensors:
+        out.tensors = [{"name": info.name, "shape": list(info.shape), "dtype": info.dtype, "file": name}
+                       for name, info in ckpt.tensors()]
+    return out
+
+
 def _canonical_shapes(ckpt: Checkpoint, family: Family) -> dict[str, tuple[int, ...]]:
     return {family.to_canonical(k): ckpt.info(k).shape for k in ckpt.keys()}
 
@@ -162,10 +197,10 @@ def _fusion_layer_of(canonical: str) -> int | None:
     return None
 
 
-def _fusion_summary(ckpt: Checkpoint, family: Family) -> FusionSummary | None:
+def _fusion_summary(ckpt: Checkpoint, family: Family, base_params: int = 0) -> FusionSummary | None:
     """Fusion facts from the tensors, settings from the manifest (else the config's fusion section)."""
     per_layer: dict[int, int] = {}
-    embedding = base_params = 0
+    embedding = 0
     k_proj_in: int | None = None
     for key in ckpt.keys():
         canonical, info = family.to_canonical(key), ckpt.info(key)
@@ -190,7 +225,8 @@ def _fusion_summary(ckpt: Checkpoint, family: Family) -> FusionSummary | None:
         return None
     total = sum(per_layer.values()) + embedding
     fusion_first = settings.get("fusion_first")
-    vocab_rows = embedding // _dim(ckpt, family) if embedding else 0
+    vocab_rows = next((ckpt.info(k).shape[0] for k in ckpt.keys()
+                       if family.to_canonical(k) == "tok_embeddings.fusion_embedding.weight"), 0)
     return FusionSummary(
         layers=sorted(per_layer), placement="unknown" if fusion_first is None else "before" if fusion_first else "after",
         encoder_dim=k_proj_in if k_proj_in is not None else settings.get("encoder_dim"),
@@ -201,10 +237,6 @@ def _fusion_summary(ckpt: Checkpoint, family: Family) -> FusionSummary | None:
         dtype=settings.get("dtype"), has_manifest=manifest is not None,
         created=(manifest or {}).get("created"), tool_version=settings.get("tool_version") or None,
     )
-
-
-def _dim(ckpt: Checkpoint, family: Family) -> int:
-    return ckpt.info(family.global_key("tok_embeddings.weight")).shape[1]
 
 
 def diff_keys(base: Checkpoint, other: Checkpoint, base_path: str) -> KeyDiff:

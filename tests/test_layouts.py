@@ -96,3 +96,26 @@ def test_force_over_a_linked_output_keeps_the_base(outputs, tmp_path):
     fs.fuse(base, out, every=2, link=True)
     fs.fuse(base, out, every=4, link=True, force=True)
     assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+
+
+def test_verify_and_inspect_accept_link_and_adapter_outputs(outputs, capsys):
+    base = outputs / "base"
+    assert main(["verify", str(outputs / "link"), "--device", "cpu"]) == 0
+    assert main(["verify", str(outputs / "adapter"), "--base", str(base), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(outputs / "adapter"), "--device", "cpu"]) == 2
+    assert "--base" in capsys.readouterr().err
+    assert main(["inspect", str(outputs / "adapter"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["is_fused"] and doc["fusion"]["layers"] == [1, 3] and doc["num_layers"] == 4
+    assert doc["fusion"]["base_params"] > 0 and "adapter" in doc["notes"][0]
+    assert main(["inspect", str(outputs / "adapter"), "--base", str(base), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["diff"]["removed"] == [] and len(doc["diff"]["added"]) == len(Checkpoint.open(outputs / "adapter").keys())
+
+
+def test_verify_fails_an_adapter_on_another_base(outputs, tmp_path, capsys):
+    other = tmp_path / "other"
+    hf_model("llama", seed=1).save_pretrained(str(other), max_shard_size="200KB")
+    assert main(["verify", str(outputs / "adapter"), "--base", str(other), "--device", "cpu"]) == 1
+    assert "originals" in capsys.readouterr().err.lower()

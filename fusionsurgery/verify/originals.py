@@ -8,10 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..io.checkpoint import Checkpoint
-try:
-    from ..io.digest import tensor_digests
-except ImportError:  # before the digest module split out of io/writer.py
-    from ..io.writer import tensor_digests  # type: ignore[attr-defined,no-redef]
+from ..io.digest import tensor_digests
 from .report import CheckResult
 from .structure import Layout, listed
 

@@ -12,6 +12,7 @@ from ..errors import CheckpointError, UsageError
 from ..io.checkpoint import Checkpoint
 from ..io.torch_dtypes import TORCH_DTYPES, parse_dtype
 from ..loading import resolve_device
+from ..surgery.adapter import attach_base, is_adapter
 from . import memory, numerics, originals, plain, structure
 from .outputs import Outputs
 from .probe import make_probe
@@ -66,6 +67,10 @@ def verify(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = N
         report.checks += [skipped(n, t, "structure check failed") for n, t in MODEL_CHECKS]
         return report
     ckpt = Checkpoint.open(root)
+    if is_adapter(ckpt.read_manifest()):  # fuse --adapter-only: the originals come from --base
+        if base_ckpt is None:
+            raise UsageError(f"{root} holds only the fusion tensors (fuse --adapter-only): pass --base BASE")
+        ckpt = attach_base(ckpt, base_ckpt, check=False)  # the originals check below compares the digests
     _ensure_fused(ckpt)
     torch_dtype = resolve_dtype(ckpt, dtype)
     report.settings = {"device": str(dev), "dtype": str(torch_dtype).removeprefix("torch."), "stream": stream,
