@@ -209,10 +209,13 @@ def mllama_config(src: Source, num_layers: int, cross_layers: list[int], notes: 
         "cross_attention_layers": cross_layers,
         "tie_word_embeddings": False,
         "pad_token_id": pad,
-        "bos_token_id": base.get("bos_token_id"),
-        "eos_token_id": base.get("eos_token_id"),
         "use_cache": True,
     }
+    for name in ("bos_token_id", "eos_token_id"):
+        if base.get(name) is not None:
+            doc[name] = base[name]
+        else:
+            notes.append(f"the base's config names no {name}: set it in config.json (Mllama's default is Llama 3's)")
     if dtype in _DTYPE_NAMES:
         doc["dtype"] = _DTYPE_NAMES[dtype]
     return doc
