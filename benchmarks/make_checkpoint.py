@@ -112,8 +112,8 @@ def hf_config(p: Preset) -> dict:
         "architectures": ["LlamaForCausalLM"],
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "bos_token_id": 128000,
-        "eos_token_id": 128001,
+        "bos_token_id": min(128000, p.vocab - 2),
+        "eos_token_id": min(128001, p.vocab - 1),
         "head_dim": p.head_dim,
         "hidden_act": "silu",
         "hidden_size": p.hidden,
@@ -220,7 +220,7 @@ def write_checkpoint(preset: str | Preset, out: str | os.PathLike[str], seed: in
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (tmp / "config.json").write_text(json.dumps(hf_config(p), indent=2) + "\n")
     (tmp / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": 128000, "eos_token_id": 128001, "do_sample": True, "temperature": 0.6, "top_p": 0.9,
+        {"bos_token_id": min(128000, p.vocab - 2), "eos_token_id": min(128001, p.vocab - 1), "do_sample": True, "temperature": 0.6, "top_p": 0.9,
          "transformers_version": "4.45.0"}, indent=2) + "\n")
     os.rename(tmp, out)
     if not quiet:
