@@ -177,3 +177,21 @@ def test_config_that_contradicts_the_tensors_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(bad))
     with pytest.raises(CheckpointError, match="fused self_attn.qkv_proj"):
         read_model_config(Checkpoint.open(base, config=tmp_path / "config.json"))
+
+
+def test_streamed_verification_computes_the_reference_logits(fused):
+    """verify --stream builds its layers, norms and embeddings the architecture's way."""
+    from fusionsurgery.verify import structure
+    from fusionsurgery.verify.probe import make_probe
+    from fusionsurgery.verify.stream import LayerStream, run_stream
+
+    _, _, ref, out = fused
+    ckpt = Checkpoint.open(out)
+    _, layout = structure.check_structure(ckpt)
+    dev, dt = torch.device("cpu"), torch.float32
+    probe = make_probe(layout.cfg, layout.fusion, dev, dt)
+    streamed = run_stream(LayerStream(ckpt, layout.cfg, layout.fusion, dev, dt), probe)
+    with torch.no_grad():
+        expected = ref(probe.tokens).logits
+    torch.testing.assert_close(streamed.text, expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(streamed.base, expected, rtol=0, atol=1e-4)

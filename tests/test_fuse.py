@@ -201,3 +201,20 @@ def test_refuses_an_already_fused_input(tmp_path, llama, capsys):
     assert main(["fuse", str(tmp_path / "o"), "--every", "2", "-o", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err
     assert "already a fused checkpoint" in err and "[1, 3]" in err and "unfuse" in err
+
+
+def test_rope_defaults_for_a_torchtune_base_without_config(tmp_path, capsys):
+    from fusionsurgery.arch.families import FAMILIES
+
+    sd = hf_model("llama").state_dict()
+    save_file({FAMILIES["hf"].to_canonical(k): v.contiguous() for k, v in sd.items()}, str(tmp_path / "t.safetensors"))
+    plain, assumed = tmp_path / "plain", tmp_path / "assumed"
+    fs.fuse(tmp_path / "t.safetensors", plain, every=2, num_heads=4)
+    fs.fuse(tmp_path / "t.safetensors", assumed, every=2, num_heads=4, rope_defaults="llama3")
+    assert read_json(assumed / "config.json")["rope_theta"] == 500000.0
+    fs.load_fused(assumed)  # RoPE known: no flag needed any more
+    assert main(["verify", str(plain), "--device", "cpu"]) == 2
+    assert "--rope-defaults" in capsys.readouterr().err
+    assert main(["verify", str(plain), "--device", "cpu", "--rope-defaults", "llama3"]) == 0
+    assert main(["fuse", str(tmp_path / "t.safetensors"), "--every", "2", "--num-heads", "4", "-o",
+                 str(tmp_path / "x"), "--rope-defaults", "llama2"]) == 2

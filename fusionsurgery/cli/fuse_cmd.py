@@ -38,6 +38,9 @@ def fuse(
                                                      "shapes cannot tell.")] = None,
     num_kv_heads: Annotated[Optional[int], typer.Option("--num-kv-heads", help="Key/value heads (grouped-query attention), "
                                                         "when there is no config.")] = None,
+    rope_defaults: Annotated[Optional[str], typer.Option("--rope-defaults", help="With no config.json: write these RoPE "
+                                                         "settings into the output's config ('llama3' is torchtune's "
+                                                         "Llama 3: theta 500000, llama3 scaling factor 8).")] = None,
     link: Annotated[bool, typer.Option("--link", help="Hard-link the base's shard files into the output instead of copying "
                                        "them: only the new weights cost time and disk. The two directories then SHARE those "
                                        "files: editing one in place edits both. Needs one filesystem (else the shards are "
@@ -67,7 +70,8 @@ def fuse(
     with byte_progress(enabled=not json_out) as progress:
         result = fuse_api(base, out, every=every, layers=layers, fusion_after=fusion_after, encoder_dim=encoder_dim,
                           fusion_vocab=fusion_vocab, init=init, init_std=init_std, seed=seed, dtype=dtype,
-                          config=config, num_heads=num_heads, num_kv_heads=num_kv_heads, force=force, link=link,
+                          config=config, num_heads=num_heads, num_kv_heads=num_kv_heads, rope_defaults=rope_defaults,
+                          force=force, link=link,
                           adapter_only=adapter_only, progress=progress)
     if not verify_output:
         print_json(result.to_dict()) if json_out else _report(result)

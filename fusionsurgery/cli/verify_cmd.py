@@ -28,14 +28,14 @@ def parse_size(text: str) -> int:
 
 def run_verify(path: Path, *, base: Optional[Path] = None, device: str = "auto", dtype: str = "same",
                stream: bool = False, memory_limit: Optional[str] = None, seq_len: int = 16,
-               json_out: bool = False, emit: bool = True) -> Any:
+               rope_defaults: Optional[str] = None, json_out: bool = False, emit: bool = True) -> Any:
     """Run ``verify`` and print the report (JSON with ``json_out``; nothing unless ``emit``); returns the Report."""
     from ..verify import verify as verify_api
 
     notify = None if json_out else (lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False))
     report = verify_api(path, base, device=device, dtype=dtype, stream=stream,
                         memory_limit=parse_size(memory_limit) if memory_limit else None, seq_len=seq_len,
-                        notify=notify)
+                        rope_defaults=rope_defaults, notify=notify)
     if emit:
         print_json(report.to_dict()) if json_out else print_report(report)
     return report
@@ -85,6 +85,9 @@ def verify(
     memory_limit: Annotated[Optional[str], typer.Option("--memory-limit", help="Treat the device as having at "
                                                         "most this much free memory, e.g. 8GiB.")] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Probe sequence length (random tokens).")] = 16,
+    rope_defaults: Annotated[Optional[str], typer.Option("--rope-defaults", help="With no RoPE settings in the config "
+                                                         "(a torchtune base fused without one): assume these; "
+                                                         "'llama3' is torchtune's Llama 3.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Run every check on a fused checkpoint and report each as passed or failed, with figures.
@@ -94,5 +97,5 @@ def verify(
     device, memory and throughput figures. Exit 0 when all pass, 1 when one fails, 2 on bad usage.
     """
     report = run_verify(path, base=base, device=device, dtype=dtype, stream=stream, memory_limit=memory_limit,
-                        seq_len=seq_len, json_out=json_out)
+                        seq_len=seq_len, rope_defaults=rope_defaults, json_out=json_out)
     raise_if_failed(report)

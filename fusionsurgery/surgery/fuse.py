@@ -125,8 +125,8 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
          layers: str | None = None, fusion_after: bool = False, encoder_dim: int | None = None,
          fusion_vocab: int = 0, init: str = "normal", init_std: float = 0.02, seed: int = 0, dtype: str = "same",
          config: str | os.PathLike[str] | None = None, num_heads: int | None = None,
-         num_kv_heads: int | None = None, force: bool = False, link: bool = False, adapter_only: bool = False,
-         progress: ProgressFn | None = None) -> FuseResult:
+         num_kv_heads: int | None = None, rope_defaults: str | None = None, force: bool = False, link: bool = False,
+         adapter_only: bool = False, progress: ProgressFn | None = None) -> FuseResult:
     """Fuse gated cross-attention layers into a decoder checkpoint and write the fused directory.
 
     Every original tensor keeps its key and bytes (its shard file is copied as is, or hard-linked
@@ -139,7 +139,7 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
     base_path = Path(base)
     ckpt = Checkpoint.open(base_path, config=config)
     check_not_fused(ckpt)
-    cfg = read_model_config(ckpt, num_heads=num_heads, num_kv_heads=num_kv_heads)
+    cfg = read_model_config(ckpt, num_heads=num_heads, num_kv_heads=num_kv_heads, rope_defaults=rope_defaults)
     chosen = select_layers(cfg.num_layers, every, layers)
     fusion = _fusion_config(cfg, ckpt, chosen, fusion_after, encoder_dim, fusion_vocab, init, init_std, seed, dtype)
     new = plan_new_tensors(cfg, fusion)

@@ -40,7 +40,7 @@ def resolve_dtype(ckpt: Checkpoint, dtype: str | torch.dtype | None) -> torch.dt
 def verify(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, *,
            device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "same",
            stream: bool = False, memory_limit: int | None = None, batch: int = 2, seq_len: int = 16,
-           encoder_len: int = 8, bench_len: int | None = None, seed: int = 0,
+           encoder_len: int = 8, bench_len: int | None = None, seed: int = 0, rope_defaults: str | None = None,
            notify: Notify | None = None) -> Report:
     """Check that the fused checkpoint at ``path`` is sound; every check is run and reported.
 
@@ -75,7 +75,7 @@ def verify(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = N
     torch_dtype = resolve_dtype(ckpt, dtype)
     report.settings = {"device": str(dev), "dtype": str(torch_dtype).removeprefix("torch."), "stream": stream,
                        "probe": {"batch": batch, "seq_len": seq_len, "encoder_len": encoder_len, "seed": seed}}
-    check, layout = structure.check_structure(ckpt)
+    check, layout = structure.check_structure(ckpt, rope_defaults)
     report.checks.append(check)
     bench = bench_len or (512 if dev.type == "cuda" else 64)
     if not check.failed:

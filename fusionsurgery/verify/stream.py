@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch.config import FusionConfig, ModelConfig
-from ..builders import build_fusion_layer, build_self_attention_layer
+from ..builders import build_fusion_layer, build_norm, build_rope, build_self_attention_layer
 from ..errors import CheckpointError, UsageError
 from ..io.checkpoint import Checkpoint
 from ..io.safetensors_format import read_exact
@@ -56,7 +56,7 @@ class LayerStream:
         """Decoder layer ``i`` (a ``FusionLayer`` when fused) on the device, weights loaded."""
         cfg = self.cfg
         with torch.device("meta"):
-            rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, self.family.rope_layout)
+            rope = build_rope(cfg)
             module: nn.Module = build_self_attention_layer(cfg, rope)
             if i in self.fusion.layers:
                 module = FusionLayer(module, build_fusion_layer(cfg, self.fusion), fusion_first=self.fusion.fusion_first)
@@ -69,7 +69,7 @@ class LayerStream:
         return module.eval()
 
     def norm(self) -> RMSNorm:
-        norm = RMSNorm(self.cfg.dim, self.cfg.norm_eps).to(self.device, self.dtype)
+        norm = build_norm(self.cfg, self.cfg.dim, self.cfg.norm_eps).to(self.device, self.dtype)
         self._load(norm, "norm.")
         return norm
 
@@ -105,6 +105,8 @@ class LayerStream:
             fids, finv = torch.unique((flat - vocab).clamp(min=0), return_inverse=True)
             leaf = self.rows(FUSION_EMBEDDING, fids.tolist()).requires_grad_(grad)
             h = torch.where(extra.to(self.device)[:, None], leaf[finv.to(self.device)], h)
+        if self.cfg.embed_scale is not None:  # Gemma scales embeddings by sqrt(width), in their dtype
+            h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype, device=h.device)
         return h.reshape(*tokens.shape, -1), leaf
 
     def _head_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:

@@ -83,7 +83,7 @@ def shard_problems(path: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------- the check
-def check_structure(ckpt: Checkpoint) -> tuple[CheckResult, Layout]:
+def check_structure(ckpt: Checkpoint, rope_defaults: str | None = None) -> tuple[CheckResult, Layout]:
     """Config, manifest, expected new tensors and the keys actually present, cross-checked."""
     result, layout = CheckResult(NAME, TITLE), Layout()
     family = family_of(ckpt)
@@ -92,7 +92,7 @@ def check_structure(ckpt: Checkpoint) -> tuple[CheckResult, Layout]:
         layout.fusion = read_fusion_config(ckpt.config)
         if layout.fusion is None:
             result.fail("config.json has no 'fusion' section")
-        layout.cfg = read_model_config(ckpt)
+        layout.cfg = read_model_config(ckpt, rope_defaults=rope_defaults)
     except FusionSurgeryError as exc:
         result.fail(f"config: {exc}")
     try:
