@@ -210,7 +210,7 @@ def build_steps(size: str, base: Path, work: Path, cli: list[str], mk: mergekit_
     steps = [
         Step("cp", "cp -r BASE OUT", "copies the base's files (coreutils cp: copy_file_range, no fsync)",
              ["cp", "-r", str(base), str(o("cp"))], o("cp"), expect_bytes=base_bytes),
-        Step("cp+sync", "cp -r BASE OUT; sync OUT/*", "cp -r, then fsync of every copied file (the durable floor)"),
+        Step("cp+sync", "cp -r BASE OUT; sync OUT/*", "cp -r, then fsync of every copied file (a durable copy, as fuse makes)"),
         Step("fuse", f"fusionsurgery fuse BASE --every {every} -o OUT",
              "copies every base shard (digesting it), writes the new weights, fsyncs",
              [*fuse, str(o("fuse"))], o("fuse"), expect_bytes=base_bytes + new_bytes),
@@ -326,8 +326,30 @@ def run_size(size: str, args: argparse.Namespace, cli: list[str], mk: mergekit_e
         "base_bytes": make_checkpoint.total_bytes(preset),
         "base_files": len(list(base.glob("*.safetensors"))),
         "new_bytes": new_bytes,
-        "steps": [step_summary(s, by_key.get("cp"), by_key.get("cp+sync")) for s in steps],
+        "steps": with_floor([step_summary(s, by_key.get("cp"), by_key.get("cp+sync")) for s in steps]),
     }
+
+
+def with_floor(rows: list[dict]) -> list[dict]:
+    """Add the physical floor of a full `fuse`: the durable copy plus writing the new bytes
+    (median of cp -r; sync plus median of dd), and each step's ratio to it."""
+    by = {r["key"]: r for r in rows}
+    cps, dd = by.get("cp+sync"), by.get("dd-new")
+    floor = cps["median_s"] + dd["median_s"] if cps and dd and cps["median_s"] and dd["median_s"] else None
+    for r in rows:
+        r["ratio_floor"] = r["median_s"] / floor if floor and r["median_s"] is not None else None
+    if floor is not None:
+        cp = by.get("cp")
+        at = rows.index(dd) + 1
+        rows.insert(at, {
+            "key": "floor", "command": "floor: (cp -r; sync) + dd", "skip": None,
+            "what": "medians of cp -r; sync and of dd added: copying the base once plus writing the new bytes",
+            "walls_s": [], "median_s": floor, "min_s": None, "max_s": None,
+            "ratio_cp": floor / cp["median_s"] if cp and cp["median_s"] else None,
+            "ratio_cp_sync": floor / cps["median_s"], "ratio_floor": 1.0, "peak_rss_bytes": None,
+            "output_bytes": None, "output_new_disk_bytes": None,
+        })
+    return rows
 
 
 def step_summary(s: Step, cp: Step | None, cpsync: Step | None) -> dict:
@@ -419,37 +441,55 @@ def secs(x: float | None) -> str:
     return f"{x:.3f}" if x < 10 else f"{x:.1f}" if x < 1000 else f"{x:.0f}"
 
 
-def print_report(report: dict) -> None:
+def print_report(report: dict, part: str = "all") -> None:
+    """part: 'head' (machine facts), 'last' (the latest size's table), 'notes', or 'all'."""
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(width=max(120, shutil.get_terminal_size((160, 40)).columns))
     m = report["machine"]
+    if part in ("head", "all"):
+        _print_head(console, report, m)
+    results = report["results"] if part == "all" else report["results"][-1:] if part == "last" else []
+    for res in results:
+        _print_table(console, report, res)
+    if part in ("notes", "all"):
+        _print_notes(console, report)
+
+
+def _print_head(console, report: dict, m: dict) -> None:
     console.print(f"[bold]fusionsurgery benchmark[/]  {m['date']}  ({report['command']})")
     console.print(f"machine: {m['cpu']}, {m['cores']} cores, {human(m['ram_bytes'])} RAM; work dir {m['work_dir']} "
                   f"({m['filesystem']}); Linux {m['kernel']}; Python {m['python']}")
     console.print(f"tools: {m['fusionsurgery']} (git {m['git_commit']}); {m['cp']}; {m['mergekit']}")
     console.print(f"page cache: {m['page_cache']}; {report['repeats']} rounds, commands in rotating order; "
                   "medians (min-max)")
-    for res in report["results"]:
-        title = (f"{res['size']} ({res['model_shapes']} shapes): base {human(res['base_bytes'])} in "
-                 f"{res['base_files']} file(s); new weights (--every {report['every']}) {human(res['new_bytes'])}")
-        t = Table(title=title, title_justify="left")
-        for col, just in (("step", "left"), ("median s", "right"), ("min-max s", "right"), ("x cp -r", "right"),
-                          ("x cp+sync", "right"), ("peak RSS", "right"), ("output", "right"),
-                          ("new disk", "right")):
-            t.add_column(col, justify=just)
-        for s in res["steps"]:
-            if s["skip"] or s["median_s"] is None and s["key"] != "cp+sync":
-                t.add_row(s["command"], "skipped", s["skip"] or "", "", "", "", "", "")
-                continue
-            rng = f"{secs(s['min_s'])}-{secs(s['max_s'])}" if s["min_s"] is not None else "-"
-            moves = s["key"] not in ("inspect", "startup")  # a ratio to a copy means nothing for these
-            t.add_row(s["command"], secs(s["median_s"]), rng,
-                      f"{s['ratio_cp']:.2f}" if moves and s["ratio_cp"] is not None else "-",
-                      f"{s['ratio_cp_sync']:.2f}" if moves and s["ratio_cp_sync"] is not None else "-",
-                      human(s["peak_rss_bytes"]), human(s["output_bytes"]), human(s["output_new_disk_bytes"]))
-        console.print(t)
+
+
+def _print_table(console, report: dict, res: dict) -> None:
+    from rich.table import Table
+
+    title = (f"{res['size']} ({res['model_shapes']} shapes): base {human(res['base_bytes'])} in "
+             f"{res['base_files']} file(s); new weights (--every {report['every']}) {human(res['new_bytes'])}")
+    t = Table(title=title, title_justify="left")
+    for col, just in (("step", "left"), ("median s", "right"), ("min-max s", "right"), ("x cp -r", "right"),
+                      ("x cp+sync", "right"), ("x floor", "right"), ("peak RSS", "right"), ("output", "right"),
+                      ("new disk", "right")):
+        t.add_column(col, justify=just)
+    for s in res["steps"]:
+        if s["skip"] or s["median_s"] is None and s["key"] != "cp+sync":
+            t.add_row(s["command"], "skipped", s["skip"] or "", "", "", "", "", "", "")
+            continue
+        rng = f"{secs(s['min_s'])}-{secs(s['max_s'])}" if s["min_s"] is not None else "-"
+        moves = s["key"] not in ("inspect", "startup")  # a ratio to a copy means nothing for these
+        t.add_row(s["command"], secs(s["median_s"]), rng,
+                  f"{s['ratio_cp']:.2f}" if moves and s["ratio_cp"] is not None else "-",
+                  f"{s['ratio_cp_sync']:.2f}" if moves and s["ratio_cp_sync"] is not None else "-",
+                  f"{s['ratio_floor']:.2f}" if moves and s.get("ratio_floor") is not None else "-",
+                  human(s["peak_rss_bytes"]), human(s["output_bytes"]), human(s["output_new_disk_bytes"]))
+    console.print(t)
+
+
+def _print_notes(console, report: dict) -> None:
     console.print("What each step does:")
     seen: set[str] = set()
     for res in report["results"]:
@@ -513,14 +553,16 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_facts(args.work_dir, cli, cold, mk),
         "results": [],
     }
+    print_report(report, "head")
     for size in sizes:
         print(f"== {size}", file=sys.stderr)
         report["results"].append(run_size(size, args, cli, mk, cold))
         if args.remove_base:
             remove(args.work_dir / f"base-{size}")
-    print_report(report)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print_report(report, "last")  # each size's table as soon as it is measured
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print_report(report, "notes")
     return 0
 
 
