@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .arch.config import ModelConfig, read_fusion_config, read_model_config

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -11,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ..arch.config import FusionConfig, ModelConfig, read_fusion_config, read_model_config
-from ..errors import UsageError
 from ..io.checkpoint import Checkpoint
+from ..io.writer import check_output_location, default_output, write_json  # noqa: F401  (used by the exports)
 from ..version import __version__
 from .tensors import OutTensor
 
@@ -65,29 +64,6 @@ def open_source(path: str | os.PathLike[str], *, base: str | os.PathLike[str] | 
     ckpt = attach_base(ckpt, Checkpoint.open(base) if base is not None else None)
     cfg = read_model_config(ckpt, rope_defaults=rope_defaults)
     return Source(Path(path), ckpt, cfg, read_fusion_config(ckpt.config))
-
-
-def default_output(source: Path, suffix: str) -> Path:
-    source = source.resolve()
-    name = source.stem if source.is_file() else source.name
-    return source.parent / f"{name}-{suffix}"
-
-
-def check_output_location(source: Path, out: Path) -> None:
-    """Refuse an output that is the input, lies inside it, or contains it (``--force`` would delete it)."""
-    s, o = source.resolve(), out.resolve()
-    if o == s or (s.is_dir() and s in o.parents):
-        raise UsageError(f"output {out} is the input or inside it; choose another -o")
-    if o in s.parents:
-        raise UsageError(f"output {out} contains the input {source}; choose another -o")
-
-
-def write_json(path: Path, doc: dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(doc, fh, indent=2)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def copy_sidecars(ckpt: Checkpoint, directory: Path) -> list[str]:

@@ -18,7 +18,7 @@ from ..arch.families import detect_family, is_fusion_key
 from ..errors import CheckpointError, UsageError
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, Checkpoint
 from ..io.copy import copy_and_digest
-from ..io.writer import AtomicDirectory, SafetensorsWriter
+from ..io.writer import AtomicDirectory, SafetensorsWriter, write_index
 from .common import check_output_location, copy_sidecars, default_output, listed_files, write_json
 from .tensors import Part, chunks, OutTensor, Progress
 
@@ -85,7 +85,7 @@ def unfuse(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = No
             result.notes.append(f"{len(result.modified)} original tensor(s) differ from the digests recorded at "
                                 "fusion (trained since?): the output holds them as they are now")
         if set(weight_map.values()) != {SINGLE_NAME}:
-            write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+            write_index(tmp / INDEX_NAME, weight_map, total)
         doc = copy.deepcopy(ckpt.config) if ckpt.config is not None else None
         if doc is not None:
             doc.pop("fusion", None)

@@ -102,13 +102,7 @@ class Checkpoint:
             if explicit:
                 raise CheckpointError(f"{path}: config file not found")
             return
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise CheckpointError(f"{path}: not a readable JSON config ({exc})") from None
-        if not isinstance(doc, dict):
-            raise CheckpointError(f"{path}: config is not a JSON object")
-        self.config, self.config_path = doc, path
+        self.config, self.config_path = read_json_object(path, "config"), path
 
     # ------------------------------------------------------------------ queries
     @property
@@ -169,15 +163,7 @@ class Checkpoint:
 
     def read_manifest(self) -> dict[str, Any] | None:
         path = self.root / MANIFEST_NAME
-        if not path.exists():
-            return None
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise CheckpointError(f"{path}: manifest is not readable JSON ({exc})") from None
-        if not isinstance(doc, dict):
-            raise CheckpointError(f"{path}: manifest is not a JSON object")
-        return doc
+        return read_json_object(path, "manifest") if path.exists() else None
 
 
 def _refuse_pickle(p: Path) -> None:
@@ -215,12 +201,20 @@ def _allowed_link_roots(root: Path) -> list[Path]:
     return allowed
 
 
-def _read_index(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path`` (duplicate keys refused), or a one-line ``CheckpointError``."""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CheckpointError(f"{path}: index is not readable JSON ({exc})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
+        raise CheckpointError(f"{path}: {what} is not readable JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: {what} is not a JSON object")
+    return doc
+
+
+def _read_index(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    doc = read_json_object(path, "index")
+    if not isinstance(doc.get("weight_map"), dict):
         raise CheckpointError(f"{path}: index has no weight_map object")
     weight_map = doc["weight_map"]
     for key, name in weight_map.items():

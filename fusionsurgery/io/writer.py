@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from ..errors import UsageError, WriteError
 from .digest import new_hash, tensor_digests  # noqa: F401  (tensor_digests re-exported for callers)
@@ -56,6 +58,36 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         self._fh.close()
+
+
+def default_output(source: Path, suffix: str) -> Path:
+    """``<source name>-<suffix>`` beside the source (a file's stem for a single file)."""
+    source = source.resolve()
+    name = source.stem if source.is_file() else source.name
+    return source.parent / f"{name}-{suffix}"
+
+
+def check_output_location(source: Path, out: Path) -> None:
+    """Refuse an output that is the input, lies inside it, or contains it (``--force`` would delete it)."""
+    s, o = source.resolve(), out.resolve()
+    if o == s or (s.is_dir() and s in o.parents):
+        raise UsageError(f"output {out} is the input or inside it; choose another -o")
+    if o in s.parents:
+        raise UsageError(f"output {out} contains the input {source}; choose another -o")
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    """Write ``doc`` as indented JSON and make it durable."""
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=2)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_index(path: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """A Hugging Face ``model.safetensors.index.json``: every key to its file, and the tensor bytes."""
+    write_json(path, {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
 
 
 class AtomicDirectory:

@@ -7,7 +7,6 @@ whose chunks a third thread generates ahead of it. Nothing holds more than a few
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
@@ -24,7 +23,8 @@ from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
 from ..io.copy import Cancelled, copy_and_digest, link_and_digest, same_filesystem
 from ..io.digest import tensor_digests
 from ..io.safetensors_format import DTYPE_SIZES
-from ..io.writer import AtomicDirectory, SafetensorsWriter
+from ..io.writer import (AtomicDirectory, SafetensorsWriter, check_output_location, default_output, write_index,
+                         write_json)
 from ..version import __version__
 from .init import tensor_chunks
 from .manifest import build_manifest, describe_base
@@ -87,13 +87,6 @@ class FuseResult:
         }
 
 
-def default_output(base: Path) -> Path:
-    """``<base name>-fused`` beside the base (the file's stem for a single file)."""
-    base = base.resolve()
-    name = base.stem if base.is_file() else base.name
-    return base.parent / f"{name}-fused"
-
-
 def fused_layers_of(ckpt: Checkpoint) -> list[int]:
     """Layer indices that hold fusion tensors."""
     family = detect_family(ckpt.keys())
@@ -110,15 +103,6 @@ def check_not_fused(ckpt: Checkpoint) -> None:
             f"{ckpt.root} is already a fused checkpoint{where}; fuse its base instead "
             "(`fusionsurgery unfuse` gives the base back)"
         )
-
-
-def _check_output_location(base: Path, out: Path) -> None:
-    """Refuse an output that is the input, lies inside it, or contains it (``--force`` would delete it)."""
-    b, o = base.resolve(), out.resolve()
-    if o == b or (b.is_dir() and b in o.parents):
-        raise UsageError(f"output {out} is the input or inside it; choose another -o")
-    if o in b.parents:
-        raise UsageError(f"output {out} contains the input {base}; choose another -o")
 
 
 def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *, every: int | None = None,
@@ -143,8 +127,8 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
     chosen = select_layers(cfg.num_layers, every, layers)
     fusion = _fusion_config(cfg, ckpt, chosen, fusion_after, encoder_dim, fusion_vocab, init, init_std, seed, dtype)
     new = plan_new_tensors(cfg, fusion)
-    out_path = Path(out) if out is not None else default_output(base_path)
-    _check_output_location(base_path, out_path)
+    out_path = Path(out) if out is not None else default_output(base_path, "fused")
+    check_output_location(base_path, out_path)
     layout = "adapter" if adapter_only else "link" if link else "copy"
     result = FuseResult(out_path, cfg, fusion, new, layout, base_params=sum(ckpt.info(k).numel for k in ckpt.keys()))
     if layout == "link" and out_path.parent.exists() and not same_filesystem(ckpt.root, out_path.parent):
@@ -169,11 +153,11 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
                 shutil.copyfile(sidecar, tmp / sidecar.name)
         doc = to_hf_config(cfg, ckpt.config)
         doc["fusion"] = fusion.to_dict()
-        _write_json(tmp / CONFIG_NAME, doc)
+        write_json(tmp / CONFIG_NAME, doc)
         base_desc = describe_base(ckpt, cfg, str(base_path), file_digests)
         manifest = build_manifest(base_desc=base_desc, fusion=fusion, new=new, new_files=new_files,
                                   new_digests=new_digests, originals=originals, layout=layout)
-        _write_json(tmp / MANIFEST_NAME, manifest)
+        write_json(tmp / MANIFEST_NAME, manifest)
         result.files = [{"name": f.name, "bytes": f.stat().st_size, "linked": f.stat().st_nlink > 1}
                         for f in sorted(tmp.iterdir())]
         _fsync_dir(tmp)
@@ -272,15 +256,7 @@ def _write_index(tmp: Path, ckpt: Checkpoint, new: list[NewTensor], new_files: d
     weight_map = {k: ckpt.key_to_file[k] for k in ckpt.keys()}
     weight_map.update({t.key: new_files[t.key] for t in new})
     total = sum(ckpt.info(k).nbytes for k in ckpt.keys()) + sum(_nbytes(t) for t in new)
-    _write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
-
-
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(doc, fh, indent=2)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    write_index(tmp / INDEX_NAME, weight_map, total)
 
 
 def _fsync_dir(path: Path) -> None:
