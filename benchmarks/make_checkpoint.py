@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fusionsurgery.io.safetensors_format import build_header  # noqa: E402
+from fusionsurgery.io.safetensors_format import build_header
 
 #: transformers' default max_shard_size "5GB" (decimal, as the Hub's Llama shards are cut).
 HUB_SHARD_BYTES = 5 * 10**9

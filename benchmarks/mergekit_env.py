@@ -44,7 +44,7 @@ def _version(venv_dir: Path) -> str | None:
     if not py.exists():
         return None
     r = subprocess.run([str(py), "-c", f"import importlib.metadata as m; print(m.version({PACKAGE!r}))"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, check=False)
     return r.stdout.strip() if r.returncode == 0 else None
 
 
@@ -72,7 +72,7 @@ def ensure(venv_dir: Path = DEFAULT_VENV, *, install: bool = True, log: Path | N
             venv.EnvBuilder(with_pip=True, clear=True).create(venv_dir)
         with open(log, "w") as fh:
             r = subprocess.run([str(_bin(venv_dir, "python")), "-m", "pip", "install", PACKAGE, *(pip_args or [])],
-                               stdout=fh, stderr=subprocess.STDOUT)
+                               stdout=fh, stderr=subprocess.STDOUT, check=False)
     except OSError as exc:
         return MergekitEnv(venv_dir, None, None, f"could not create a venv for mergekit: {exc}")
     if r.returncode != 0:

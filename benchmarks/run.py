@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
 import platform
 import re
@@ -42,8 +41,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import make_checkpoint  # noqa: E402
-import mergekit_env  # noqa: E402
+import make_checkpoint
+import mergekit_env
 
 DEFAULT_WORK = HERE / "work"
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
@@ -167,7 +166,7 @@ class Step:
 
 def cli_help(exe: list[str], *args: str) -> str:
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
-    r = subprocess.run([*exe, *args, "--help"], capture_output=True, text=True, env=env)
+    r = subprocess.run([*exe, *args, "--help"], check=False, capture_output=True, text=True, env=env)
     return r.stdout + r.stderr
 
 
@@ -204,9 +203,9 @@ def build_steps(size: str, base: Path, work: Path, cli: list[str], mk: mergekit_
     top_help = cli_help(cli)
     has_link = "--link" in fuse_help
     has_adapter = "--adapter-only" in fuse_help
-    has_inspect = re.search(r"^\W*inspect\b", top_help, re.M) is not None
+    has_inspect = re.search(r"^\W*inspect\b", top_help, re.MULTILINE) is not None
     fuse = [*cli, "fuse", str(base), "--every", str(every), "-o"]
-    o = lambda name: work / f"out-{size}-{name}"  # noqa: E731
+    o = lambda name: work / f"out-{size}-{name}"
     steps = [
         Step("cp", "cp -r BASE OUT", "copies the base's files (coreutils cp: copy_file_range, no fsync)",
              ["cp", "-r", str(base), str(o("cp"))], o("cp"), expect_bytes=base_bytes),
@@ -399,12 +398,12 @@ def machine_facts(work: Path, cli: list[str], cold: bool, mk: mergekit_env.Merge
 
     def out(argv: list[str]) -> str:
         try:
-            return subprocess.run(argv, capture_output=True, text=True, cwd=HERE).stdout.strip().splitlines()[0]
+            return subprocess.run(argv, check=False, capture_output=True, text=True, cwd=HERE).stdout.strip().splitlines()[0]
         except (OSError, IndexError):
             return "?"
 
     commit = out(["git", "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], check=False, capture_output=True, text=True,
                            cwd=HERE).stdout.strip()
     return {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
