@@ -6,6 +6,7 @@ import errno
 import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import WriteError
@@ -26,12 +27,25 @@ def copy_file(src: Path, dst: Path, progress: Progress | None = None, *, digeste
     """Copy ``src`` to ``dst`` chunk by chunk with ``copy_file_range`` (read/write where unsupported).
 
     With a ``digester``, each chunk is read back from ``dst`` while it is hot in the page cache and
-    digested: the digests describe what was written, not what was read.
+    digested on a second thread while the next chunk is copied: the digests describe what was
+    written, not what was read.
     """
     size = src.stat().st_size
-    with open(src, "rb") as fin, open(dst, "w+b") as fout:
+    with open(src, "rb") as fin, open(dst, "w+b") as fout, ThreadPoolExecutor(1, "digest") as hasher:
         fast = hasattr(os, "copy_file_range")
         done = 0
+        pending: Future | None = None
+
+        def digest_later(data_or_range: bytes | tuple[int, int]) -> None:
+            nonlocal pending
+            if pending is not None:
+                pending.result()  # in order, and at most one chunk behind the copy
+            if isinstance(data_or_range, tuple):
+                off, n = data_or_range
+                pending = hasher.submit(lambda: digester.update(os.pread(fout.fileno(), n, off)))
+            else:
+                pending = hasher.submit(digester.update, data_or_range)
+
         while done < size:
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
@@ -48,18 +62,20 @@ def copy_file(src: Path, dst: Path, progress: Progress | None = None, *, digeste
                     fout.seek(done)
                     continue
                 if n and digester is not None:
-                    digester.update(os.pread(fout.fileno(), n, done))
+                    digest_later((done, n))
             else:
                 buf = fin.read(want)
                 fout.write(buf)
                 n = len(buf)
                 if digester is not None:
-                    digester.update(buf)
+                    digest_later(buf)
             if n == 0:
                 raise WriteError(f"{src}: file shrank while being copied")
             done += n
             if progress:
                 progress(n)
+        if pending is not None:
+            pending.result()
         fout.flush()
         os.fsync(fout.fileno())
 

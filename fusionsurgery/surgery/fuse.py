@@ -34,6 +34,8 @@ from .selection import select_layers
 #: progress(stage, bytes_done_increment, stage_total_bytes)
 ProgressFn = Callable[[str, int, int], None]
 MAX_SHARD_BYTES = 5 * 1024**3
+#: Threads creating new-weight chunks (numpy fills arrays without the GIL).
+GENERATOR_THREADS = max(1, min(4, os.cpu_count() or 1))
 DTYPE_CHOICES = {"same": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 #: How the base's tensors reach the output.
 LAYOUTS = ("copy", "link", "adapter")
@@ -139,7 +141,7 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
     with AtomicDirectory(out_path, force=force) as staging:
         tmp = staging.tmp
         with ThreadPoolExecutor(1, thread_name_prefix="originals") as mover, \
-                ThreadPoolExecutor(1, thread_name_prefix="init") as generator:
+                ThreadPoolExecutor(GENERATOR_THREADS, thread_name_prefix="init") as generator:
             try:
                 originals_job = mover.submit(_bring_originals, ckpt, tmp, layout, progress, cancel)
                 new_files, new_digests = _write_new(ckpt, new, fusion.seed, tmp, progress, generator)

@@ -24,8 +24,8 @@ from .plan import NewTensor
 
 #: Elements per generated chunk (16 MiB of fp32): bounds memory whatever the tensor size.
 CHUNK_ELEMS = 1 << 22
-#: Chunks generated ahead of the writer when a pool is given.
-PREFETCH = 3
+#: Chunks generated ahead of the writer when a pool is given (16 MiB of fp32 each at most).
+PREFETCH = 4
 
 
 def _seed(seed: int, name: str, chunk: int) -> int:
