@@ -34,7 +34,7 @@ from .selection import select_layers
 #: progress(stage, bytes_done_increment, stage_total_bytes)
 ProgressFn = Callable[[str, int, int], None]
 MAX_SHARD_BYTES = 5 * 1024**3
-#: Threads creating new-weight chunks (numpy fills arrays without the GIL).
+#: Threads creating new-weight chunks (torch fills tensors without the GIL).
 GENERATOR_THREADS = max(1, min(4, os.cpu_count() or 1))
 DTYPE_CHOICES = {"same": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 #: How the base's tensors reach the output.
