@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import blake3
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -57,16 +61,17 @@ def test_manifest_is_complete(tmp_path, llama):
     result = fs.fuse(llama, out, every=2, seed=3)
     m = read_json(out / "fusion_manifest.json")
     assert m["tool"]["name"] == "fusionsurgery" and m["tool"]["version"] == fs.__version__
+    assert m["digest_algorithm"] == "blake3"
     assert m["fusion"]["layers"] == [1, 3] and m["fusion"]["seed"] == 3
     base = Checkpoint.open(llama)
     originals = {t["name"]: t for t in m["original_tensors"]}
     assert originals.keys() == set(base.keys())
     for key, entry in originals.items():
-        assert entry["digest"] == hashlib.sha256(base.read_bytes(key)).hexdigest()
+        assert entry["digest"] == blake3.blake3(base.read_bytes(key)).hexdigest()
     fused = Checkpoint.open(out)
     for entry in m["new_tensors"]:
         assert entry["trainable"] is True and entry["numel"] > 0
-        assert entry["digest"] == hashlib.sha256(fused.read_bytes(entry["name"])).hexdigest()
+        assert entry["digest"] == blake3.blake3(fused.read_bytes(entry["name"])).hexdigest()
     assert m["totals"]["fusion_params"] == result.fusion_params == sum(t["numel"] for t in m["new_tensors"])
     assert m["totals"]["base_params"] == sum(base.info(k).numel for k in base.keys())
     assert m["base"]["files"][0]["name"] == "model.safetensors"
@@ -174,6 +179,19 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, llama):
     fusion = "fusion-00001-of-00001.safetensors"
     assert sha(tmp_path / "a" / fusion) == sha(tmp_path / "b" / fusion)
     assert sha(tmp_path / "a" / fusion) != sha(tmp_path / "c" / fusion)
+
+
+def test_same_bytes_whatever_the_cpu_kernels(tmp_path, llama):
+    """The new weights do not depend on which SIMD kernels this CPU (or torch) picks."""
+    fusion = "fusion-00001-of-00001.safetensors"
+    digests = set()
+    for cap in ("default", "avx2"):
+        out = tmp_path / cap
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=cap)
+        subprocess.run([sys.executable, "-m", "fusionsurgery", "fuse", str(llama), "--every", "2", "--init-std", "0.05",
+                        "-o", str(out), "--json"], check=True, env=env, capture_output=True)
+        digests.add(sha(out / fusion))
+    assert len(digests) == 1
 
 
 def test_base_state_dict_loads_into_load_fused_model(tmp_path, llama):

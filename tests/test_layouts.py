@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -119,3 +120,34 @@ def test_verify_fails_an_adapter_on_another_base(outputs, tmp_path, capsys):
     hf_model("llama", seed=1).save_pretrained(str(other), max_shard_size="200KB")
     assert main(["verify", str(outputs / "adapter"), "--base", str(other), "--device", "cpu"]) == 1
     assert "originals" in capsys.readouterr().err.lower()
+
+
+def test_sha256_digests_are_checked_like_blake3_ones(outputs, tmp_path, capsys):
+    """--digest sha256 writes sha256 digests; verify, adapters and unfuse read the manifest's choice."""
+    base = outputs / "base"
+    adapter, full = tmp_path / "a", tmp_path / "f"
+    assert main(["fuse", str(base), "--every", "2", "--adapter-only", "--digest", "sha256", "-o", str(adapter)]) == 0
+    fs.fuse(base, full, every=2, digest="sha256")
+    doc = json.loads((full / "fusion_manifest.json").read_text())
+    assert doc["digest_algorithm"] == "sha256" and doc["digest_scheme"].startswith("sha256")
+    ck = Checkpoint.open(full)
+    for entry in doc["original_tensors"] + doc["new_tensors"]:
+        assert hashlib.sha256(ck.read_bytes(entry["name"])).hexdigest() == entry["digest"]
+    fs.load_fused(adapter, base=base)  # the base's sha256 digests match
+    assert main(["verify", str(adapter), "--base", str(base), "--device", "cpu"]) == 0
+    assert main(["verify", str(full), "--device", "cpu"]) == 0
+    fs.unfuse(full, tmp_path / "u")
+    assert not fs.unfuse(full, tmp_path / "u2").modified
+    capsys.readouterr()
+    # a manifest without the field predates it: its digests are sha256
+    del doc["digest_algorithm"]
+    (full / "fusion_manifest.json").write_text(json.dumps(doc))
+    assert main(["verify", str(full), "--device", "cpu"]) == 0
+    doc["digest_algorithm"] = "md5"
+    (full / "fusion_manifest.json").write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main(["verify", str(full), "--device", "cpu"]) != 0
+    err = capsys.readouterr().err
+    assert "'md5'" in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert main(["fuse", str(base), "--every", "2", "--digest", "md5", "-o", str(tmp_path / "x")]) == 2
+    assert "--digest" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import blake3
 import pytest
 from safetensors.torch import load_file, save_file
 
@@ -305,7 +306,7 @@ def test_two_runs_on_the_same_output(tmp_path):
     manifest = json.loads((out / "fusion_manifest.json").read_text())
     ck = Checkpoint.open(out)
     for entry in manifest["original_tensors"] + manifest["new_tensors"]:
-        assert hashlib.sha256(ck.read_bytes(entry["name"])).hexdigest() == entry["digest"]
+        assert blake3.blake3(ck.read_bytes(entry["name"])).hexdigest() == entry["digest"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -315,18 +316,18 @@ def test_base_modified_while_read_manifest_digests_what_was_written(tmp_path, ll
 
     real_copy = fuse_mod.copy_and_digest
 
-    def tampering_copy(src, dst, header, progress=None, cancel=None):
+    def tampering_copy(src, dst, header, progress=None, cancel=None, algorithm="blake3"):
         data = bytearray(src.read_bytes())
         data[-1] ^= 0xFF  # someone rewrites the last byte of the base mid-run
         src.write_bytes(bytes(data))
-        return real_copy(src, dst, header, progress, cancel)
+        return real_copy(src, dst, header, progress, cancel, algorithm)
 
     monkeypatch.setattr(fuse_mod, "copy_and_digest", tampering_copy)
     fuse_mod.fuse(llama, tmp_path / "out", every=2)
     manifest = json.loads((tmp_path / "out" / "fusion_manifest.json").read_text())
     ck = Checkpoint.open(tmp_path / "out")
     for entry in manifest["original_tensors"]:
-        assert hashlib.sha256(ck.read_bytes(entry["name"])).hexdigest() == entry["digest"]
+        assert blake3.blake3(ck.read_bytes(entry["name"])).hexdigest() == entry["digest"]
 
 
 def test_bad_config_values_are_one_line_errors(tmp_path, llama, capsys):

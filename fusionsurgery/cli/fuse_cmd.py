@@ -48,6 +48,8 @@ def fuse(
     adapter_only: Annotated[bool, typer.Option("--adapter-only", help="Write only the new tensors, config and manifest (like "
                                                "a PEFT adapter); the base is named by its digests, and load_fused(adapter, "
                                                "base=BASE) / verify --base refuse any other base.")] = False,
+    digest: Annotated[str, typer.Option("--digest", help="Hash of the manifest's content digests: blake3 (fast) or "
+                                        "sha256.")] = "blake3",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output (only once the new one is complete).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary instead of the report.")] = False,
     verify_output: Annotated[bool, typer.Option("--verify", help="Run every `fusionsurgery verify` check on the output "
@@ -71,8 +73,7 @@ def fuse(
         result = fuse_api(base, out, every=every, layers=layers, fusion_after=fusion_after, encoder_dim=encoder_dim,
                           fusion_vocab=fusion_vocab, init=init, init_std=init_std, seed=seed, dtype=dtype,
                           config=config, num_heads=num_heads, num_kv_heads=num_kv_heads, rope_defaults=rope_defaults,
-                          force=force, link=link,
-                          adapter_only=adapter_only, progress=progress)
+                          force=force, link=link, adapter_only=adapter_only, digest=digest, progress=progress)
     if not verify_output:
         print_json(result.to_dict()) if json_out else _report(result)
         return

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..arch.config import FusionConfig, ModelConfig, read_fusion_config, read_model_config
 from ..io.checkpoint import Checkpoint
+from ..io.digest import algorithm_of, scheme
 from ..io.writer import check_output_location, default_output, write_json  # noqa: F401  (used by the exports)
 from ..version import __version__
 from .tensors import OutTensor
@@ -28,6 +29,8 @@ class Source:
     ckpt: Checkpoint
     cfg: ModelConfig
     fusion: FusionConfig | None
+    #: The hash of the source manifest's digests (the default without one): the export's too.
+    digest: str
 
 
 @dataclass
@@ -63,7 +66,7 @@ def open_source(path: str | os.PathLike[str], *, base: str | os.PathLike[str] | 
     ckpt = Checkpoint.open(path, config=config)
     ckpt = attach_base(ckpt, Checkpoint.open(base) if base is not None else None)
     cfg = read_model_config(ckpt, rope_defaults=rope_defaults)
-    return Source(Path(path), ckpt, cfg, read_fusion_config(ckpt.config))
+    return Source(Path(path), ckpt, cfg, read_fusion_config(ckpt.config), algorithm_of(ckpt.read_manifest()))
 
 
 def copy_sidecars(ckpt: Checkpoint, directory: Path) -> list[str]:
@@ -92,7 +95,8 @@ def export_manifest(src: Source, target: str, entries: list[dict[str, Any]], not
         "format_version": EXPORT_VERSION,
         "tool": {"name": "fusionsurgery", "version": __version__},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "digest_scheme": "sha256 of each tensor's raw bytes",
+        "digest_algorithm": src.digest,
+        "digest_scheme": scheme(src.digest).split(";")[0],
         "target": target,
         "source": {
             "path": str(src.path), "family": src.cfg.family, "model_type": src.cfg.model_type,

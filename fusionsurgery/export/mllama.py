@@ -229,7 +229,7 @@ def export_mllama(src: Source, out: Path, *, force: bool = False, progress: Prog
     result = ExportResult(out, "mllama", src.cfg.family, notes=notes, layer_map=layer_map)
     with AtomicDirectory(out, force=force) as staging:
         tmp = staging.tmp
-        files, digests = write_tensors(src.ckpt, tensors, tmp, progress=progress)
+        files, digests = write_tensors(src.ckpt, tensors, tmp, progress=progress, algorithm=src.digest)
         if len(set(files.values())) > 1:
             write_json(tmp / INDEX_NAME, index_doc(files, tensors))
         write_json(tmp / CONFIG_NAME, config)

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..io.checkpoint import Checkpoint
+from ..io.digest import DEFAULT_ALGORITHM
 from ..io.safetensors_format import DTYPE_SIZES, read_exact
 from ..io.writer import SafetensorsWriter
 from ..version import __version__
@@ -140,7 +141,8 @@ def shard_names(count: int, stem: str = "model") -> list[str]:
 
 def write_tensors(ckpt: Checkpoint, tensors: list[OutTensor], directory: Path, *,
                   progress: Progress | None = None, max_shard_bytes: int = MAX_SHARD_BYTES,
-                  metadata: dict[str, str] | None = None) -> tuple[dict[str, str], dict[str, str]]:
+                  metadata: dict[str, str] | None = None,
+                  algorithm: str = DEFAULT_ALGORITHM) -> tuple[dict[str, str], dict[str, str]]:
     """Write ``tensors`` into ``model*.safetensors`` shards; returns (key -> file, key -> digest)."""
     for t in tensors:
         check(ckpt, t)
@@ -150,7 +152,7 @@ def write_tensors(ckpt: Checkpoint, tensors: list[OutTensor], directory: Path, *
     files: dict[str, str] = {}
     digests: dict[str, str] = {}
     for name, group in zip(names, groups):
-        writer = SafetensorsWriter(directory / name, [(t.key, t.dtype, t.shape) for t in group], meta)
+        writer = SafetensorsWriter(directory / name, [(t.key, t.dtype, t.shape) for t in group], meta, algorithm)
         try:
             for t in group:
                 digests[t.key] = writer.write(t.key, chunks(ckpt, t), progress)

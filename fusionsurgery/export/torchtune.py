@@ -95,7 +95,7 @@ def export_family(src: Source, out: Path, target_name: str, *, force: bool = Fal
     result = ExportResult(out, target_name, cfg.family, notes=notes)
     with AtomicDirectory(out, force=force) as staging:
         tmp = staging.tmp
-        files, digests = write_tensors(src.ckpt, tensors, tmp, progress=progress)
+        files, digests = write_tensors(src.ckpt, tensors, tmp, progress=progress, algorithm=src.digest)
         if len(set(files.values())) > 1:
             write_json(tmp / INDEX_NAME, index_doc(files, tensors))
         if src.ckpt.config is not None:

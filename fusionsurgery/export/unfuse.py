@@ -18,6 +18,7 @@ from ..arch.families import detect_family, is_fusion_key
 from ..errors import CheckpointError, UsageError
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, Checkpoint
 from ..io.copy import copy_and_digest
+from ..io.digest import algorithm_of
 from ..io.writer import AtomicDirectory, SafetensorsWriter, write_index
 from .common import check_output_location, copy_sidecars, default_output, listed_files, write_json
 from .tensors import Part, chunks, OutTensor, Progress
@@ -60,6 +61,7 @@ def unfuse(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = No
 
     expected = {e["name"]: e.get("digest") for e in (manifest or {}).get("original_tensors", [])
                 if isinstance(e, dict)}
+    algorithm = algorithm_of(manifest)
     dropped = set(fusion_keys)
     result = UnfuseResult(out_path, removed=sorted(dropped))
     with AtomicDirectory(out_path, force=force) as staging:
@@ -72,10 +74,11 @@ def unfuse(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = No
             if not keep:
                 continue
             if len(keep) == len(header.tensors):
-                file_digests, _ = copy_and_digest(ckpt.path_of(name), tmp / name, header, progress)
+                file_digests, _ = copy_and_digest(ckpt.path_of(name), tmp / name, header, progress,
+                                                  algorithm=algorithm)
                 digests.update(file_digests)
             else:
-                digests.update(_rewrite_without(ckpt, name, keep, tmp / name, progress))
+                digests.update(_rewrite_without(ckpt, name, keep, tmp / name, progress, algorithm))
             for k in keep:
                 weight_map[k] = name
                 total += header.tensors[k].nbytes
@@ -99,11 +102,12 @@ def unfuse(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = No
     return result
 
 
-def _rewrite_without(ckpt: Checkpoint, name: str, keep: list[str], dst: Path, progress: Progress | None) -> dict[str, str]:
+def _rewrite_without(ckpt: Checkpoint, name: str, keep: list[str], dst: Path, progress: Progress | None,
+                     algorithm: str) -> dict[str, str]:
     """Shard ``name`` with only the tensors ``keep`` (in file order, same metadata), streamed."""
     header = ckpt.files[name]
     entries = [(k, header.tensors[k].dtype, header.tensors[k].shape) for k in keep]
-    writer = SafetensorsWriter(dst, entries, header.metadata or None)
+    writer = SafetensorsWriter(dst, entries, header.metadata or None, algorithm)
     digests: dict[str, str] = {}
     try:
         for k, dtype, shape in entries:

@@ -10,7 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import WriteError
-from .digest import FileDigester, tensor_digests
+from .digest import DEFAULT_ALGORITHM, FileDigester, tensor_digests
 from .safetensors_format import SafetensorsHeader, read_header
 
 COPY_CHUNK = 64 * 1024 * 1024
@@ -81,21 +81,22 @@ def copy_file(src: Path, dst: Path, progress: Progress | None = None, *, digeste
 
 
 def copy_and_digest(src: Path, dst: Path, header: SafetensorsHeader, progress: Progress | None = None,
-                    cancel: threading.Event | None = None) -> tuple[dict[str, str], str]:
+                    cancel: threading.Event | None = None,
+                    algorithm: str = DEFAULT_ALGORITHM) -> tuple[dict[str, str], str]:
     """Copy one shard and return (tensor digests, file digest) of the written copy."""
-    digester = FileDigester(header)
+    digester = FileDigester(header, algorithm)
     copy_file(src, dst, progress, digester=digester, cancel=cancel)
     _same_header(read_header(dst), header, src)
     return digester.finish()
 
 
-def link_and_digest(src: Path, dst: Path, header: SafetensorsHeader,
-                    progress: Progress | None = None) -> tuple[dict[str, str], str]:
+def link_and_digest(src: Path, dst: Path, header: SafetensorsHeader, progress: Progress | None = None,
+                    algorithm: str = DEFAULT_ALGORITHM) -> tuple[dict[str, str], str]:
     """Hard-link ``dst`` to ``src`` (same filesystem only) and digest the shared file."""
     os.link(src, dst)
     written = read_header(dst)
     _same_header(written, header, src)
-    return tensor_digests(dst, written, progress)
+    return tensor_digests(dst, written, progress, algorithm)
 
 
 def _same_header(written: SafetensorsHeader, expected: SafetensorsHeader, src: Path) -> None:

@@ -1,38 +1,75 @@
 """Content digests of tensors and files, computed in one streaming pass.
 
-Each tensor's digest is the sha256 of its raw bytes. A file's digest is the sha256 of its header
-bytes followed by its tensor digests in file order: it changes whenever any byte of the file does,
+Each tensor's digest is the hash of its raw bytes. A file's digest is the hash of its header bytes
+followed by its tensor digests in file order: it changes whenever any byte of the file does,
 without hashing the data twice.
+
+The hash is BLAKE3 by default (cryptographic, like sha256, and three times as fast per core on
+the machines we measured, which matters when every byte of a 16-800 GB base is hashed); sha256
+can be chosen, and manifests say which one they used (those that do not are sha256).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, Protocol
+
+import blake3
 
 from ..errors import CheckpointError
 from .safetensors_format import SafetensorsHeader
 
-ALGORITHM = "sha256"
+ALGORITHMS = ("blake3", "sha256")
+DEFAULT_ALGORITHM = "blake3"
+#: What a manifest written before the algorithm was recorded used.
+LEGACY_ALGORITHM = "sha256"
 READ_CHUNK = 16 * 1024 * 1024
 Progress = Callable[[int], None]
 
 
-def new_hash() -> "hashlib._Hash":
-    return hashlib.new(ALGORITHM)
+class Hash(Protocol):
+    def update(self, data: bytes | memoryview, /) -> Any: ...
+    def hexdigest(self) -> str: ...
+
+
+def new_hash(algorithm: str = DEFAULT_ALGORITHM) -> Hash:
+    if algorithm == "blake3":
+        return blake3.blake3()
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    raise ValueError(f"unknown digest algorithm {algorithm!r} (known: {', '.join(ALGORITHMS)})")
+
+
+def scheme(algorithm: str) -> str:
+    """The digest scheme in words, for manifests."""
+    return (f"{algorithm} of each tensor's raw bytes; "
+            f"file digest = {algorithm}(header bytes + tensor digests in file order)")
+
+
+def algorithm_of(manifest: Mapping[str, Any] | None) -> str:
+    """The algorithm a manifest's digests were made with (the default when there is no manifest)."""
+    if manifest is None:
+        return DEFAULT_ALGORITHM
+    algorithm = manifest.get("digest_algorithm", LEGACY_ALGORITHM)
+    if algorithm not in ALGORITHMS:
+        raise CheckpointError(f"manifest digests use {algorithm!r}, which this version cannot check "
+                              f"(known: {', '.join(ALGORITHMS)})")
+    return algorithm
 
 
 class FileDigester:
     """Consumes a safetensors file's bytes in order and digests every tensor on the way."""
 
-    def __init__(self, header: SafetensorsHeader) -> None:
+    def __init__(self, header: SafetensorsHeader, algorithm: str = DEFAULT_ALGORITHM) -> None:
         self.header = header
+        self.algorithm = algorithm
         self._spans = sorted(header.tensors.values(), key=lambda t: t.start)
         self._head = bytearray()
         self._pos = 0
         self._i = 0
-        self._hash = new_hash()
+        self._hash = new_hash(algorithm)
         self.digests: dict[str, str] = {}
 
     def update(self, data: bytes | memoryview) -> None:
@@ -54,7 +91,7 @@ class FileDigester:
 
     def _close(self, info) -> None:
         self.digests[info.name] = self._hash.hexdigest()
-        self._hash = new_hash()
+        self._hash = new_hash(self.algorithm)
         self._i += 1
 
     def finish(self) -> tuple[dict[str, str], str]:
@@ -63,16 +100,17 @@ class FileDigester:
             self._close(self._spans[self._i])
         if self._pos != self.header.file_size or self._i != len(self._spans):
             raise CheckpointError(f"{self.header.path}: file shorter than its header says")
-        file_hash = new_hash()
+        file_hash = new_hash(self.algorithm)
         file_hash.update(bytes(self._head))
         for info in self._spans:
             file_hash.update(bytes.fromhex(self.digests[info.name]))
         return self.digests, file_hash.hexdigest()
 
 
-def tensor_digests(path: Path, header: SafetensorsHeader, progress: Progress | None = None) -> tuple[dict[str, str], str]:
+def tensor_digests(path: Path, header: SafetensorsHeader, progress: Progress | None = None,
+                   algorithm: str = DEFAULT_ALGORITHM) -> tuple[dict[str, str], str]:
     """Digest every tensor of ``path`` (and the file) in one sequential read."""
-    digester = FileDigester(header)
+    digester = FileDigester(header, algorithm)
     buf = bytearray(READ_CHUNK)
     with open(path, "rb") as fh:
         while n := fh.readinto(buf):

@@ -12,7 +12,7 @@ from types import TracebackType
 from typing import Any
 
 from ..errors import UsageError, WriteError
-from .digest import new_hash, tensor_digests  # noqa: F401  (tensor_digests re-exported for callers)
+from .digest import DEFAULT_ALGORITHM, new_hash
 from .safetensors_format import build_header
 
 Progress = Callable[[int], None]
@@ -22,8 +22,9 @@ class SafetensorsWriter:
     """Writes a safetensors file whose tensors are given in header order, chunk by chunk."""
 
     def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, algorithm: str = DEFAULT_ALGORITHM) -> None:
         self.path = path
+        self.algorithm = algorithm
         prefix, self._offsets = build_header(entries, metadata)
         self._order = [name for name, _, _ in entries]
         self._next = 0
@@ -35,7 +36,7 @@ class SafetensorsWriter:
         if self._next >= len(self._order) or self._order[self._next] != name:
             raise RuntimeError(f"tensor {name!r} written out of header order")
         start, end = self._offsets[name]
-        digest, written = new_hash(), 0
+        digest, written = new_hash(self.algorithm), 0
         for chunk in chunks:
             view = memoryview(chunk).cast("B")
             self._fh.write(view)

@@ -6,7 +6,7 @@ from typing import Any
 
 from ..errors import CheckpointError, UsageError
 from ..io.checkpoint import Checkpoint
-from ..io.digest import tensor_digests
+from ..io.digest import algorithm_of, tensor_digests
 
 
 def is_adapter(manifest: dict[str, Any] | None) -> bool:
@@ -20,11 +20,12 @@ def check_base(base: Checkpoint, manifest: dict[str, Any]) -> None:
         raise CheckpointError(
             f"{base.root}: not the adapter's base (files {sorted(base.files)} vs {sorted(expected)})")
     originals = {t["name"]: t for t in manifest.get("original_tensors", [])}
+    algorithm = algorithm_of(manifest)
     for name, header in base.files.items():
         if header.file_size != expected[name].get("bytes"):
             raise CheckpointError(f"{base.root}: {name} has {header.file_size} bytes, the adapter's base had "
                                   f"{expected[name].get('bytes')}; not the adapter's base")
-        digests, file_digest = tensor_digests(base.path_of(name), header)
+        digests, file_digest = tensor_digests(base.path_of(name), header, algorithm=algorithm)
         if file_digest != expected[name].get("digest"):
             differ = sorted(k for k, d in digests.items() if originals.get(k, {}).get("digest") != d)
             shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")

@@ -21,7 +21,7 @@ from ..arch.families import detect_family, is_fusion_key
 from ..errors import CheckpointError, UsageError
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
 from ..io.copy import Cancelled, copy_and_digest, link_and_digest, same_filesystem
-from ..io.digest import tensor_digests
+from ..io.digest import ALGORITHMS, DEFAULT_ALGORITHM, tensor_digests
 from ..io.safetensors_format import DTYPE_SIZES
 from ..io.writer import (AtomicDirectory, SafetensorsWriter, check_output_location, default_output, write_index,
                          write_json)
@@ -34,7 +34,7 @@ from .selection import select_layers
 #: progress(stage, bytes_done_increment, stage_total_bytes)
 ProgressFn = Callable[[str, int, int], None]
 MAX_SHARD_BYTES = 5 * 1024**3
-#: Threads creating new-weight chunks (torch fills tensors without the GIL).
+#: Threads creating new-weight chunks (numpy fills arrays without the GIL).
 GENERATOR_THREADS = max(1, min(4, os.cpu_count() or 1))
 DTYPE_CHOICES = {"same": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 #: How the base's tensors reach the output.
@@ -112,16 +112,20 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
          fusion_vocab: int = 0, init: str = "normal", init_std: float = 0.02, seed: int = 0, dtype: str = "same",
          config: str | os.PathLike[str] | None = None, num_heads: int | None = None,
          num_kv_heads: int | None = None, rope_defaults: str | None = None, force: bool = False, link: bool = False,
-         adapter_only: bool = False, progress: ProgressFn | None = None) -> FuseResult:
+         adapter_only: bool = False, digest: str = DEFAULT_ALGORITHM,
+         progress: ProgressFn | None = None) -> FuseResult:
     """Fuse gated cross-attention layers into a decoder checkpoint and write the fused directory.
 
     Every original tensor keeps its key and bytes (its shard file is copied as is, or hard-linked
     with ``link``, or left out with ``adapter_only``); the new tensors go to
     ``fusion-*.safetensors`` files; an index maps every key; ``config.json`` gains a ``fusion``
-    section; ``fusion_manifest.json`` records settings and digests. Returns a summary.
+    section; ``fusion_manifest.json`` records settings and digests (``digest``: blake3 or sha256).
+    Returns a summary.
     """
     if link and adapter_only:
         raise UsageError("--link and --adapter-only exclude each other")
+    if digest not in ALGORITHMS:
+        raise UsageError(f"--digest must be one of {', '.join(ALGORITHMS)}, got {digest!r}")
     base_path = Path(base)
     ckpt = Checkpoint.open(base_path, config=config)
     check_not_fused(ckpt)
@@ -143,8 +147,8 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
         with ThreadPoolExecutor(1, thread_name_prefix="originals") as mover, \
                 ThreadPoolExecutor(GENERATOR_THREADS, thread_name_prefix="init") as generator:
             try:
-                originals_job = mover.submit(_bring_originals, ckpt, tmp, layout, progress, cancel)
-                new_files, new_digests = _write_new(ckpt, new, fusion.seed, tmp, progress, generator)
+                originals_job = mover.submit(_bring_originals, ckpt, tmp, layout, digest, progress, cancel)
+                new_files, new_digests = _write_new(ckpt, new, fusion.seed, tmp, digest, progress, generator)
                 originals, file_digests = originals_job.result()
             except BaseException:
                 cancel.set()
@@ -158,7 +162,8 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
         write_json(tmp / CONFIG_NAME, doc)
         base_desc = describe_base(ckpt, cfg, str(base_path), file_digests)
         manifest = build_manifest(base_desc=base_desc, fusion=fusion, new=new, new_files=new_files,
-                                  new_digests=new_digests, originals=originals, layout=layout)
+                                  new_digests=new_digests, originals=originals, layout=layout,
+                                  digest_algorithm=digest)
         write_json(tmp / MANIFEST_NAME, manifest)
         result.files = [{"name": f.name, "bytes": f.stat().st_size, "linked": f.stat().st_nlink > 1}
                         for f in sorted(tmp.iterdir())]
@@ -189,7 +194,7 @@ def _fusion_config(cfg: ModelConfig, ckpt: Checkpoint, chosen: list[int], fusion
     )
 
 
-def _bring_originals(ckpt: Checkpoint, tmp: Path, layout: str, progress: ProgressFn | None,
+def _bring_originals(ckpt: Checkpoint, tmp: Path, layout: str, algorithm: str, progress: ProgressFn | None,
                      cancel: threading.Event) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Copy (or link, or only digest) every base shard; digests describe the bytes in the output."""
     total = ckpt.total_bytes()
@@ -202,11 +207,11 @@ def _bring_originals(ckpt: Checkpoint, tmp: Path, layout: str, progress: Progres
             raise Cancelled()
         src = ckpt.path_of(name)
         if layout == "copy":
-            digests, file_digests[name] = copy_and_digest(src, tmp / name, header, step, cancel)
+            digests, file_digests[name] = copy_and_digest(src, tmp / name, header, step, cancel, algorithm)
         elif layout == "link":
-            digests, file_digests[name] = link_and_digest(src, tmp / name, header, step)
+            digests, file_digests[name] = link_and_digest(src, tmp / name, header, step, algorithm)
         else:
-            digests, file_digests[name] = tensor_digests(src, header, step)
+            digests, file_digests[name] = tensor_digests(src, header, step, algorithm)
         for key, info in header.tensors.items():
             originals.append({"name": key, "shape": list(info.shape), "dtype": info.dtype, "file": name,
                               "digest": digests[key]})
@@ -229,8 +234,8 @@ def _shard_new(new: list[NewTensor]) -> list[list[NewTensor]]:
     return shards
 
 
-def _write_new(ckpt: Checkpoint, new: list[NewTensor], seed: int, tmp: Path, progress: ProgressFn | None,
-               pool: ThreadPoolExecutor) -> tuple[dict[str, str], dict[str, str]]:
+def _write_new(ckpt: Checkpoint, new: list[NewTensor], seed: int, tmp: Path, algorithm: str,
+               progress: ProgressFn | None, pool: ThreadPoolExecutor) -> tuple[dict[str, str], dict[str, str]]:
     """Write the new tensors into ``fusion-XXXXX-of-YYYYY.safetensors``, one tensor at a time."""
     shards = _shard_new(new)
     total = sum(_nbytes(t) for t in new)
@@ -242,7 +247,7 @@ def _write_new(ckpt: Checkpoint, new: list[NewTensor], seed: int, tmp: Path, pro
         if name in ckpt.files:
             raise CheckpointError(f"base already has a file named {name}")
         writer = SafetensorsWriter(tmp / name, [(t.key, t.dtype, t.shape) for t in shard],
-                                   {"format": "pt", "producer": f"fusionsurgery {__version__}"})
+                                   {"format": "pt", "producer": f"fusionsurgery {__version__}"}, algorithm)
         try:
             for t in shard:
                 digests[t.key] = writer.write(t.key, tensor_chunks(t, seed, ckpt, pool), step)

@@ -1,11 +1,14 @@
 """Creating the new weights one row-chunk at a time, reproducibly and in parallel.
 
-Every chunk has its own generator (a CPU ``torch.Generator``)
-seeded from (seed, canonical name, chunk index), so the values depend only on the seed, the tensor
-and the torch version: never on memory limits, thread count or the naming family. Chunks are
-produced by a small thread pool (torch fills tensors without the GIL; its vectorised normal
-sampler is about twice as fast as numpy's here) and handed to the writer in order, a few at a
-time, so memory stays flat.
+Every chunk has its own generator (numpy's SFC64) seeded from (seed, canonical name, chunk index),
+so the values depend only on the seed and the tensor: never on memory limits, thread count or the
+naming family. Chunks are produced by a small thread pool (numpy releases the GIL while it fills
+arrays) and handed to the writer in order, a few at a time, so memory stays flat.
+
+Why numpy and not torch.randn, which is twice as fast on one core: torch picks its normal sampler
+by CPU (AVX2/AVX-512 or scalar) and the two differ in the last bits of a third of the values, so
+the same seed would give other bytes on another machine. numpy's ziggurat gives the same values
+everywhere.
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ CHUNK_ELEMS = 1 << 22
 PREFETCH = 4
 
 
-def _generator(seed: int, name: str, chunk: int) -> torch.Generator:
+def _seed(seed: int, name: str, chunk: int) -> int:
     digest = hashlib.sha256(f"{seed}/{name}/{chunk}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return int.from_bytes(digest[:16], "little")
 
 
 def _layout(shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -47,10 +50,13 @@ def num_chunks(spec: NewTensor) -> int:
     return max(1, -(-rows // step)) if rows else 0
 
 
-def _to_bytes_view(values: torch.Tensor, dtype: str) -> np.ndarray:
-    """fp32 values as a contiguous array holding ``dtype``'s raw bytes."""
-    out = values.to(TORCH_DTYPES[dtype])
-    return (out if dtype == "F32" else out.view(torch.int16)).numpy()
+def _to_bytes_view(values: np.ndarray, dtype: str) -> np.ndarray:
+    """fp32 values as a contiguous array of ``dtype``'s raw bytes (bf16 goes through torch)."""
+    if dtype == "F32":
+        return np.ascontiguousarray(values, dtype=np.float32)
+    if dtype == "F16":
+        return values.astype(np.float16)
+    return torch.from_numpy(values).to(TORCH_DTYPES[dtype]).view(torch.int16).numpy()
 
 
 def make_chunk(spec: NewTensor, seed: int, index: int, base: Checkpoint | None = None) -> np.ndarray | bytes:
@@ -61,14 +67,19 @@ def make_chunk(spec: NewTensor, seed: int, index: int, base: Checkpoint | None =
     if spec.init == "copy":
         return _copy_rows(spec, base, r0, n, cols)
     if spec.init in ("zeros", "ones"):
-        values = torch.full((n * cols,), 0.0 if spec.init == "zeros" else 1.0)
-    elif spec.init == "normal":
-        values = torch.randn(n * cols, generator=_generator(seed, spec.canonical, index)).mul_(spec.std)
-    elif spec.init == "xavier":
-        bound = math.sqrt(6.0 / (cols + spec.shape[0]))
-        values = torch.empty(n * cols).uniform_(-bound, bound, generator=_generator(seed, spec.canonical, index))
+        values = np.full(n * cols, 0.0 if spec.init == "zeros" else 1.0, dtype=np.float32)
     else:
-        raise ValueError(f"unknown init {spec.init!r}")
+        gen = np.random.Generator(np.random.SFC64(_seed(seed, spec.canonical, index)))
+        if spec.init == "normal":
+            values = gen.standard_normal(n * cols, dtype=np.float32)
+            values *= np.float32(spec.std)
+        elif spec.init == "xavier":
+            bound = math.sqrt(6.0 / (cols + spec.shape[0]))
+            values = gen.random(n * cols, dtype=np.float32)
+            values *= np.float32(2 * bound)
+            values -= np.float32(bound)
+        else:
+            raise ValueError(f"unknown init {spec.init!r}")
     return _to_bytes_view(values, spec.dtype)
 
 
@@ -87,7 +98,7 @@ def _copy_rows(spec: NewTensor, base: Checkpoint | None, r0: int, n: int, cols: 
         raw = fh.read(n * row_bytes)
     if info.dtype == spec.dtype:
         return raw
-    src = torch.frombuffer(bytearray(raw), dtype=TORCH_DTYPES[info.dtype]).float()
+    src = torch.frombuffer(bytearray(raw), dtype=TORCH_DTYPES[info.dtype]).float().numpy()
     return _to_bytes_view(src, spec.dtype)
 
 

@@ -8,12 +8,12 @@ from typing import Any
 
 from ..arch.config import FusionConfig, ModelConfig
 from ..io.checkpoint import Checkpoint
+from ..io.digest import DEFAULT_ALGORITHM, scheme
 from ..version import __version__
 from .plan import NewTensor
 
 MANIFEST_FORMAT = "fusionsurgery-manifest"
 MANIFEST_VERSION = 1
-DIGEST_SCHEME = "sha256 of each tensor's raw bytes; file digest = sha256(header bytes + tensor digests in file order)"
 
 
 def describe_base(base: Checkpoint, cfg: ModelConfig, source: str, file_digests: dict[str, str]) -> dict[str, Any]:
@@ -37,7 +37,7 @@ def describe_base(base: Checkpoint, cfg: ModelConfig, source: str, file_digests:
 
 def build_manifest(*, base_desc: dict[str, Any], fusion: FusionConfig, new: list[NewTensor],
                    new_files: dict[str, str], new_digests: dict[str, str], originals: list[dict[str, Any]],
-                   layout: str = "copy") -> dict[str, Any]:
+                   layout: str = "copy", digest_algorithm: str = DEFAULT_ALGORITHM) -> dict[str, Any]:
     """The whole manifest document. ``layout``: how the originals reached the output (copy, link)
     or that they did not (adapter: only the new tensors, the base named by its digests)."""
     fusion_params = sum(t.numel for t in new)
@@ -47,7 +47,8 @@ def build_manifest(*, base_desc: dict[str, Any], fusion: FusionConfig, new: list
         "format_version": MANIFEST_VERSION,
         "tool": {"name": "fusionsurgery", "version": __version__},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "digest_scheme": DIGEST_SCHEME,
+        "digest_algorithm": digest_algorithm,
+        "digest_scheme": scheme(digest_algorithm),
         "layout": layout,
         "base": base_desc,
         "fusion": fusion.to_dict(),

@@ -1,6 +1,6 @@
 """Check 2, originals intact: every original tensor bit-identical to the base (or the manifest's digests).
 
-Hashes each file once, sequentially (sha256 per tensor, the manifest's scheme). No torch.
+Hashes each file once, sequentially (per tensor, with the manifest's algorithm). No torch.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..io.checkpoint import Checkpoint
-from ..io.digest import tensor_digests
+from ..io.digest import DEFAULT_ALGORITHM, algorithm_of, tensor_digests
 from .report import CheckResult
 from .structure import Layout, listed
 
@@ -16,11 +16,12 @@ NAME, TITLE = "originals", "Originals intact: every original tensor bit-identica
 Progress = Callable[[int], None]
 
 
-def checkpoint_digests(ckpt: Checkpoint, progress: Progress | None = None) -> dict[str, str]:
-    """sha256 of every tensor's bytes, reading each file once."""
+def checkpoint_digests(ckpt: Checkpoint, progress: Progress | None = None,
+                       algorithm: str = DEFAULT_ALGORITHM) -> dict[str, str]:
+    """The digest of every tensor's bytes, reading each file once."""
     out: dict[str, str] = {}
     for name, header in ckpt.files.items():
-        digests, _ = tensor_digests(ckpt.path_of(name), header, progress)
+        digests, _ = tensor_digests(ckpt.path_of(name), header, progress, algorithm)
         out.update(digests)
     return out
 
@@ -33,7 +34,8 @@ def check_originals(ckpt: Checkpoint, layout: Layout, base: Checkpoint | None = 
     if base is None and manifest is None:
         result.fail("nothing to compare with: no fusion_manifest.json and no --base")
         return result.finish("", "no reference for the original tensors")
-    actual = checkpoint_digests(ckpt, progress)
+    algorithm = algorithm_of(manifest)
+    actual = checkpoint_digests(ckpt, progress, algorithm)
     originals = [k for k in layout.original_keys if k in actual]
     sources = []
     if manifest is not None:
@@ -45,7 +47,7 @@ def check_originals(ckpt: Checkpoint, layout: Layout, base: Checkpoint | None = 
         _report_trained(manifest, actual, result)
     if base is not None:
         sources.append("--base")
-        _compare_with_base(ckpt, base, actual, set(layout.original_keys), result, progress)
+        _compare_with_base(ckpt, base, actual, set(layout.original_keys), result, progress, algorithm)
     nbytes = sum(ckpt.info(k).nbytes for k in originals)
     result.figures.update({"original_tensors": len(originals), "original_bytes": nbytes, "against": sources})
     return result.finish(f"{len(originals)} original tensors ({nbytes:,} bytes) bit-identical "
@@ -53,8 +55,8 @@ def check_originals(ckpt: Checkpoint, layout: Layout, base: Checkpoint | None = 
 
 
 def _compare_with_base(ckpt: Checkpoint, base: Checkpoint, actual: dict[str, str], originals: set[str],
-                       result: CheckResult, progress: Progress | None) -> None:
-    base_digests = checkpoint_digests(base, progress)
+                       result: CheckResult, progress: Progress | None, algorithm: str) -> None:
+    base_digests = checkpoint_digests(base, progress, algorithm)
     missing = [k for k in base.keys() if k not in ckpt.key_to_file]
     if missing:
         result.fail(f"{len(missing)} base tensor(s) missing from the fused checkpoint: {listed(missing)}")
