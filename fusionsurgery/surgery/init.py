@@ -5,6 +5,10 @@ so the values depend only on the seed and the tensor: never on memory limits, th
 naming family. Chunks are produced by a small thread pool (numpy releases the GIL while it fills
 arrays) and handed to the writer in order, a few at a time, so memory stays flat.
 
+A bf16 or fp16 normal init is drawn already rounded (``rounded_normal``: a table lookup from
+32-bit random integers, about twice as fast as a float32 normal plus a conversion); fp32
+and the other inits use numpy's float32 samplers.
+
 Why numpy and not torch.randn, which is twice as fast on one core: torch picks its normal sampler
 by CPU (AVX2/AVX-512 or scalar) and the two differ in the last bits of a third of the values, so
 the same seed would give other bytes on another machine. numpy's ziggurat gives the same values
@@ -26,6 +30,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.safetensors_format import DTYPE_SIZES
 from ..io.torch_dtypes import TORCH_DTYPES
 from .plan import NewTensor
+from .rounded_normal import rounded_normal
 
 #: Elements per generated chunk (16 MiB of fp32): bounds memory whatever the tensor size.
 CHUNK_ELEMS = 1 << 22
@@ -70,6 +75,10 @@ def make_chunk(spec: NewTensor, seed: int, index: int, base: Checkpoint | None =
         values = np.full(n * cols, 0.0 if spec.init == "zeros" else 1.0, dtype=np.float32)
     else:
         gen = np.random.Generator(np.random.SFC64(_seed(seed, spec.canonical, index)))
+        if spec.init == "normal" and spec.dtype in ("BF16", "F16"):
+            # the rounded value straight from 32-bit integers: same distribution, a third of the work
+            raw = gen.bit_generator.random_raw((n * cols + 1) // 2).view(np.uint32)[:n * cols]
+            return rounded_normal(spec.std, spec.dtype).sample(raw)
         if spec.init == "normal":
             values = gen.standard_normal(n * cols, dtype=np.float32)
             values *= np.float32(spec.std)
