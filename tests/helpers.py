@@ -60,3 +60,13 @@ def read_json(path: Path) -> dict[str, Any]:
 def tokens(batch: int = 2, seq: int = 12, vocab: int = 128, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def open_gates(model: torch.nn.Module, value: float) -> None:
+    """Set every fusion gate (the ``*_scale.scale`` parameters) of ``model`` to ``value``."""
+    from fusionsurgery import get_fusion_params
+
+    with torch.no_grad():
+        for name, p in get_fusion_params(model).items():
+            if name.endswith("_scale.scale"):
+                p.fill_(value)

@@ -10,7 +10,7 @@ import fusionsurgery as fs
 from fusionsurgery.arch.config import read_model_config
 from fusionsurgery.errors import CheckpointError, UsageError
 from fusionsurgery.io.checkpoint import Checkpoint
-from helpers import tokens
+from helpers import open_gates, tokens
 
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=128, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -111,9 +111,7 @@ def test_open_gates_change_output_and_gemma_norm_scale_is_effective(fused):
     t, enc = tokens(vocab=ref.config.vocab_size), encoder(ref)
     with torch.no_grad():
         closed = model(t, encoder_input=enc)
-        for name, p in fs.get_fusion_params(model).items():
-            if name.endswith("_scale.scale"):
-                p.fill_(0.5)
+        open_gates(model, 0.5)
         opened = model(t, encoder_input=enc)
         assert not torch.allclose(opened, closed, atol=1e-3)
         # the stored zeros of a Gemma norm act as a scale of one: a fusion norm equals the plain formula

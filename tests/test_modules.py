@@ -10,6 +10,7 @@ from fusionsurgery.arch.config import FusionConfig, ModelConfig
 from fusionsurgery.builders import build_decoder, build_fusion_layer, build_self_attention_layer
 from fusionsurgery.modules import RotaryEmbedding, TransformerDecoder
 from fusionsurgery.modules.norm import RMSNorm
+from helpers import open_gates
 
 CFG = ModelConfig(family="torchtune", model_type="llama", num_layers=4, dim=32, num_heads=4, num_kv_heads=2,
                   head_dim=8, intermediate_dim=48, vocab_size=50, rope_theta=10000.0)
@@ -126,10 +127,7 @@ def test_fully_masked_tokens_get_no_cross_attention():
 
 def test_kv_cache_decoding_matches_full_forward_and_reset_empties():
     model = build_decoder(CFG, FUSION).eval()
-    with torch.no_grad():
-        for name, p in get_fusion_params(model).items():
-            if name.endswith("_scale.scale"):
-                p.fill_(0.7)
+    open_gates(model, 0.7)
     t, enc = torch.randint(0, CFG.vocab_size, (2, 7)), torch.randn(2, 5, 24)
     with torch.no_grad():
         full = model(t, encoder_input=enc)

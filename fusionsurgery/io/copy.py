@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import WriteError
 from .digest import DEFAULT_ALGORITHM, FileDigester, tensor_digests
+from .direct import USE_DIRECT, DirectFile
 from .safetensors_format import SafetensorsHeader, read_header
 
 COPY_CHUNK = 64 * 1024 * 1024
@@ -25,13 +26,25 @@ class Cancelled(Exception):
 
 def copy_file(src: Path, dst: Path, progress: Progress | None = None, *, digester: FileDigester | None = None,
               cancel: threading.Event | None = None) -> None:
-    """Copy ``src`` to ``dst`` chunk by chunk with ``copy_file_range`` (read/write where unsupported).
+    """Copy ``src`` to ``dst`` chunk by chunk, durably; ``digester`` sees every byte written.
 
-    With a ``digester``, each chunk is read back from ``dst`` while it is hot in the page cache and
-    digested on a second thread while the next chunk is copied: the digests describe what was
-    written, not what was read.
+    Where ``dst``'s filesystem takes ``O_DIRECT``, chunks are read into an aligned buffer, digested
+    there and written around the page cache (see ``direct.py``). Elsewhere the kernel copies with
+    ``copy_file_range`` (read/write where unsupported) and each chunk is read back from ``dst``
+    while hot in the page cache and digested on a second thread while the next is copied.
     """
     size = src.stat().st_size
+    out = DirectFile(dst) if USE_DIRECT else None
+    if out is not None and out.direct:
+        try:
+            _copy_direct(src, out, size, progress, digester, cancel)
+        except BaseException:
+            out.abort()
+            raise
+        out.close()
+        return
+    if out is not None:
+        out.abort()
     with open(src, "rb") as fin, open(dst, "w+b") as fout, ThreadPoolExecutor(1, "digest") as hasher:
         fast = hasattr(os, "copy_file_range")
         done = 0
@@ -82,6 +95,22 @@ def copy_file(src: Path, dst: Path, progress: Progress | None = None, *, digeste
             pending.result()
         fout.flush()
         os.fsync(fout.fileno())
+
+
+def _copy_direct(src: Path, out: DirectFile, size: int, progress: Progress | None, digester: FileDigester | None,
+                 cancel: threading.Event | None) -> None:
+    with open(src, "rb") as fin:
+        done = 0
+        while done < size:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            n = out.fill_from(fin.fileno(), done, min(COPY_CHUNK, size - done),
+                              digester.update if digester is not None else None)
+            if n == 0:
+                raise WriteError(f"{src}: file shrank while being copied")
+            done += n
+            if progress:
+                progress(n)
 
 
 def _digest_range(fd: int, off: int, n: int, digester: FileDigester, path: Path) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import UsageError, WriteError
 from .digest import DEFAULT_ALGORITHM, new_hash
+from .direct import DirectFile
 from .safetensors_format import build_header
 
 Progress = Callable[[int], None]
@@ -28,7 +29,7 @@ class SafetensorsWriter:
         prefix, self._offsets = build_header(entries, metadata)
         self._order = [name for name, _, _ in entries]
         self._next = 0
-        self._fh = open(path, "wb")
+        self._fh = DirectFile(path)
         self._fh.write(prefix)
 
     def write(self, name: str, chunks: Iterable[bytes | memoryview], progress: Progress | None = None) -> str:
@@ -51,14 +52,12 @@ class SafetensorsWriter:
 
     def close(self) -> None:
         if self._next != len(self._order):
-            self._fh.close()
+            self._fh.abort()
             raise RuntimeError(f"{self.path}: {len(self._order) - self._next} tensor(s) never written")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
         self._fh.close()
 
     def abort(self) -> None:
-        self._fh.close()
+        self._fh.abort()
 
 
 def default_output(source: Path, suffix: str) -> Path:
