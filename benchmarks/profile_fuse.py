@@ -4,8 +4,9 @@
     python benchmarks/profile_fuse.py benchmarks/work/base-3b [--every 4] [--init normal]
 
 Stages: start-up imports (in fresh interpreters), opening the base (headers), creating the new
-weights (make_chunk: random numbers + dtype conversion), digesting bytes (sha256), copying a shard
-(copy_file_range, with and without the read-back digest) against `cp`, and writing the new bytes.
+weights (make_chunk: random numbers + dtype conversion), digesting bytes (blake3, sha256), copying
+a shard (fuse's copy_file: O_DIRECT where the filesystem takes it, else copy_file_range; with and
+without the digest) against `cp`, and writing the new bytes through the page cache and around it.
 Each figure is a throughput, so the sum of stage times over the 2 threads `fuse` runs says how
 far the engine can be from `cp -r`. The base is read into the page cache first.
 """
@@ -128,6 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     sha = reps * len(buf) / (time.perf_counter() - t)
     row("sha256 (hashlib)", f"{sha / 1e9:.2f} GB/s -> {base_bytes / sha:.1f} s for the base, "
                             f"{new_elems * 2 / sha:.1f} s for the new bytes")
+    import blake3
+
+    t = time.perf_counter()
+    h3 = blake3.blake3()
+    for _ in range(reps):
+        h3.update(buf)
+    b3 = reps * len(buf) / (time.perf_counter() - t)
+    row("blake3 (fuse's default)", f"{b3 / 1e9:.2f} GB/s -> {base_bytes / b3:.1f} s for the base, "
+                                   f"{new_elems * 2 / b3:.1f} s for the new bytes")
 
     # copying the largest shard: cp, copy_file alone, copy_file + digest
     shard = max((ckpt.path_of(name) for name in ckpt.files), key=lambda p: p.stat().st_size)
@@ -150,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         timed(f"cp {shard.name} ({size / 1e9:.2f} GB)", lambda: subprocess.run(["cp", shard, scratch / "x"], check=True))
         timed("cp + sync", lambda: subprocess.run(["sh", "-c", f'cp "{shard}" "{scratch}/x" && sync "{scratch}/x"'],
                                                   check=True))
-        timed("copy_file (copy_file_range + fsync)", lambda: copy_file(shard, scratch / "x"))
-        timed("copy_file + read-back digest (fuse's copy)",
+        timed("copy_file (O_DIRECT or copy_file_range, + fsync)", lambda: copy_file(shard, scratch / "x"))
+        timed("copy_file + digest (fuse's copy)",
               lambda: copy_file(shard, scratch / "x", digester=FileDigester(header)))
 
         def write_new() -> None:
@@ -166,6 +176,18 @@ def main(argv: list[str] | None = None) -> int:
                 os.fsync(fh.fileno())
 
         timed("write the same size from memory + fsync", write_new)
+
+        def write_new_direct() -> None:
+            from fusionsurgery.io.direct import DirectFile
+
+            block = buf[: 64 << 20] if len(buf) >= 64 << 20 else (buf * ((64 << 20) // len(buf) + 1))[: 64 << 20]
+            out, left = DirectFile(scratch / "x"), size
+            while left > 0:
+                out.write(block[:left])
+                left -= len(block)
+            out.close()
+
+        timed("the same through DirectFile (O_DIRECT) + fsync", write_new_direct)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

@@ -49,3 +49,23 @@ def test_rejects_what_it_cannot_tabulate():
         rounded_normal(0.0, "BF16")
     with pytest.raises(ValueError):
         rounded_normal(0.02, "F32")
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+def test_float_bits_round_like_torch(dtype):
+    """fuse converts without torch; the bits must be the ones torch would write (round to nearest even)."""
+    from fusionsurgery.io.float_bits import from_float32, to_float32
+
+    rng = np.random.default_rng(0)
+    specials = np.array([0.0, -0.0, 1.0, -1.5, np.inf, -np.inf, np.nan, 3.4e38, -3.4e38, 1e-40, -1e-45, 65504.0,
+                         65520.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 6e-8], dtype=np.float32)
+    ties = (np.arange(1 << 16, dtype=np.uint32) << 16 | 0x8000).view(np.float32)  # exact bf16 half-way points
+    values = np.concatenate([specials, rng.standard_normal(100_000).astype(np.float32) * 0.02,
+                             ties[np.isfinite(ties)], rng.integers(0, 2**32, 100_000, dtype=np.uint32).view(np.float32)])
+    ours = from_float32(values, dtype)
+    ref = torch.from_numpy(values).to({"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[dtype])
+    ref_bits = ref.view(torch.int16 if dtype != "F32" else torch.int32).numpy()
+    nan = np.isnan(values)
+    assert np.array_equal(ours.view(ref_bits.dtype)[~nan], ref_bits[~nan])
+    back = to_float32(ours.tobytes(), dtype)
+    assert np.isnan(back[nan]).all() and np.array_equal(back[~nan], ref.float().numpy()[~nan])  # NaN stays NaN

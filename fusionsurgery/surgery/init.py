@@ -24,11 +24,10 @@ from collections.abc import Iterator
 from concurrent.futures import Executor
 
 import numpy as np
-import torch
 
 from ..io.checkpoint import Checkpoint
+from ..io.float_bits import FLOAT_DTYPES, from_float32, to_float32
 from ..io.safetensors_format import DTYPE_SIZES
-from ..io.torch_dtypes import TORCH_DTYPES
 from .plan import NewTensor
 from .rounded_normal import rounded_normal
 
@@ -53,15 +52,6 @@ def _layout(shape: tuple[int, ...]) -> tuple[int, int, int]:
 def num_chunks(spec: NewTensor) -> int:
     rows, _, step = _layout(spec.shape)
     return max(1, -(-rows // step)) if rows else 0
-
-
-def _to_bytes_view(values: np.ndarray, dtype: str) -> np.ndarray:
-    """fp32 values as a contiguous array of ``dtype``'s raw bytes (bf16 goes through torch)."""
-    if dtype == "F32":
-        return np.ascontiguousarray(values, dtype=np.float32)
-    if dtype == "F16":
-        return values.astype(np.float16)
-    return torch.from_numpy(values).to(TORCH_DTYPES[dtype]).view(torch.int16).numpy()
 
 
 def make_chunk(spec: NewTensor, seed: int, index: int, base: Checkpoint | None = None) -> np.ndarray | bytes:
@@ -89,7 +79,7 @@ def make_chunk(spec: NewTensor, seed: int, index: int, base: Checkpoint | None =
             values -= np.float32(bound)
         else:
             raise ValueError(f"unknown init {spec.init!r}")
-    return _to_bytes_view(values, spec.dtype)
+    return from_float32(values, spec.dtype)
 
 
 def _copy_rows(spec: NewTensor, base: Checkpoint | None, r0: int, n: int, cols: int) -> np.ndarray | bytes:
@@ -107,8 +97,15 @@ def _copy_rows(spec: NewTensor, base: Checkpoint | None, r0: int, n: int, cols: 
         raw = fh.read(n * row_bytes)
     if info.dtype == spec.dtype:
         return raw
-    src = torch.frombuffer(bytearray(raw), dtype=TORCH_DTYPES[info.dtype]).float().numpy()
-    return _to_bytes_view(src, spec.dtype)
+    if info.dtype in FLOAT_DTYPES:
+        src = to_float32(raw, info.dtype)
+    else:  # another source type (F64, ...): torch converts it
+        import torch
+
+        from ..io.torch_dtypes import TORCH_DTYPES
+
+        src = torch.frombuffer(bytearray(raw), dtype=TORCH_DTYPES[info.dtype]).float().numpy()
+    return from_float32(src, spec.dtype)
 
 
 def tensor_chunks(spec: NewTensor, seed: int, base: Checkpoint | None = None,
