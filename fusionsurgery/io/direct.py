@@ -20,8 +20,8 @@ from pathlib import Path
 ALIGN = 4096
 #: Bytes gathered before a write: a multiple of ALIGN.
 BUFFER_BYTES = 32 * 1024 * 1024
-#: Set to False to write every file through the page cache (tests compare both paths).
-USE_DIRECT = hasattr(os, "O_DIRECT")
+#: False writes every file through the page cache: set FUSIONSURGERY_DIRECT_IO=0 (tests compare both paths).
+USE_DIRECT = hasattr(os, "O_DIRECT") and os.environ.get("FUSIONSURGERY_DIRECT_IO", "1") != "0"
 
 
 class DirectFile:
