@@ -10,6 +10,7 @@ from rich.table import Table
 
 from .app import app
 from .console import console, human_bytes, print_json
+from .options import Force, JsonOut
 from .progress import byte_progress
 
 
@@ -38,9 +39,8 @@ def export(
     rope_defaults: Annotated[Optional[str], typer.Option("--rope-defaults", help="With no config: assume these RoPE "
                                                          "settings. 'llama3' is torchtune's Llama 3 (theta 500000, "
                                                          "llama3 scaling factor 8, low 1, high 4, context 8192).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output (only once the new one is "
-                                        "complete).")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary instead of the report.")] = False,
+    force: Force = False,
+    json_out: JsonOut = False,
 ) -> None:
     """Export a fused checkpoint so another stack loads it.
 
@@ -81,9 +81,8 @@ def unfuse(
     fused: Annotated[Path, typer.Argument(metavar="FUSED", help="A fused checkpoint directory.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory [default: <input>-unfused "
                                                 "beside the input].")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output (only once the new one is "
-                                        "complete).")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary instead of the report.")] = False,
+    force: Force = False,
+    json_out: JsonOut = False,
 ) -> None:
     """Give back the base of a fused checkpoint: the same keys, dtypes, shapes and bytes, and its config.
 

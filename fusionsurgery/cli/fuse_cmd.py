@@ -10,6 +10,7 @@ from rich.table import Table
 
 from .app import app
 from .console import console, human_bytes, human_count, print_json
+from .options import Force, JsonOut
 from .progress import byte_progress
 
 
@@ -50,8 +51,8 @@ def fuse(
                                                "base=BASE) / verify --base refuse any other base.")] = False,
     digest: Annotated[str, typer.Option("--digest", help="Hash of the manifest's content digests: blake3 (fast) or "
                                         "sha256.")] = "blake3",
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output (only once the new one is complete).")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary instead of the report.")] = False,
+    force: Force = False,
+    json_out: JsonOut = False,
     verify_output: Annotated[bool, typer.Option("--verify", help="Run every `fusionsurgery verify` check on the output "
                                                 "right after fusing (against the base).")] = False,
     device: Annotated[str, typer.Option("--device", help="Device for --verify: auto (CUDA when present), cpu, cuda, "

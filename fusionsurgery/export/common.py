@@ -11,7 +11,7 @@ from typing import Any
 
 from ..arch.config import FusionConfig, ModelConfig, read_fusion_config, read_model_config
 from ..io.checkpoint import Checkpoint
-from ..io.digest import algorithm_of, scheme
+from ..io.digest import algorithm_of, tensor_scheme
 from ..io.writer import check_output_location, default_output, write_json  # noqa: F401  (used by the exports)
 from ..version import __version__
 from .tensors import OutTensor
@@ -96,7 +96,7 @@ def export_manifest(src: Source, target: str, entries: list[dict[str, Any]], not
         "tool": {"name": "fusionsurgery", "version": __version__},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "digest_algorithm": src.digest,
-        "digest_scheme": scheme(src.digest).split(";")[0],
+        "digest_scheme": tensor_scheme(src.digest),
         "target": target,
         "source": {
             "path": str(src.path), "family": src.cfg.family, "model_type": src.cfg.model_type,

@@ -159,7 +159,7 @@ def link_and_digest(src: Path, dst: Path, header: SafetensorsHeader, progress: P
 
 
 def _same_header(written: SafetensorsHeader, expected: SafetensorsHeader, src: Path) -> None:
-    if written.tensors != {k: v for k, v in expected.tensors.items()} or written.file_size != expected.file_size:
+    if written.tensors != expected.tensors or written.file_size != expected.file_size:
         raise WriteError(f"{src}: the base file changed while it was being read; run again")
 
 

@@ -42,10 +42,14 @@ def new_hash(algorithm: str = DEFAULT_ALGORITHM) -> Hash:
     raise ValueError(f"unknown digest algorithm {algorithm!r} (known: {', '.join(ALGORITHMS)})")
 
 
+def tensor_scheme(algorithm: str) -> str:
+    """How a tensor's digest is made, in words."""
+    return f"{algorithm} of each tensor's raw bytes"
+
+
 def scheme(algorithm: str) -> str:
-    """The digest scheme in words, for manifests."""
-    return (f"{algorithm} of each tensor's raw bytes; "
-            f"file digest = {algorithm}(header bytes + tensor digests in file order)")
+    """The digest scheme in words (tensors and files), for fusion manifests."""
+    return f"{tensor_scheme(algorithm)}; file digest = {algorithm}(header bytes + tensor digests in file order)"
 
 
 def algorithm_of(manifest: Mapping[str, Any] | None) -> str:

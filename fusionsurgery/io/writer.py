@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
-import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType

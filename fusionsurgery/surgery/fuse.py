@@ -1,8 +1,9 @@
 """The fuse engine: base checkpoint in, fused checkpoint directory out, one tensor at a time.
 
-Two threads share the work: one brings the base's shard files over (copied with the kernel's
-help, or hard-linked) and digests them on the way, while the main thread writes the new tensors,
-whose chunks a third thread generates ahead of it. Nothing holds more than a few chunks in memory.
+One thread brings the base's shard files over (copied, written around the page cache where the
+filesystem allows, or hard-linked) and digests them on the way, while the main thread writes the
+new tensors, whose chunks a pool of ``GENERATOR_THREADS`` creates ahead of it. Nothing holds more
+than a few chunks in memory.
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ MAX_SHARD_BYTES = 5 * 1024**3
 #: Threads creating new-weight chunks (numpy fills arrays without the GIL).
 GENERATOR_THREADS = max(1, min(4, os.cpu_count() or 1))
 DTYPE_CHOICES = {"same": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-#: How the base's tensors reach the output.
-LAYOUTS = ("copy", "link", "adapter")
 
 
 @dataclass

@@ -66,7 +66,7 @@ def make_chunk(spec: NewTensor, seed: int, index: int, base: Checkpoint | None =
     else:
         gen = np.random.Generator(np.random.SFC64(_seed(seed, spec.canonical, index)))
         if spec.init == "normal" and spec.dtype in ("BF16", "F16"):
-            # the rounded value straight from 32-bit integers: same distribution, a third of the work
+            # the rounded value straight from 32-bit integers: same distribution, half the work
             raw = gen.bit_generator.random_raw((n * cols + 1) // 2).view(np.uint32)[:n * cols]
             return rounded_normal(spec.std, spec.dtype).sample(raw)
         if spec.init == "normal":
