@@ -46,6 +46,14 @@ def save_hf(model, path: Path, dtype: torch.dtype = torch.float32) -> Path:
     return path
 
 
+def save_sharded(model, path: Path, max_shard_size: str = "100KB") -> list[str]:
+    """Save ``model`` as a sharded Hugging Face directory (index + several shards); the shard names."""
+    model.save_pretrained(str(path), max_shard_size=max_shard_size)
+    shards = sorted(p.name for p in path.glob("model-*.safetensors"))
+    assert len(shards) > 1, "the model is too small to shard at this size"
+    return shards
+
+
 def make_base(tmp_path: Path, arch: str = "llama", dtype: torch.dtype = torch.float32, **overrides: Any) -> tuple[Path, Any]:
     """Save a transformers model to ``tmp_path/arch`` and return (path, model)."""
     model = hf_model(arch, **overrides)

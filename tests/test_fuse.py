@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import fusionsurgery as fs
 from fusionsurgery.cli import main
 from fusionsurgery.io.checkpoint import Checkpoint
-from helpers import hf_model, make_base, read_json
+from helpers import hf_model, make_base, read_json, save_sharded
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "tiny-llama"
 
@@ -82,9 +82,7 @@ def test_manifest_is_complete(tmp_path, llama):
 def test_sharded_base_keeps_its_shard_files(tmp_path):
     model = hf_model("llama")
     base = tmp_path / "sharded"
-    model.save_pretrained(str(base), max_shard_size="100KB")
-    shards = sorted(p.name for p in base.glob("model-*.safetensors"))
-    assert len(shards) > 1
+    shards = save_sharded(model, base)
     out = tmp_path / "o"
     fs.fuse(base, out, every=2)
     for name in shards:

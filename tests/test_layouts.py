@@ -13,14 +13,14 @@ import fusionsurgery as fs
 from fusionsurgery.cli import main
 from fusionsurgery.errors import UsageError
 from fusionsurgery.io.checkpoint import Checkpoint
-from helpers import hf_model, open_gates, tokens
+from helpers import hf_model, open_gates, save_sharded, tokens
 
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("layouts")
     base = tmp / "base"
-    hf_model("llama").save_pretrained(str(base), max_shard_size="200KB")
+    save_sharded(hf_model("llama"), base, "200KB")
     for name, kw in (("copy", {}), ("link", {"link": True}), ("adapter", {"adapter_only": True})):
         fs.fuse(base, tmp / name, every=2, seed=5, **kw)
     return tmp
@@ -71,7 +71,7 @@ def test_adapter_refuses_a_missing_or_different_base(outputs, tmp_path):
     with pytest.raises(UsageError, match="--base"):
         fs.load_fused(outputs / "adapter")
     other = tmp_path / "other"
-    hf_model("llama", seed=1).save_pretrained(str(other), max_shard_size="200KB")
+    save_sharded(hf_model("llama", seed=1), other, "200KB")
     with pytest.raises(Exception, match="differs from the adapter's base"):
         fs.load_fused(outputs / "adapter", base=other)
     with pytest.raises(Exception, match="not an adapter"):
@@ -115,7 +115,7 @@ def test_verify_and_inspect_accept_link_and_adapter_outputs(outputs, capsys):
 
 def test_verify_fails_an_adapter_on_another_base(outputs, tmp_path, capsys):
     other = tmp_path / "other"
-    hf_model("llama", seed=1).save_pretrained(str(other), max_shard_size="200KB")
+    save_sharded(hf_model("llama", seed=1), other, "200KB")
     assert main(["verify", str(outputs / "adapter"), "--base", str(other), "--device", "cpu"]) == 1
     assert "originals" in capsys.readouterr().err.lower()
 

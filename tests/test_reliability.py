@@ -109,10 +109,10 @@ def test_pickle_checkpoints_are_refused_without_loading(tmp_path, capsys, suffix
 # ---------------------------------------------------------------- sharded directories
 @pytest.fixture()
 def sharded(tmp_path) -> Path:
-    from helpers import hf_model
+    from helpers import hf_model, save_sharded
 
     base = tmp_path / "sharded"
-    hf_model("llama").save_pretrained(str(base), max_shard_size="100KB")
+    save_sharded(hf_model("llama"), base)
     return base
 
 

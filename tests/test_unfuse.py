@@ -14,7 +14,7 @@ from fusionsurgery.cli import main
 from fusionsurgery.errors import UsageError
 from fusionsurgery.export import export, unfuse
 from fusionsurgery.io.checkpoint import Checkpoint
-from helpers import hf_model, make_base, read_json
+from helpers import hf_model, make_base, read_json, save_sharded
 
 
 def same_checkpoint(a: Path, b: Path) -> None:
@@ -40,11 +40,8 @@ def test_single_file_base_comes_back_byte_for_byte(tmp_path):
 
 
 def test_sharded_base_keeps_its_shards(tmp_path):
-    model = hf_model("qwen3")
     base = tmp_path / "sharded"
-    model.save_pretrained(str(base), max_shard_size="100KB")
-    shards = sorted(p.name for p in base.glob("*.safetensors"))
-    assert len(shards) > 1
+    shards = save_sharded(hf_model("qwen3"), base)
     fs.fuse(base, tmp_path / "fused", every=2)
     unfuse(tmp_path / "fused", tmp_path / "back")
     for name in shards:
