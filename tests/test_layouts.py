@@ -149,3 +149,21 @@ def test_sha256_digests_are_checked_like_blake3_ones(outputs, tmp_path, capsys):
     assert "'md5'" in err.strip().splitlines()[-1] and "Traceback" not in err
     assert main(["fuse", str(base), "--every", "2", "--digest", "md5", "-o", str(tmp_path / "x")]) == 2
     assert "--digest" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_verify_reads_a_file_shared_with_the_base_once(outputs, monkeypatch):
+    """An adapter's base and a --link output's shards are the base's own files: digested once, not twice."""
+    from fusionsurgery.verify import originals
+
+    real, calls = originals.tensor_digests, []
+
+    def counting(path, *args, **kwargs):
+        calls.append(os.stat(path).st_ino)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(originals, "tensor_digests", counting)
+    base = outputs / "base"
+    for out in (outputs / "adapter", outputs / "link"):
+        calls.clear()
+        assert main(["verify", str(out), "--base", str(base), "--device", "cpu"]) == 0
+        assert len(calls) == len(set(calls)) > 0, calls

@@ -5,6 +5,7 @@ Hashes each file once, sequentially (per tensor, with the manifest's algorithm).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from ..io.checkpoint import Checkpoint
@@ -16,13 +17,22 @@ NAME, TITLE = "originals", "Originals intact: every original tensor bit-identica
 Progress = Callable[[int], None]
 
 
-def checkpoint_digests(ckpt: Checkpoint, progress: Progress | None = None,
-                       algorithm: str = DEFAULT_ALGORITHM) -> dict[str, str]:
-    """The digest of every tensor's bytes, reading each file once."""
+def checkpoint_digests(ckpt: Checkpoint, progress: Progress | None = None, algorithm: str = DEFAULT_ALGORITHM,
+                       seen: dict[tuple[int, ...], dict[str, str]] | None = None) -> dict[str, str]:
+    """The digest of every tensor's bytes, reading each file once.
+
+    ``seen`` remembers files already digested (by device, inode, size and mtime), so a file shared
+    by two checkpoints (an adapter's base, a --link output's shards) is read once, not twice.
+    """
+    seen = {} if seen is None else seen
     out: dict[str, str] = {}
     for name, header in ckpt.files.items():
-        digests, _ = tensor_digests(ckpt.path_of(name), header, progress, algorithm)
-        out.update(digests)
+        path = ckpt.path_of(name)
+        st = os.stat(path)
+        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if ident not in seen:
+            seen[ident] = tensor_digests(path, header, progress, algorithm)[0]
+        out.update(seen[ident])
     return out
 
 
@@ -35,7 +45,8 @@ def check_originals(ckpt: Checkpoint, layout: Layout, base: Checkpoint | None = 
         result.fail("nothing to compare with: no fusion_manifest.json and no --base")
         return result.finish("", "no reference for the original tensors")
     algorithm = algorithm_of(manifest)
-    actual = checkpoint_digests(ckpt, progress, algorithm)
+    seen: dict[tuple[int, ...], dict[str, str]] = {}
+    actual = checkpoint_digests(ckpt, progress, algorithm, seen)
     originals = [k for k in layout.original_keys if k in actual]
     sources = []
     if manifest is not None:
@@ -47,7 +58,7 @@ def check_originals(ckpt: Checkpoint, layout: Layout, base: Checkpoint | None = 
         _report_trained(manifest, actual, result)
     if base is not None:
         sources.append("--base")
-        _compare_with_base(ckpt, base, actual, set(layout.original_keys), result, progress, algorithm)
+        _compare_with_base(ckpt, base, actual, set(layout.original_keys), result, progress, algorithm, seen)
     nbytes = sum(ckpt.info(k).nbytes for k in originals)
     result.figures.update({"original_tensors": len(originals), "original_bytes": nbytes, "against": sources})
     return result.finish(f"{len(originals)} original tensors ({nbytes:,} bytes) bit-identical "
@@ -55,8 +66,9 @@ def check_originals(ckpt: Checkpoint, layout: Layout, base: Checkpoint | None = 
 
 
 def _compare_with_base(ckpt: Checkpoint, base: Checkpoint, actual: dict[str, str], originals: set[str],
-                       result: CheckResult, progress: Progress | None, algorithm: str) -> None:
-    base_digests = checkpoint_digests(base, progress, algorithm)
+                       result: CheckResult, progress: Progress | None, algorithm: str,
+                       seen: dict[tuple[int, ...], dict[str, str]]) -> None:
+    base_digests = checkpoint_digests(base, progress, algorithm, seen)
     missing = [k for k in base.keys() if k not in ckpt.key_to_file]
     if missing:
         result.fail(f"{len(missing)} base tensor(s) missing from the fused checkpoint: {listed(missing)}")
