@@ -234,3 +234,14 @@ def test_rope_defaults_for_a_torchtune_base_without_config(tmp_path, capsys):
     assert main(["verify", str(plain), "--device", "cpu", "--rope-defaults", "llama3"]) == 0
     assert main(["fuse", str(tmp_path / "t.safetensors"), "--every", "2", "--num-heads", "4", "-o",
                  str(tmp_path / "x"), "--rope-defaults", "llama2"]) == 2
+
+
+def test_new_tensors_are_grouped_into_shards_in_order():
+    from fusionsurgery.io.writer import group_into_shards
+    from fusionsurgery.surgery.plan import NewTensor
+
+    sizes = [3, 4, 2, 9, 1, 1]  # bf16 rows of 1 element: nbytes = 2 * size
+    tensors = [NewTensor(f"t{i}", f"t{i}", (n,), "BF16", "zeros") for i, n in enumerate(sizes)]
+    groups = group_into_shards(tensors, max_bytes=10)
+    assert [[t.key for t in g] for g in groups] == [["t0"], ["t1"], ["t2"], ["t3"], ["t4", "t5"]]
+    assert [t for g in group_into_shards(tensors, 10**9) for t in g] == tensors

@@ -17,13 +17,12 @@ from ..errors import CheckpointError
 from ..io.checkpoint import Checkpoint
 from ..io.digest import DEFAULT_ALGORITHM
 from ..io.safetensors_format import DTYPE_SIZES, read_exact
-from ..io.writer import SafetensorsWriter
+from ..io.writer import MAX_SHARD_BYTES, SafetensorsWriter, group_into_shards
 from ..version import __version__
 from .rope import permute_heads
 
 #: Bytes read per chunk.
 CHUNK_BYTES = 64 * 1024 * 1024
-MAX_SHARD_BYTES = 5 * 1024**3
 Progress = Callable[[int], None]
 
 
@@ -121,18 +120,6 @@ def _cast(raw: bytes, src: str, dst: str) -> bytes:
     return tensor_bytes(values.to(TORCH_DTYPES[dst]))
 
 
-def shard(tensors: list[OutTensor], max_bytes: int = MAX_SHARD_BYTES) -> list[list[OutTensor]]:
-    shards: list[list[OutTensor]] = [[]]
-    size = 0
-    for t in tensors:
-        if shards[-1] and size + t.nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += t.nbytes
-    return shards
-
-
 def shard_names(count: int, stem: str = "model") -> list[str]:
     if count == 1:
         return [f"{stem}.safetensors"]
@@ -146,7 +133,7 @@ def write_tensors(ckpt: Checkpoint, tensors: list[OutTensor], directory: Path, *
     """Write ``tensors`` into ``model*.safetensors`` shards; returns (key -> file, key -> digest)."""
     for t in tensors:
         check(ckpt, t)
-    groups = shard(tensors, max_shard_bytes)
+    groups = group_into_shards(tensors, max_shard_bytes)
     names = shard_names(len(groups))
     meta = {"format": "pt", "producer": f"fusionsurgery {__version__}", **(metadata or {})}
     files: dict[str, str] = {}

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from ..errors import UsageError, WriteError
 from .digest import DEFAULT_ALGORITHM, new_hash
@@ -58,6 +58,31 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         self._fh.abort()
+
+
+#: Largest shard file a writer makes (5 GiB).
+MAX_SHARD_BYTES = 5 * 1024**3
+
+
+class Sized(Protocol):
+    @property
+    def nbytes(self) -> int: ...
+
+
+S = TypeVar("S", bound=Sized)
+
+
+def group_into_shards(tensors: list[S], max_bytes: int = MAX_SHARD_BYTES) -> list[list[S]]:
+    """Consecutive groups of ``tensors`` of at most ``max_bytes`` each (a larger tensor alone)."""
+    shards: list[list[S]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
 
 
 def default_output(source: Path, suffix: str) -> Path:

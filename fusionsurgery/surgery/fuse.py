@@ -23,9 +23,8 @@ from ..errors import CheckpointError, UsageError
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
 from ..io.copy import Cancelled, copy_and_digest, link_and_digest, same_filesystem
 from ..io.digest import ALGORITHMS, DEFAULT_ALGORITHM, tensor_digests
-from ..io.safetensors_format import DTYPE_SIZES
-from ..io.writer import (AtomicDirectory, SafetensorsWriter, check_output_location, default_output, write_index,
-                         write_json)
+from ..io.writer import (AtomicDirectory, SafetensorsWriter, check_output_location, default_output,
+                         group_into_shards, write_index, write_json)
 from ..version import __version__
 from .init import tensor_chunks
 from .manifest import build_manifest, describe_base
@@ -34,7 +33,6 @@ from .selection import select_layers
 
 #: progress(stage, bytes_done_increment, stage_total_bytes)
 ProgressFn = Callable[[str, int, int], None]
-MAX_SHARD_BYTES = 5 * 1024**3
 #: Threads creating new-weight chunks (numpy fills arrays without the GIL).
 GENERATOR_THREADS = max(1, min(4, os.cpu_count() or 1))
 DTYPE_CHOICES = {"same": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
@@ -217,27 +215,11 @@ def _bring_originals(ckpt: Checkpoint, tmp: Path, layout: str, algorithm: str, p
     return originals, file_digests
 
 
-def _nbytes(t: NewTensor) -> int:
-    return t.numel * DTYPE_SIZES[t.dtype]
-
-
-def _shard_new(new: list[NewTensor]) -> list[list[NewTensor]]:
-    shards: list[list[NewTensor]] = [[]]
-    size = 0
-    for t in new:
-        if shards[-1] and size + _nbytes(t) > MAX_SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += _nbytes(t)
-    return shards
-
-
 def _write_new(ckpt: Checkpoint, new: list[NewTensor], seed: int, tmp: Path, algorithm: str,
                progress: ProgressFn | None, pool: ThreadPoolExecutor) -> tuple[dict[str, str], dict[str, str]]:
     """Write the new tensors into ``fusion-XXXXX-of-YYYYY.safetensors``, one tensor at a time."""
-    shards = _shard_new(new)
-    total = sum(_nbytes(t) for t in new)
+    shards = group_into_shards(new)
+    total = sum(t.nbytes for t in new)
     step = (lambda n: progress("init", n, total)) if progress else None
     files: dict[str, str] = {}
     digests: dict[str, str] = {}
@@ -261,7 +243,7 @@ def _write_new(ckpt: Checkpoint, new: list[NewTensor], seed: int, tmp: Path, alg
 def _write_index(tmp: Path, ckpt: Checkpoint, new: list[NewTensor], new_files: dict[str, str]) -> None:
     weight_map = {k: ckpt.key_to_file[k] for k in ckpt.keys()}
     weight_map.update({t.key: new_files[t.key] for t in new})
-    total = sum(ckpt.info(k).nbytes for k in ckpt.keys()) + sum(_nbytes(t) for t in new)
+    total = sum(ckpt.info(k).nbytes for k in ckpt.keys()) + sum(t.nbytes for t in new)
     write_index(tmp / INDEX_NAME, weight_map, total)
 
 

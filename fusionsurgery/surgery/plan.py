@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ..arch.config import FusionConfig, ModelConfig
 from ..arch.families import FUSION_SEGMENT
 from ..errors import UsageError
+from ..io.safetensors_format import DTYPE_SIZES
 
 INIT_CHOICES = ("normal", "xavier", "copy")
 #: Fusion-layer tensors that ``--init copy`` takes from the wrapped layer (canonical suffixes).
@@ -39,6 +40,10 @@ class NewTensor:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_SIZES[self.dtype]
 
     @property
     def init_text(self) -> str:
