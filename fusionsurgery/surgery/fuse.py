@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+from itertools import islice
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from ..io.digest import ALGORITHMS, DEFAULT_ALGORITHM, tensor_digests
 from ..io.writer import (AtomicDirectory, SafetensorsWriter, check_output_location, default_output,
                          group_into_shards, write_index, write_json)
 from ..version import __version__
-from .init import tensor_chunks
+from .init import chunk_stream, num_chunks
 from .manifest import build_manifest, describe_base
 from .plan import INIT_CHOICES, NewTensor, plan_new_tensors
 from .selection import select_layers
@@ -223,20 +224,25 @@ def _write_new(ckpt: Checkpoint, new: list[NewTensor], seed: int, tmp: Path, alg
     step = (lambda n: progress("init", n, total)) if progress else None
     files: dict[str, str] = {}
     digests: dict[str, str] = {}
-    for s, shard in enumerate(shards, 1):
-        name = f"fusion-{s:05d}-of-{len(shards):05d}.safetensors"
-        if name in ckpt.files:
-            raise CheckpointError(f"base already has a file named {name}")
-        writer = SafetensorsWriter(tmp / name, [(t.key, t.dtype, t.shape) for t in shard],
-                                   {"format": "pt", "producer": f"fusionsurgery {__version__}"}, algorithm)
-        try:
-            for t in shard:
-                digests[t.key] = writer.write(t.key, tensor_chunks(t, seed, ckpt, pool), step)
-                files[t.key] = name
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
+    chunks = chunk_stream(new, seed, ckpt, pool)  # generated ahead, across tensor boundaries
+    stream = (chunk for _, chunk in chunks)
+    try:
+        for s, shard in enumerate(shards, 1):
+            name = f"fusion-{s:05d}-of-{len(shards):05d}.safetensors"
+            if name in ckpt.files:
+                raise CheckpointError(f"base already has a file named {name}")
+            writer = SafetensorsWriter(tmp / name, [(t.key, t.dtype, t.shape) for t in shard],
+                                       {"format": "pt", "producer": f"fusionsurgery {__version__}"}, algorithm)
+            try:
+                for t in shard:
+                    digests[t.key] = writer.write(t.key, islice(stream, num_chunks(t)), step)
+                    files[t.key] = name
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+    finally:
+        chunks.close()  # stops the generation ahead
     return files, digests
 
 

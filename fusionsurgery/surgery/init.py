@@ -3,16 +3,22 @@
 Every chunk has its own generator (numpy's SFC64) seeded from (seed, canonical name, chunk index),
 so the values depend only on the seed and the tensor: never on memory limits, thread count or the
 naming family. Chunks are produced by a small thread pool (numpy releases the GIL while it fills
-arrays) and handed to the writer in order, a few at a time, so memory stays flat.
+arrays) and handed to the writer in order, a few at a time, into a ring of reused buffers, so
+memory stays flat and no page is faulted in twice.
 
-A bf16 or fp16 normal init is drawn already rounded (``rounded_normal``: a table lookup from
-32-bit random integers, about twice as fast as a float32 normal plus a conversion); fp32
-and the other inits use numpy's float32 samplers.
+How the values are made, all from the generator's raw 64-bit words, with integer operations and
+table lookups that give the same bytes on every CPU:
 
-Why numpy and not torch.randn, which is twice as fast on one core: torch picks its normal sampler
-by CPU (AVX2/AVX-512 or scalar) and the two differ in the last bits of a third of the values, so
-the same seed would give other bytes on another machine. numpy's ziggurat gives the same values
-everywhere.
+- bf16 / fp16, normal or Xavier-uniform: drawn already rounded (``rounded_normal``: the exact
+  distribution of the rounded value, to 2^-48 in probability);
+- fp32 normal: an inverse-CDF table with linear interpolation (``float32_normal``);
+- fp32 Xavier-uniform: 23 random bits as the mantissa of a float in [1, 2), then
+  ``(f - 1.5) * 2 * bound``: uniform on a grid of 2^23 points over [-bound, bound);
+- copy: the source rows' bytes (converted when the dtype differs).
+
+Why not torch.randn: torch picks its normal sampler by CPU (AVX2/AVX-512 or scalar) and the two
+differ in the last bits of a third of the values, so the same seed would give other bytes on
+another machine.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor
 
 import numpy as np
@@ -28,13 +34,15 @@ import numpy as np
 from ..io.checkpoint import Checkpoint
 from ..io.float_bits import FLOAT_DTYPES, from_float32, to_float32
 from ..io.safetensors_format import DTYPE_SIZES
+from . import float32_normal
 from .plan import NewTensor
-from .rounded_normal import rounded_normal
+from .rounded_normal import rounded_normal, rounded_uniform
 
-#: Elements per generated chunk (16 MiB of fp32): bounds memory whatever the tensor size.
-CHUNK_ELEMS = 1 << 22
-#: Chunks generated ahead of the writer when a pool is given (16 MiB of fp32 each at most).
+#: Elements per generated chunk (8 MiB of fp32): bounds memory whatever the tensor size.
+CHUNK_ELEMS = 1 << 21
+#: Chunks generated ahead of the writer when a pool is given.
 PREFETCH = 4
+_ONE = np.uint32(0x3F800000)  # float32 1.0
 
 
 def _seed(seed: int, name: str, chunk: int) -> int:
@@ -54,32 +62,53 @@ def num_chunks(spec: NewTensor) -> int:
     return max(1, -(-rows // step)) if rows else 0
 
 
-def make_chunk(spec: NewTensor, seed: int, index: int, base: Checkpoint | None = None) -> np.ndarray | bytes:
-    """Chunk ``index`` of ``spec``'s initial value, as raw bytes of ``spec.dtype``."""
+def xavier_bound(spec: NewTensor) -> float:
+    rows, cols, _ = _layout(spec.shape)
+    return math.sqrt(6.0 / (cols + rows))
+
+
+def make_chunk(spec: NewTensor, seed: int, index: int, base: Checkpoint | None = None,
+               buffer: np.ndarray | None = None) -> np.ndarray | bytes:
+    """Chunk ``index`` of ``spec``'s initial value, as raw bytes of ``spec.dtype``.
+
+    Random chunks are written into ``buffer`` (bytes, large enough) when given."""
     rows, cols, step = _layout(spec.shape)
     r0 = index * step
-    n = min(step, rows - r0)
+    n = min(step, rows - r0) * cols
     if spec.init == "copy":
-        return _copy_rows(spec, base, r0, n, cols)
+        return _copy_rows(spec, base, r0, n // cols, cols)
     if spec.init in ("zeros", "ones"):
-        values = np.full(n * cols, 0.0 if spec.init == "zeros" else 1.0, dtype=np.float32)
+        return from_float32(np.full(n, 0.0 if spec.init == "zeros" else 1.0, dtype=np.float32), spec.dtype)
+    if spec.init not in ("normal", "xavier"):
+        raise ValueError(f"unknown init {spec.init!r}")
+    size = DTYPE_SIZES[spec.dtype]
+    if buffer is None or buffer.size < n * size:  # (a row longer than a chunk)
+        buffer = np.empty(n * size, dtype=np.uint8)
+    out = buffer[:n * size]
+    gen = np.random.Generator(np.random.SFC64(_seed(seed, spec.canonical, index)))
+    if spec.dtype in ("BF16", "F16"):
+        table = rounded_normal(spec.std, spec.dtype) if spec.init == "normal" else \
+            rounded_uniform(xavier_bound(spec), spec.dtype)
+        table.sample_into(out.view(np.int16), gen)
+    elif spec.dtype == "F32" and spec.init == "normal":
+        float32_normal.sample_into(out.view(np.float32), spec.std, gen)
+    elif spec.dtype == "F32":
+        _uniform_f32(out.view(np.uint32), xavier_bound(spec), gen)
     else:
-        gen = np.random.Generator(np.random.SFC64(_seed(seed, spec.canonical, index)))
-        if spec.init == "normal" and spec.dtype in ("BF16", "F16"):
-            # the rounded value straight from 32-bit integers: same distribution, half the work
-            raw = gen.bit_generator.random_raw((n * cols + 1) // 2).view(np.uint32)[:n * cols]
-            return rounded_normal(spec.std, spec.dtype).sample(raw)
-        if spec.init == "normal":
-            values = gen.standard_normal(n * cols, dtype=np.float32)
-            values *= np.float32(spec.std)
-        elif spec.init == "xavier":
-            bound = math.sqrt(6.0 / (cols + spec.shape[0]))
-            values = gen.random(n * cols, dtype=np.float32)
-            values *= np.float32(2 * bound)
-            values -= np.float32(bound)
-        else:
-            raise ValueError(f"unknown init {spec.init!r}")
-    return from_float32(values, spec.dtype)
+        raise ValueError(f"cannot create {spec.init} values of dtype {spec.dtype}")
+    return out
+
+
+def _uniform_f32(out: np.ndarray, bound: float, gen: np.random.Generator) -> None:
+    """Uniform on [-bound, bound): 23 random bits as the mantissa of f in [1, 2), then (f - 1.5) * 2 * bound."""
+    block = float32_normal.BLOCK
+    for s in range(0, out.size, block):
+        o = out[s:s + block]
+        np.right_shift(gen.bit_generator.random_raw((o.size + 1) // 2).view(np.uint32)[:o.size], 9, out=o)
+        np.bitwise_or(o, _ONE, out=o)
+        f = o.view(np.float32)
+        np.subtract(f, np.float32(1.5), out=f)
+        np.multiply(f, np.float32(2 * bound), out=f)
 
 
 def _copy_rows(spec: NewTensor, base: Checkpoint | None, r0: int, n: int, cols: int) -> np.ndarray | bytes:
@@ -110,20 +139,40 @@ def _copy_rows(spec: NewTensor, base: Checkpoint | None, r0: int, n: int, cols: 
 
 def tensor_chunks(spec: NewTensor, seed: int, base: Checkpoint | None = None,
                   pool: Executor | None = None) -> Iterator[np.ndarray | bytes]:
-    """All chunks of ``spec`` in order; generated ``PREFETCH`` ahead on ``pool`` when given."""
-    total = num_chunks(spec)
+    """All chunks of ``spec`` in order (generated ahead on ``pool`` when given)."""
+    return (chunk for _, chunk in chunk_stream([spec], seed, base, pool))
+
+
+def chunk_stream(specs: Iterable[NewTensor], seed: int, base: Checkpoint | None = None,
+                 pool: Executor | None = None) -> Iterator[tuple[NewTensor, np.ndarray | bytes]]:
+    """Every chunk of every tensor of ``specs``, in order, as (tensor, chunk).
+
+    With ``pool``, ``PREFETCH`` chunks are generated ahead, across tensor boundaries, into a ring of
+    ``PREFETCH + 1`` reused buffers: a chunk is valid until the next one is asked for."""
+    jobs = ((spec, i) for spec in specs for i in range(num_chunks(spec)))
     if pool is None:
-        for i in range(total):
-            yield make_chunk(spec, seed, i, base)
+        for spec, i in jobs:
+            yield spec, make_chunk(spec, seed, i, base)
         return
+    ring = [np.empty(CHUNK_ELEMS * 4, dtype=np.uint8) for _ in range(PREFETCH + 1)]
     pending: deque = deque()
-    next_index = 0
+    submitted = 0
     try:
-        while next_index < total or pending:
-            while next_index < total and len(pending) < PREFETCH:
-                pending.append(pool.submit(make_chunk, spec, seed, next_index, base))
-                next_index += 1
-            yield pending.popleft().result()
+        while True:
+            while len(pending) < PREFETCH:
+                job = next(jobs, None)
+                if job is None:
+                    break
+                buffer = ring[submitted % len(ring)]
+                pending.append((job[0], pool.submit(make_chunk, job[0], seed, job[1], base, buffer)))
+                submitted += 1
+            if not pending:
+                return
+            spec, fut = pending.popleft()
+            yield spec, fut.result()
     finally:
-        for fut in pending:
+        for _, fut in pending:
             fut.cancel()
+        for _, fut in pending:
+            if not fut.cancelled():
+                fut.exception()  # wait: the ring must outlive the workers writing into it
