@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
@@ -28,12 +29,62 @@ def test_fill_from_copies_and_digests_every_byte_once(tmp_path):
     data = os.urandom(5 * ALIGN + 123)
     src.write_bytes(data)
     seen = bytearray()
-    f = DirectFile(tmp_path / "dst.bin", buffer_bytes=2 * ALIGN)
+    f = DirectFile(tmp_path / "dst.bin", buffer_bytes=2 * ALIGN, digest=seen.extend)
     with open(src, "rb") as fin:
-        assert f.fill_from(fin.fileno(), 0, 3 * ALIGN, seen.extend) == 3 * ALIGN
-        assert f.fill_from(fin.fileno(), 3 * ALIGN, 10 * ALIGN, seen.extend) == 2 * ALIGN + 123  # src ends
+        assert f.fill_from(fin.fileno(), 0, 3 * ALIGN) == 3 * ALIGN
+        assert f.fill_from(fin.fileno(), 3 * ALIGN, 10 * ALIGN) == 2 * ALIGN + 123  # src ends
     f.close()
     assert (tmp_path / "dst.bin").read_bytes() == data == bytes(seen)
+
+
+@pytest.mark.parametrize("depth", [2, 3, 5])
+def test_pipeline_keeps_order_through_many_buffers(tmp_path, depth):
+    """Many small buffers in flight: the file and the digest see the bytes in order, once."""
+    chunks = [os.urandom(n) for n in (1, ALIGN, 3 * ALIGN + 1, 17, 9 * ALIGN, 5)] * 7
+    seen = bytearray()
+    f = DirectFile(tmp_path / "f.bin", buffer_bytes=ALIGN, depth=depth, digest=seen.extend)
+    for c in chunks:
+        f.write(c)
+    f.close()
+    assert (tmp_path / "f.bin").read_bytes() == b"".join(chunks) == bytes(seen)
+
+
+def test_a_failing_stage_is_raised_in_the_filling_thread_and_nothing_hangs(tmp_path):
+    calls = []
+
+    def digest(view):
+        calls.append(len(view))
+        if len(calls) == 2:
+            raise ValueError("digest broke")
+
+    f = DirectFile(tmp_path / "f.bin", buffer_bytes=ALIGN, digest=digest)
+    with pytest.raises(ValueError, match="digest broke"):
+        for _ in range(20):
+            f.write(os.urandom(ALIGN))
+        f.close()
+    f.abort()  # the caller's clean-up: returns, threads gone
+    assert not any(t.name.startswith(("digest f.bin", "write f.bin")) for t in threading.enumerate())
+
+
+def test_abort_while_buffers_are_in_flight(tmp_path):
+    f = DirectFile(tmp_path / "f.bin", buffer_bytes=ALIGN, depth=4)
+    for _ in range(10):
+        f.write(os.urandom(ALIGN))
+    f.abort()
+    assert not any(t.name == "write f.bin" for t in threading.enumerate())
+
+
+def test_read_ahead_yields_the_file_in_order(tmp_path):
+    from fusionsurgery.io.digest import read_ahead
+
+    data = os.urandom(10 * 1000 + 7)
+    (tmp_path / "x").write_bytes(data)
+    assert b"".join(bytes(v) for v in read_ahead(tmp_path / "x", chunk=1000, depth=2)) == data
+    assert b"".join(bytes(v) for v in read_ahead(tmp_path / "x", chunk=1 << 20)) == data
+    it = read_ahead(tmp_path / "x", chunk=1000)
+    next(it)
+    it.close()  # stopping early ends the reader
+    assert not any(t.name == "read x" for t in threading.enumerate())
 
 
 def test_a_filesystem_refusing_o_direct_is_written_through_the_cache(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from .digest import DEFAULT_ALGORITHM, FileDigester, tensor_digests
 from .direct import USE_DIRECT, DirectFile
 from .safetensors_format import SafetensorsHeader, read_header
 
-COPY_CHUNK = 64 * 1024 * 1024
+COPY_CHUNK = 16 * 1024 * 1024
 Progress = Callable[[int], None]
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
 
@@ -28,16 +28,16 @@ def copy_file(src: Path, dst: Path, progress: Progress | None = None, *, digeste
               cancel: threading.Event | None = None) -> None:
     """Copy ``src`` to ``dst`` chunk by chunk, durably; ``digester`` sees every byte written.
 
-    Where ``dst``'s filesystem takes ``O_DIRECT``, chunks are read into an aligned buffer, digested
-    there and written around the page cache (see ``direct.py``). Elsewhere the kernel copies with
+    Where ``dst``'s filesystem takes ``O_DIRECT``, chunks are read into aligned buffers, digested
+    there and written around the page cache, the three in a pipeline (see ``direct.py``). Elsewhere the kernel copies with
     ``copy_file_range`` (read/write where unsupported) and each chunk is read back from ``dst``
     while hot in the page cache and digested on a second thread while the next is copied.
     """
     size = src.stat().st_size
-    out = DirectFile(dst) if USE_DIRECT else None
+    out = DirectFile(dst, digest=digester.update if digester is not None else None) if USE_DIRECT else None
     if out is not None and out.direct:
         try:
-            _copy_direct(src, out, size, progress, digester, cancel)
+            _copy_direct(src, out, size, progress, cancel)
         except BaseException:
             out.abort()
             raise
@@ -97,15 +97,14 @@ def copy_file(src: Path, dst: Path, progress: Progress | None = None, *, digeste
         os.fsync(fout.fileno())
 
 
-def _copy_direct(src: Path, out: DirectFile, size: int, progress: Progress | None, digester: FileDigester | None,
+def _copy_direct(src: Path, out: DirectFile, size: int, progress: Progress | None,
                  cancel: threading.Event | None) -> None:
     with open(src, "rb") as fin:
         done = 0
         while done < size:
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
-            n = out.fill_from(fin.fileno(), done, min(COPY_CHUNK, size - done),
-                              digester.update if digester is not None else None)
+            n = out.fill_from(fin.fileno(), done, min(COPY_CHUNK, size - done))
             if n == 0:
                 raise WriteError(f"{src}: file shrank while being copied")
             done += n

@@ -12,7 +12,9 @@ can be chosen, and manifests say which one they used (those that do not are sha2
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+import queue
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -113,12 +115,47 @@ class FileDigester:
 
 def tensor_digests(path: Path, header: SafetensorsHeader, progress: Progress | None = None,
                    algorithm: str = DEFAULT_ALGORITHM) -> tuple[dict[str, str], str]:
-    """Digest every tensor of ``path`` (and the file) in one sequential read."""
+    """Digest every tensor of ``path`` (and the file) in one sequential read, read ahead on a thread."""
     digester = FileDigester(header, algorithm)
-    buf = bytearray(READ_CHUNK)
-    with open(path, "rb") as fh:
-        while n := fh.readinto(buf):
-            digester.update(memoryview(buf)[:n])
-            if progress:
-                progress(n)
+    for view in read_ahead(path):
+        digester.update(view)
+        if progress:
+            progress(len(view))
     return digester.finish()
+
+
+def read_ahead(path: Path, chunk: int = READ_CHUNK, depth: int = 3) -> Iterator[memoryview]:
+    """The bytes of ``path`` in order, ``chunk`` at a time, read by a thread into ``depth`` buffers
+    while the caller works on the previous ones. A view is valid until the next one is asked for."""
+    buffers = [bytearray(chunk) for _ in range(depth)]
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    full: queue.SimpleQueue = queue.SimpleQueue()
+    for i in range(depth):
+        free.put(i)
+
+    def reader(fh) -> None:
+        try:
+            while (i := free.get()) is not None:
+                n = fh.readinto(buffers[i])
+                full.put((i, n, None))
+                if not n:
+                    return
+        except BaseException as exc:  # handed to the caller
+            full.put((0, 0, exc))
+
+    with open(path, "rb", buffering=0) as fh:
+        thread = threading.Thread(target=reader, args=(fh,), name=f"read {path.name}", daemon=True)
+        thread.start()
+        try:
+            while True:
+                i, n, error = full.get()
+                if error is not None:
+                    raise error
+                if not n:
+                    return
+                with memoryview(buffers[i])[:n] as view:
+                    yield view
+                free.put(i)
+        finally:
+            free.put(None)
+            thread.join()
