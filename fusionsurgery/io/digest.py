@@ -12,6 +12,7 @@ can be chosen, and manifests say which one they used (those that do not are sha2
 from __future__ import annotations
 
 import hashlib
+import mmap
 import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -127,7 +128,7 @@ def tensor_digests(path: Path, header: SafetensorsHeader, progress: Progress | N
 def read_ahead(path: Path, chunk: int = READ_CHUNK, depth: int = 3) -> Iterator[memoryview]:
     """The bytes of ``path`` in order, ``chunk`` at a time, read by a thread into ``depth`` buffers
     while the caller works on the previous ones. A view is valid until the next one is asked for."""
-    buffers = [bytearray(chunk) for _ in range(depth)]
+    buffers = [mmap.mmap(-1, chunk) for _ in range(depth)]  # memory is taken as pages are first touched
     free: queue.SimpleQueue = queue.SimpleQueue()
     full: queue.SimpleQueue = queue.SimpleQueue()
     for i in range(depth):

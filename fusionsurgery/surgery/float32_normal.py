@@ -30,7 +30,7 @@ BIN_BITS = 10
 _FRAC_BITS = 23 - BIN_BITS
 #: q's integer as float32, shifted right by _FRAC_BITS, when it is 1: the table starts there.
 _FIRST = 127 << BIN_BITS
-BLOCK = 1 << 16
+BLOCK = 1 << 17
 
 
 @lru_cache(maxsize=8)
