@@ -56,6 +56,7 @@ class Sample:
     wall: float
     maxrss_kib: int
     rc: int
+    cpu: float = 0.0  # user + system seconds of the command (its threads and waited-for children)
 
 
 GNU_TIME = shutil.which("time") if Path("/usr/bin/time").exists() or shutil.which("time") else None
@@ -70,7 +71,7 @@ def run_measured(argv: list[str], log: Path, env: dict[str, str] | None = None) 
     overstated.
     """
     rss_file = log.with_suffix(".rss")
-    cmd = [GNU_TIME, "-f", "%M", "-o", str(rss_file), *argv] if GNU_TIME else argv
+    cmd = [GNU_TIME, "-f", "%M %U %S", "-o", str(rss_file), *argv] if GNU_TIME else argv
     with open(log, "ab") as fh:
         fh.write(f"\n$ {' '.join(argv)}\n".encode())
         fh.flush()
@@ -79,14 +80,15 @@ def run_measured(argv: list[str], log: Path, env: dict[str, str] | None = None) 
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
-    maxrss = int(usage.ru_maxrss)
+    maxrss, cpu = int(usage.ru_maxrss), usage.ru_utime + usage.ru_stime
     if GNU_TIME:
         try:
-            maxrss = int(rss_file.read_text().strip().splitlines()[-1])
+            rss, user, system = rss_file.read_text().strip().splitlines()[-1].split()
+            maxrss, cpu = int(rss), float(user) + float(system)
         except (OSError, ValueError, IndexError):
             pass
         rss_file.unlink(missing_ok=True)
-    return Sample(wall, maxrss, proc.returncode)
+    return Sample(wall, maxrss, proc.returncode, cpu)
 
 
 def sync_all() -> None:
@@ -314,14 +316,15 @@ def run_size(size: str, args: argparse.Namespace, cli: list[str], mk: mergekit_e
             if s.key == "cp" and "cp+sync" in by_key:
                 synced = run_measured(["sync", *map(str, files_under(s.out))], log)
                 by_key["cp+sync"].samples.append(
-                    Sample(sample.wall + synced.wall, max(sample.maxrss_kib, synced.maxrss_kib), synced.rc))
+                    Sample(sample.wall + synced.wall, max(sample.maxrss_kib, synced.maxrss_kib), synced.rc,
+                           sample.cpu + synced.cpu))
             if s.out is not None:
                 s.apparent, s.new_disk = output_size(s.out, base_inodes)
                 if s.key == "cp" and "cp+sync" in by_key:
                     by_key["cp+sync"].apparent, by_key["cp+sync"].new_disk = s.apparent, s.new_disk
                 remove(s.out)
             print(f"  round {r + 1}/{args.repeats} {s.key:13s} {sample.wall:8.2f} s  "
-                  f"{sample.maxrss_kib / 1024:8.0f} MiB", file=sys.stderr)
+                  f"{sample.maxrss_kib / 1024:8.0f} MiB  cpu {sample.cpu:6.2f} s", file=sys.stderr)
     sync_all()
     preset = make_checkpoint.PRESETS[size]
     return {
@@ -365,7 +368,7 @@ def with_floor(rows: list[dict], base_bytes: int, new_bytes: int) -> list[dict]:
             "walls_s": [], "median_s": floor, "min_s": None, "max_s": None,
             "ratio_cp": floor / cp["median_s"] if cp and cp["median_s"] else None,
             "ratio_cp_sync": floor / cps_med, "ratio_floor": 1.0, "ratio_scaled": floor / scaled if scaled else None,
-            "ratio_new": floor / new_floor, "peak_rss_bytes": None, "output_bytes": None, "output_new_disk_bytes": None,
+            "ratio_new": floor / new_floor, "peak_rss_bytes": None, "cpu_s": None, "output_bytes": None, "output_new_disk_bytes": None,
         })
     return rows
 
@@ -385,6 +388,7 @@ def step_summary(s: Step, cp: Step | None, cpsync: Step | None) -> dict:
         "median_s": med, "min_s": min(walls) if walls else None, "max_s": max(walls) if walls else None,
         "ratio_cp": ratio(cp), "ratio_cp_sync": ratio(cpsync),
         "peak_rss_bytes": max(x.maxrss_kib for x in s.samples) * 1024 if s.samples else None,
+        "cpu_s": statistics.median(x.cpu for x in s.samples) if s.samples else None,
         "output_bytes": s.apparent, "output_new_disk_bytes": s.new_disk,
     }
 
@@ -489,18 +493,19 @@ def _print_table(console, report: dict, res: dict) -> None:
     title = (f"{res['size']} ({res['model_shapes']} shapes): base {human(res['base_bytes'])} in "
              f"{res['base_files']} file(s); new weights (--every {report['every']}) {human(res['new_bytes'])}")
     t = Table(title=title, title_justify="left")
-    for col, just in (("step", "left"), ("median s", "right"), ("min-max s", "right"), ("x cp -r", "right"),
+    for col, just in (("step", "left"), ("median s", "right"), ("min-max s", "right"), ("cpu s", "right"),
+                      ("x cp -r", "right"),
                       ("x cp+sync", "right"), ("x floor", "right"), ("x scaled", "right"), ("x dd new", "right"),
                       ("peak RSS", "right"), ("output", "right"),
                       ("new disk", "right")):
         t.add_column(col, justify=just)
     for s in res["steps"]:
         if s["skip"] or s["median_s"] is None and s["key"] != "cp+sync":
-            t.add_row(s["command"], "skipped", s["skip"] or "", "", "", "", "", "", "", "", "")
+            t.add_row(s["command"], "skipped", s["skip"] or "", "", "", "", "", "", "", "", "", "")
             continue
         rng = f"{secs(s['min_s'])}-{secs(s['max_s'])}" if s["min_s"] is not None else "-"
         moves = s["key"] not in ("inspect", "startup")  # a ratio to a copy means nothing for these
-        t.add_row(s["command"], secs(s["median_s"]), rng,
+        t.add_row(s["command"], secs(s["median_s"]), rng, secs(s.get("cpu_s")),
                   f"{s['ratio_cp']:.2f}" if moves and s["ratio_cp"] is not None else "-",
                   f"{s['ratio_cp_sync']:.2f}" if moves and s["ratio_cp_sync"] is not None else "-",
                   f"{s['ratio_floor']:.2f}" if moves and s.get("ratio_floor") is not None else "-",
@@ -521,6 +526,8 @@ def _print_notes(console, report: dict) -> None:
     console.print(f"peak RSS: the command's maximum resident set ({report['rss_source']}), file pages it maps "
                   "included; output: apparent size; new disk: blocks not shared with the base (hard links once).",
                   highlight=False)
+    console.print("cpu s: median user + system seconds of the command, all its threads (on a shared machine, "
+                  "wall time waits for the CPU; this does not).", highlight=False)
     console.print("x scaled: over (cp -r; sync) x (base + new bytes) / base, the durable copy of as many bytes as a "
                   "full fuse writes; x dd new: over the faster dd of the new bytes alone.", highlight=False)
 

@@ -185,3 +185,47 @@ def test_float_bits_round_like_torch(dtype):
     assert np.array_equal(ours.view(ref_bits.dtype)[~nan], ref_bits[~nan])
     back = to_float32(ours.tobytes(), dtype)
     assert np.isnan(back[nan]).all() and np.array_equal(back[~nan], ref.float().numpy()[~nan])  # NaN stays NaN
+
+
+_DIGEST_ALL_INITS = """
+import hashlib, sys
+from fusionsurgery.surgery.init import make_chunk
+from fusionsurgery.surgery.plan import NewTensor
+for init in ("normal", "xavier"):
+    for dtype in ("BF16", "F16", "F32"):
+        spec = NewTensor("w", "layers.0.w", (300, 5000), dtype, init, 0.02)
+        print(init, dtype, hashlib.sha256(bytes(make_chunk(spec, 7, 0))).hexdigest())
+"""
+
+
+def test_same_bytes_whatever_numpy_simd_kernels_run():
+    """The new weights do not depend on which SIMD kernels numpy dispatches to on this CPU:
+    the same seed under numpy's baseline (SSE4.2) kernels and under its best ones."""
+    import os
+    import subprocess
+    import sys
+
+    outputs = []
+    for disabled in ("", "X86_V3,X86_V4,AVX512_ICL,AVX512_SPR"):
+        env = dict(os.environ, NPY_DISABLE_CPU_FEATURES=disabled)
+        run = subprocess.run([sys.executable, "-c", _DIGEST_ALL_INITS], env=env, capture_output=True, text=True,
+                             check=True)
+        outputs.append(run.stdout)
+    assert outputs[0].count("\n") == 6 and outputs[0] == outputs[1]
+
+
+def test_same_bytes_whatever_the_thread_count(monkeypatch):
+    """Chunks made ahead on 1 or 3 threads (several tensors, several chunks each) are the same bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fusionsurgery.surgery import init
+    from fusionsurgery.surgery.plan import NewTensor
+
+    monkeypatch.setattr(init, "CHUNK_ELEMS", 1 << 14)
+    specs = [NewTensor(f"t{i}", f"layers.{i}.w", (100, 700), dt, kind, 0.02)
+             for i, (dt, kind) in enumerate([("BF16", "normal"), ("F16", "xavier"), ("F32", "normal")])]
+    serial = [bytes(c) for _, c in init.chunk_stream(specs, 3)]
+    for threads in (1, 3):
+        with ThreadPoolExecutor(threads) as pool:
+            assert [bytes(c) for _, c in init.chunk_stream(specs, 3, None, pool)] == serial
+    assert len(serial) == sum(init.num_chunks(s) for s in specs) > 3
