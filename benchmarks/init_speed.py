@@ -36,23 +36,28 @@ def _count(text: str) -> int:
     return int(float(text[:-1]) * scale[text[-1].upper()]) if text[-1].upper() in scale else int(text)
 
 
-def run_init(spec: NewTensor, total: int, threads: int) -> float:
-    """Seconds to make ``total`` elements of ``spec`` (whole tensors, then a part of one)."""
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the whole process: all threads) of ``fn()``."""
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def run_init(spec: NewTensor, total: int, threads: int) -> None:
+    """Make ``total`` elements of ``spec`` (whole tensors, then a part of one), as fuse does."""
     per_tensor = init.num_chunks(spec)
     chunks = max(1, round(total / (spec.numel / per_tensor)))
     specs = [NewTensor(f"t{i}", f"t{i}", spec.shape, spec.dtype, spec.init, spec.std)
              for i in range(-(-chunks // per_tensor))]
     with ThreadPoolExecutor(threads) as pool:
-        t = time.perf_counter()
         stream = init.chunk_stream(specs, 0, None, pool if threads > 1 else None)
         for _, _chunk in zip(range(chunks), stream, strict=False):
             pass
         stream.close()
-        return time.perf_counter() - t
 
 
-def run_reference(kind: str, total: int, threads: int) -> float:
-    """Seconds for ``total`` elements of numpy's float32 uniform, or of a bare table lookup."""
+def run_reference(kind: str, total: int, threads: int) -> None:
+    """``total`` elements of numpy's float32 uniform, or of a bare table lookup, on ``threads``."""
     block = 1 << 16
     table = np.arange(1 << 16, dtype=np.int16)
 
@@ -69,9 +74,7 @@ def run_reference(kind: str, total: int, threads: int) -> float:
                 np.take(table, idx, out=out)
 
     with ThreadPoolExecutor(threads) as pool:
-        t = time.perf_counter()
         list(pool.map(part, range(threads), [total // threads] * threads))
-        return time.perf_counter() - t
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,18 +90,22 @@ def main(argv: list[str] | None = None) -> int:
     cases = [tuple(c.split(":")) for c in args.cases.split(",")]
     for kind, dtype in cases:  # build the tables outside the timing
         init.make_chunk(NewTensor("w", "w", SHAPE, dtype, kind, 0.02), 0, 0)
-    rows: dict[str, list[float]] = {}
+    rows: dict[str, list[tuple[float, float]]] = {}
     for _ in range(args.rounds):
         for t in threads:
             for ref in ("uniform", "take"):
-                rows.setdefault(f"reference: numpy {'float32 uniform' if ref == 'uniform' else 'np.take'} "
-                                f"[{t} thr]", []).append(total / run_reference(ref, total, t))
+                name = f"reference: numpy {'float32 uniform' if ref == 'uniform' else 'np.take'} [{t} thr]"
+                rows.setdefault(name, []).append(timed(lambda: run_reference(ref, total, t)))
             for kind, dtype in cases:
                 spec = NewTensor("w", "w", SHAPE, dtype, kind, 0.02)
-                rows.setdefault(f"{kind} {dtype} [{t} thr]", []).append(total / run_init(spec, total, t))
-    print(f"{total / 1e6:.0f} M elements per case, median of {args.rounds} rounds (min-max), M elements/s:")
-    for name, rates in sorted(rows.items(), key=lambda kv: (kv[0].startswith("reference"), kv[0])):
-        print(f"  {name:42s} {statistics.median(rates) / 1e6:8.0f}   ({min(rates) / 1e6:.0f}-{max(rates) / 1e6:.0f})")
+                rows.setdefault(f"{kind} {dtype} [{t} thr]", []).append(timed(lambda: run_init(spec, total, t)))
+    print(f"{total / 1e6:.0f} M elements per case, median of {args.rounds} rounds; M elements/s of wall time "
+          "(min-max), and per CPU-second (all threads: what one core does when it is not shared):")
+    for name, runs in sorted(rows.items(), key=lambda kv: (kv[0].startswith("reference"), kv[0])):
+        rates = [total / w for w, _ in runs]
+        per_cpu = statistics.median(total / c for _, c in runs)
+        print(f"  {name:42s} {statistics.median(rates) / 1e6:8.0f}   ({min(rates) / 1e6:.0f}-{max(rates) / 1e6:.0f})"
+              f"   {per_cpu / 1e6:8.0f} per CPU-s")
     return 0
 
 
