@@ -364,11 +364,12 @@ def with_floor(rows: list[dict], base_bytes: int, new_bytes: int) -> list[dict]:
         at = max(rows.index(by[k]) for k in ("dd-new", "dd-new-direct") if k in by) + 1
         rows.insert(at, {
             "key": "floor", "command": "floor: (cp -r; sync) + faster dd", "skip": None,
-            "what": "medians of cp -r; sync and of the faster dd added: copying the base once plus writing the new bytes",
+            "what": "medians of cp -r; sync and of the faster dd added: the base copied once plus the new bytes written",
             "walls_s": [], "median_s": floor, "min_s": None, "max_s": None,
             "ratio_cp": floor / cp["median_s"] if cp and cp["median_s"] else None,
             "ratio_cp_sync": floor / cps_med, "ratio_floor": 1.0, "ratio_scaled": floor / scaled if scaled else None,
-            "ratio_new": floor / new_floor, "peak_rss_bytes": None, "cpu_s": None, "output_bytes": None, "output_new_disk_bytes": None,
+            "ratio_new": floor / new_floor, "peak_rss_bytes": None, "cpu_s": None, "output_bytes": None,
+            "output_new_disk_bytes": None,
         })
     return rows
 

@@ -29,9 +29,10 @@ def copy_file(src: Path, dst: Path, progress: Progress | None = None, *, digeste
     """Copy ``src`` to ``dst`` chunk by chunk, durably; ``digester`` sees every byte written.
 
     Where ``dst``'s filesystem takes ``O_DIRECT``, chunks are read into aligned buffers, digested
-    there and written around the page cache, the three in a pipeline (see ``direct.py``). Elsewhere the kernel copies with
-    ``copy_file_range`` (read/write where unsupported) and each chunk is read back from ``dst``
-    while hot in the page cache and digested on a second thread while the next is copied.
+    there and written around the page cache, the three in a pipeline (see ``direct.py``).
+    Elsewhere the kernel copies with ``copy_file_range`` (read/write where unsupported) and each
+    chunk is read back from ``dst`` while hot in the page cache and digested on a second thread
+    while the next is copied.
     """
     size = src.stat().st_size
     out = DirectFile(dst, digest=digester.update if digester is not None else None) if USE_DIRECT else None

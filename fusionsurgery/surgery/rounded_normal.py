@@ -66,7 +66,7 @@ class RoundedSampler:
     bits: np.ndarray        # int16 raw bits of value k
     cells: np.ndarray       # int16 per cell: its value, or MIXED
     fine_bits: int          # a mixed cell is cut into 2**fine_bits sub-cells by the top bits of 32 more
-    fine_start: np.ndarray  # intp per cell: where a mixed cell's sub-cells start in ``fine``
+    fine_start: np.ndarray  # int32 per cell: where a mixed cell's sub-cells start in ``fine``
     fine: np.ndarray        # int16 per sub-cell of every mixed cell: its value, or MIXED
 
     def sample_into(self, out: np.ndarray, gen: np.random.Generator) -> None:
@@ -95,7 +95,7 @@ class RoundedSampler:
     def _resolve(self, cell: np.ndarray, gen: np.random.Generator) -> np.ndarray:
         """Values for draws that landed in mixed cells ``cell``, with 32 more random bits each."""
         low = gen.bit_generator.random_raw(cell.size) >> np.uint64(32)
-        sub = np.take(self.fine_start, cell)
+        sub = np.take(self.fine_start, cell).astype(np.intp)
         sub += (low >> np.uint64(32 - self.fine_bits)).astype(np.intp)
         values = np.take(self.fine, sub)
         rare = np.flatnonzero(values == MIXED)  # a sub-cell straddling a boundary: search them all
@@ -138,8 +138,8 @@ def build_sampler(cdf: Callable[[float], float], dtype: str) -> RoundedSampler:
     fine_bits = int(min(10, max(4, math.floor(math.log2(FINE_ENTRIES / max(1, mixed.size))))))
     sub = np.arange(1 << fine_bits, dtype=np.uint64) << np.uint64(32 - fine_bits)
     fine = _values_at(thresholds, bits, (starts[mixed][:, None] + sub[None, :]).reshape(-1), 1 << (32 - fine_bits))
-    fine_start = np.zeros(1 << cell_bits, dtype=np.intp)
-    fine_start[mixed] = np.arange(mixed.size, dtype=np.intp) << fine_bits
+    fine_start = np.zeros(1 << cell_bits, dtype=np.int32)
+    fine_start[mixed] = np.arange(mixed.size, dtype=np.int32) << fine_bits
     return RoundedSampler(cell_bits, thresholds, bits, cells, fine_bits, fine_start, fine)
 
 
@@ -157,7 +157,7 @@ def rounded_normal(std: float, dtype: str) -> RoundedSampler:
     return build_sampler(_normal_cdf(std), dtype)
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=6)
 def rounded_uniform(bound: float, dtype: str) -> RoundedSampler:
     """``round(U)`` in ``dtype`` for U uniform on [-bound, bound] (Xavier-uniform)."""
     if not bound > 0:
