@@ -76,7 +76,7 @@ def make_chunk(spec: NewTensor, seed: int, index: int, base: Checkpoint | None =
     r0 = index * step
     n = min(step, rows - r0) * cols
     if spec.init == "copy":
-        return _copy_rows(spec, base, r0, n // cols, cols)
+        return _copy_rows(spec, base, r0, n // cols, cols, buffer)
     if spec.init in ("zeros", "ones"):
         return from_float32(np.full(n, 0.0 if spec.init == "zeros" else 1.0, dtype=np.float32), spec.dtype)
     if spec.init not in ("normal", "xavier"):
@@ -111,8 +111,10 @@ def _uniform_f32(out: np.ndarray, bound: float, gen: np.random.Generator) -> Non
         np.multiply(f, np.float32(2 * bound), out=f)
 
 
-def _copy_rows(spec: NewTensor, base: Checkpoint | None, r0: int, n: int, cols: int) -> np.ndarray | bytes:
-    """Rows ``r0:r0+n`` of the source tensor, cast to ``spec.dtype`` when it differs."""
+def _copy_rows(spec: NewTensor, base: Checkpoint | None, r0: int, n: int, cols: int,
+               buffer: np.ndarray | None = None) -> np.ndarray | bytes:
+    """Rows ``r0:r0+n`` of the source tensor, cast to ``spec.dtype`` when it differs (read straight
+    into ``buffer`` when the dtype is the same and it is large enough)."""
     assert base is not None and spec.source is not None
     info = base.info(spec.source)
     first = spec.source_row or 0  # a row range of a fused projection, or the whole tensor
@@ -121,8 +123,11 @@ def _copy_rows(spec: NewTensor, base: Checkpoint | None, r0: int, n: int, cols: 
     if not fits:
         raise ValueError(f"{spec.key}: cannot copy {spec.source} of shape {list(info.shape)}")
     row_bytes = cols * DTYPE_SIZES[info.dtype]
-    with open(base.path_of(base.key_to_file[spec.source]), "rb") as fh:
+    with open(base.path_of(base.key_to_file[spec.source]), "rb", buffering=0) as fh:
         fh.seek(info.start + (first + r0) * row_bytes)
+        if info.dtype == spec.dtype and buffer is not None and buffer.size >= n * row_bytes:
+            got = fh.readinto(memoryview(buffer)[:n * row_bytes])
+            return buffer[:got]  # (short only if the file shrank: the writer's size check says so)
         raw = fh.read(n * row_bytes)
     if info.dtype == spec.dtype:
         return raw
