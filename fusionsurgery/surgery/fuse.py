@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-from itertools import islice
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 

@@ -10,7 +10,7 @@ How the values are made, all from the generator's raw 64-bit words, with integer
 table lookups that give the same bytes on every CPU:
 
 - bf16 / fp16, normal or Xavier-uniform: drawn already rounded (``rounded_normal``: the exact
-  distribution of the rounded value, to 2^-48 in probability);
+  distribution of the rounded value, to 2^-48 (bf16) or 2^-52 (fp16) in probability);
 - fp32 normal: an inverse-CDF table with linear interpolation (``float32_normal``);
 - fp32 Xavier-uniform: 23 random bits as the mantissa of a float in [1, 2), then
   ``(f - 1.5) * 2 * bound``: uniform on a grid of 2^23 points over [-bound, bound);
@@ -140,12 +140,6 @@ def _copy_rows(spec: NewTensor, base: Checkpoint | None, r0: int, n: int, cols: 
 
         src = torch.frombuffer(bytearray(raw), dtype=TORCH_DTYPES[info.dtype]).float().numpy()
     return from_float32(src, spec.dtype)
-
-
-def tensor_chunks(spec: NewTensor, seed: int, base: Checkpoint | None = None,
-                  pool: Executor | None = None) -> Iterator[np.ndarray | bytes]:
-    """All chunks of ``spec`` in order (generated ahead on ``pool`` when given)."""
-    return (chunk for _, chunk in chunk_stream([spec], seed, base, pool))
 
 
 def chunk_stream(specs: Iterable[NewTensor], seed: int, base: Checkpoint | None = None,
