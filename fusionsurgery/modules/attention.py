@@ -96,7 +96,9 @@ class SelfAttention(nn.Module):
             return self.qkv_proj(x).split(self.split, dim=-1)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def forward(self, x: torch.Tensor, *, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, positions: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask [b, s, keys]`` (True: may attend), where given, replaces the causal/sliding mask;
+        while decoding its keys are the cache's positions (a shorter mask is padded with False)."""
         b, s, _ = x.shape
         q, k, v = self._qkv(x)
         q = q.view(b, s, self.num_heads, self.head_dim)
@@ -113,7 +115,13 @@ class SelfAttention(nn.Module):
         else:
             key_pos = positions
         windowed = self.sliding_window is not None and k.shape[2] > self.sliding_window
-        if caching or windowed:
+        if mask is not None:
+            mask = mask.to(torch.bool)
+            if mask.shape[-1] < k.shape[2]:
+                mask = F.pad(mask, (0, k.shape[2] - mask.shape[-1]), value=False)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None] if mask.dim() == 3 else mask,
+                                                 enable_gqa=True)
+        elif caching or windowed:
             gap = positions[:, None] - key_pos[None, :]  # query position minus key position
             mask = gap >= 0
             if windowed:
