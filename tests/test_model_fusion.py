@@ -351,3 +351,81 @@ def fused_dir(tmp_path_factory) -> Path:
     base, _ = make_base(tmp)
     fs.fuse(base, tmp / "fused", every=2, seed=1, encoder_dim=48, fusion_vocab=2)
     return tmp / "fused"
+
+
+# ---------------------------------------------------------------- against torchtune itself
+def _torchtune():
+    """torchtune's modules where torchtune imports here (it needs torchao); the suite does not depend on it."""
+    try:
+        import torchtune.modules as tt
+        from torchtune.modules import model_fusion
+    except Exception as e:  # noqa: BLE001  (ImportError, or a broken torchao/torchvision build)
+        pytest.skip(f"torchtune does not import here: {type(e).__name__}: {e}")
+    return tt, model_fusion
+
+
+def _torchtune_decoder(tt, wrap, seed: int):
+    """A tiny torchtune decoder (layers 1 and 3 fused, as Llama 3.2 Vision builds them) using ``wrap``."""
+    torch.manual_seed(seed)
+    dim, heads, kv, hidden, enc_dim, vocab = 32, 4, 2, 48, 24, 50
+    rope = tt.RotaryPositionalEmbeddings(dim // heads, max_seq_len=64)
+
+    def attn(causal: bool, kv_dim: int):
+        hd = dim // heads
+        return tt.MultiHeadAttention(
+            embed_dim=dim, num_heads=heads, num_kv_heads=kv, head_dim=hd,
+            q_proj=nn.Linear(dim, heads * hd, bias=False), k_proj=nn.Linear(kv_dim, kv * hd, bias=False),
+            v_proj=nn.Linear(kv_dim, kv * hd, bias=False), output_proj=nn.Linear(dim, dim, bias=False),
+            q_norm=None if causal else tt.RMSNorm(hd), k_norm=None if causal else tt.RMSNorm(hd),
+            pos_embeddings=rope if causal else None, max_seq_len=64, is_causal=causal)
+
+    def mlp():
+        return tt.FeedForward(gate_proj=nn.Linear(dim, hidden, bias=False), down_proj=nn.Linear(hidden, dim, bias=False),
+                              up_proj=nn.Linear(dim, hidden, bias=False))
+
+    layers = []
+    for i in range(4):
+        layer = tt.TransformerSelfAttentionLayer(attn=attn(True, dim), mlp=mlp(), sa_norm=tt.RMSNorm(dim),
+                                                 mlp_norm=tt.RMSNorm(dim))
+        if i in (1, 3):
+            cross = tt.TransformerCrossAttentionLayer(attn=attn(False, enc_dim), mlp=mlp(), ca_norm=tt.RMSNorm(dim),
+                                                      mlp_norm=tt.RMSNorm(dim), ca_scale=tt.TanhGate(),
+                                                      mlp_scale=tt.TanhGate())
+            with torch.no_grad():
+                cross.ca_scale.scale.fill_(0.6)
+                cross.mlp_scale.scale.fill_(-0.4)
+            layer = wrap(layer, cross)
+        layers.append(layer)
+    return tt.TransformerDecoder(tok_embeddings=nn.Embedding(vocab, dim), layers=nn.ModuleList(layers), max_seq_len=64,
+                                 num_heads=heads, head_dim=dim // heads, norm=tt.RMSNorm(dim),
+                                 output=nn.Linear(dim, vocab, bias=False)).eval()
+
+
+def test_torchtune_layers_in_our_wrappers_match_torchtunes_own():
+    """torchtune's own layers, decoder and caches inside our FusionLayer and DeepFusionModel compute
+    what torchtune's FusionLayer and DeepFusionModel compute, prefill and cached decoding alike."""
+    tt, mf = _torchtune()
+    theirs = mf.DeepFusionModel(_torchtune_decoder(tt, mf.FusionLayer, 3), nn.Linear(6, 24))
+    ours = DeepFusionModel(_torchtune_decoder(tt, FusionLayer, 3), copy.deepcopy(theirs.encoder))
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == \
+        {n for n, p in theirs.named_parameters() if p.requires_grad}
+    t, feats = torch.randint(0, 50, (2, 7)), {"input": torch.randn(2, 5, 6)}
+    emask = torch.rand(2, 7, 5) > 0.3
+    outputs = []
+    with torch.no_grad():
+        for model in (theirs, ours):
+            full = model(t, encoder_input=feats, encoder_mask=emask)
+            model.setup_caches(2, torch.float32, encoder_max_seq_len=5, decoder_max_seq_len=16)
+            assert model.caches_are_setup() and model.caches_are_enabled()
+            causal = torch.tril(torch.ones(16, 16, dtype=torch.bool))[None].expand(2, -1, -1)
+            steps = [model(t[:, :3], mask=causal[:, :3], encoder_input=feats, encoder_mask=emask[:, :3],
+                           input_pos=torch.arange(3)[None].expand(2, -1))]
+            for i in range(3, 7):
+                steps.append(model(t[:, i:i + 1], mask=causal[:, i:i + 1], encoder_mask=emask[:, i:i + 1],
+                                   input_pos=torch.full((2, 1), i)))
+            model.reset_caches()
+            outputs.append((full, torch.cat(steps, 1)))
+    (their_full, their_steps), (our_full, our_steps) = outputs
+    assert torch.allclose(our_full, their_full, atol=1e-6) and torch.allclose(our_steps, their_steps, atol=1e-6)
+    assert torch.allclose(our_steps, our_full, atol=1e-5)
