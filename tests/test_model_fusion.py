@@ -336,6 +336,27 @@ def test_decoder_takes_torchtune_keywords(fused_dir: Path):
         assert torch.allclose(packed[:, 3:], model(t[:, 3:]), atol=1e-5)
 
 
+def test_decoding_with_per_sequence_positions_and_masks_as_torchtune_generate_passes_them(fused_dir: Path):
+    """``input_pos [b, s]`` and a ``mask [b, s, cache length]``: row 1 sits two slots further on
+    (left padding its mask hides), and RoPE being relative, it still computes its full forward."""
+    model = DeepFusionModel(fs.load_fused(fused_dir, dtype=torch.float32), nn.Identity())
+    open_gates(model, 0.5)
+    t, enc = torch.randint(0, 128, (2, 6)), torch.randn(2, 3, 48)
+    offset = torch.tensor([[0], [2]])
+    slots = torch.arange(12)
+    with torch.no_grad():
+        full = model(t, encoder_input={"input": enc})
+        model.setup_caches(2, torch.float32, encoder_max_seq_len=3, decoder_max_seq_len=12)
+
+        def step(i: int, j: int, **kw) -> torch.Tensor:
+            pos = torch.arange(i, j)[None] + offset  # [2, j - i]
+            mask = (slots[None, None] <= pos[..., None]) & (slots[None, None] >= offset[..., None])
+            return model(t[:, i:j], mask=mask, input_pos=pos, **kw)
+
+        steps = [step(0, 2, encoder_input={"input": enc})] + [step(i, i + 1) for i in range(2, 6)]
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
 # ---------------------------------------------------------------- fixtures
 def _small_configs():
     from fusionsurgery.arch.config import FusionConfig, ModelConfig
