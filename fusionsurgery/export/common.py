@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 from ..arch.config import FusionConfig, ModelConfig, read_fusion_config, read_model_config
 from ..io.checkpoint import Checkpoint
 from ..io.digest import algorithm_of, tensor_scheme
-from ..io.writer import check_output_location, default_output, write_json  # noqa: F401  (used by the exports)
+from ..io.writer import check_output_location, copy_sidecars, default_output, write_json  # noqa: F401  (used by the exports)
 from ..version import __version__
 from .tensors import OutTensor
 
@@ -67,15 +66,6 @@ def open_source(path: str | os.PathLike[str], *, base: str | os.PathLike[str] | 
     ckpt = attach_base(ckpt, Checkpoint.open(base) if base is not None else None)
     cfg = read_model_config(ckpt, rope_defaults=rope_defaults)
     return Source(Path(path), ckpt, cfg, read_fusion_config(ckpt.config), algorithm_of(ckpt.read_manifest()))
-
-
-def copy_sidecars(ckpt: Checkpoint, directory: Path) -> list[str]:
-    """Tokenizer, generation-config and chat-template files, carried as they are."""
-    names = []
-    for sidecar in ckpt.sidecar_files():
-        shutil.copyfile(sidecar, directory / sidecar.name)
-        names.append(sidecar.name)
-    return names
 
 
 def tensor_entries(tensors: list[OutTensor], files: dict[str, str], digests: dict[str, str]) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
 from ..errors import UsageError, WriteError
+from .checkpoint import Checkpoint
 from .digest import DEFAULT_ALGORITHM, new_hash
 from .direct import DirectFile
 from .safetensors_format import build_header
@@ -115,6 +116,15 @@ def write_index(path: Path, weight_map: dict[str, str], total_size: int) -> None
     write_json(path, {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
 
 
+def copy_sidecars(ckpt: Checkpoint, directory: Path) -> list[str]:
+    """Tokenizer, generation-config and chat-template files, copied as real files (symlinks followed)."""
+    names = []
+    for sidecar in ckpt.sidecar_files():
+        shutil.copyfile(sidecar, directory / sidecar.name)
+        names.append(sidecar.name)
+    return names
+
+
 class AtomicDirectory:
     """Builds a directory under a temporary name beside ``target`` and renames it into place.
 
@@ -141,25 +151,35 @@ class AtomicDirectory:
         return self
 
     def _remove_stale(self) -> None:
-        """Remove temporary directories of earlier runs on ``target`` whose process is gone (killed)."""
-        if not self.target.parent.is_dir():
+        """Clean up after earlier runs on ``target`` whose process is gone (killed, power loss).
+
+        Their temporary directories are removed. A ``.old-`` directory means a run died between
+        moving the previous output aside and moving its own into place: the previous output is put
+        back (or removed when a newer one is already in place).
+        """
+        parent = self.target.parent
+        if not parent.is_dir():
             return
-        for stale in self.target.parent.glob(f".{self.target.name}.tmp-*-*"):
-            try:
-                pid = int(stale.name.rsplit("-", 2)[-2])
-                os.kill(pid, 0)
-            except ProcessLookupError:
+        for stale in parent.glob(f".{self.target.name}.tmp-*-*"):
+            if _owner_gone(stale):
                 shutil.rmtree(stale, ignore_errors=True)
-            except (ValueError, PermissionError, IndexError):
+        for old in parent.glob(f".{self.target.name}.old-*-*"):
+            if not _owner_gone(old):
                 continue
+            if self.target.exists() or self.target.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(old, self.target)
 
     def commit(self) -> None:
-        """Move the finished directory into place (replacing the old one only with ``force``)."""
+        """Make the finished directory durable, then move it into place (replacing the old one only
+        with ``force``): a crash at any moment leaves the previous output or the new one, whole."""
+        _sync_tree(self.tmp)
         old = None
         if self.target.exists() or self.target.is_symlink():
             if not self.force:
                 raise WriteError(f"{self.target} appeared while writing (another run?); this run's output was discarded")
-            old = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
+            old = self.target.parent / f".{self.target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.rename(self.target, old)
         try:
             os.rename(self.tmp, self.target)
@@ -167,9 +187,37 @@ class AtomicDirectory:
             if old is not None:
                 os.rename(old, self.target)
             raise WriteError(f"{self.target} appeared while writing (another run?): {exc.strerror}") from None
+        _fsync_path(self.target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _owner_gone(path: Path) -> bool:
+    """Whether the process whose id is in ``path``'s name (``.<name>.<kind>-<pid>-<hex>``) has ended."""
+    try:
+        os.kill(int(path.name.rsplit("-", 2)[-2]), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, PermissionError, IndexError, OverflowError):
+        return False
+    return False
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(directory: Path) -> None:
+    """fsync every file in ``directory`` and the directory itself (cheap for files already synced)."""
+    for entry in os.scandir(directory):
+        if entry.is_file(follow_symlinks=False):
+            _fsync_path(Path(entry.path))
+    _fsync_path(directory)

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from ..io.checkpoint import Checkpoint
 from ..io.digest import DEFAULT_ALGORITHM, algorithm_of, tensor_digests
 from .report import CheckResult
-from .structure import Layout, listed
+from ..errors import listed
+from .structure import Layout
 
 NAME, TITLE = "originals", "Originals intact: every original tensor bit-identical"
 Progress = Callable[[int], None]

@@ -5,23 +5,20 @@ Header-level only (no tensor data, no torch).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..arch.config import FusionConfig, ModelConfig, read_fusion_config, read_model_config
 from ..arch.families import FAMILIES, Family, detect_family, is_fusion_key
-from ..errors import FusionSurgeryError
-from ..io.checkpoint import INDEX_NAME, Checkpoint
+from ..errors import CheckpointError, FusionSurgeryError, listed
+from ..io.checkpoint import INDEX_NAME, Checkpoint, read_json_object
 from ..io.safetensors_format import read_header
 from ..surgery.manifest import MANIFEST_FORMAT, MANIFEST_VERSION
 from ..surgery.plan import NewTensor, plan_new_tensors
 from .report import CheckResult
 
 NAME, TITLE = "structure", "Structure: config, manifest, tensors, index and shards"
-MAX_LISTED = 8
-
 
 @dataclass
 class Layout:
@@ -32,12 +29,6 @@ class Layout:
     manifest: dict[str, Any] | None = None
     original_keys: list[str] = field(default_factory=list)
     new_tensors: list[NewTensor] = field(default_factory=list)
-
-
-def listed(names: list[str]) -> str:
-    """``a, b, c (+N more)``."""
-    shown = ", ".join(names[:MAX_LISTED])
-    return shown + (f" (+{len(names) - MAX_LISTED} more)" if len(names) > MAX_LISTED else "")
 
 
 # ---------------------------------------------------------------- index and shards
@@ -51,10 +42,10 @@ def shard_problems(path: Path) -> list[str]:
     if not path.is_dir() or not index.exists():
         return []
     try:
-        doc = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        return [f"{INDEX_NAME} is not readable JSON ({exc})"]
-    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        doc = read_json_object(index, "index")
+    except CheckpointError as exc:
+        return [str(exc)]
+    weight_map = doc.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         return [f"{INDEX_NAME} has no weight_map of key -> file name"]
     problems: list[str] = []
