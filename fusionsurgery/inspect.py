@@ -15,6 +15,7 @@ from .arch.families import FAMILIES, FUSION_SEGMENT, Family, detect_family, is_f
 from .errors import UsageError
 from .io.checkpoint import Checkpoint
 from .surgery.adapter import attach_base, is_adapter
+from .surgery.consistency import fusion_problems
 
 
 @dataclass
@@ -134,6 +135,9 @@ def _describe(ckpt: Checkpoint, family: Family, path: str) -> Inspection:
     except UsageError as exc:  # heads unknown without a config: describe what the shapes tell
         cfg = None
         notes.append(str(exc))
+    if cfg is not None:
+        notes += [f"warning: the config's fusion section disagrees with the tensors: {p}"
+                  for p in fusion_problems(ckpt, cfg, read_fusion_config(ckpt.config))]
     shapes = _canonical_shapes(ckpt, family)
     vocab, dim = shapes["tok_embeddings.weight"]
     layers = {int(k.split(".")[1]) for k in shapes if k.startswith("layers.")}

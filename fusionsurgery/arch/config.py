@@ -163,6 +163,16 @@ _FUSION_FIELD_TYPES: dict[str, tuple[type, ...]] = {
 
 
 # ---------------------------------------------------------------------- reading
+def check_options(*, rope_defaults: str | None = None, num_heads: int | None = None,
+                  num_kv_heads: int | None = None) -> None:
+    """Refuse (``UsageError``) option values no checkpoint could make sense of."""
+    if rope_defaults is not None and rope_defaults not in ROPE_DEFAULTS:
+        raise UsageError(f"--rope-defaults must be one of {', '.join(ROPE_DEFAULTS)}, got {rope_defaults!r}")
+    for flag, value in (("--num-heads", num_heads), ("--num-kv-heads", num_kv_heads)):
+        if value is not None and value <= 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+
+
 def read_model_config(
     ckpt: Checkpoint, *, num_heads: int | None = None, num_kv_heads: int | None = None,
     rope_defaults: str | None = None,
@@ -173,8 +183,7 @@ def read_model_config(
     tensors: without a config they stay unknown (``rope_theta=None``) unless ``rope_defaults`` names a
     set of ``ROPE_DEFAULTS`` (e.g. ``"llama3"``, torchtune's Llama 3 builders); a config always wins.
     """
-    if rope_defaults is not None and rope_defaults not in ROPE_DEFAULTS:
-        raise UsageError(f"--rope-defaults must be one of {', '.join(ROPE_DEFAULTS)}, got {rope_defaults!r}")
+    check_options(rope_defaults=rope_defaults, num_heads=num_heads, num_kv_heads=num_kv_heads)
     family = detect_family(ckpt.keys())
     shapes = {}
     for key in ckpt.keys():

@@ -12,8 +12,10 @@ from ..arch.config import FusionConfig, ModelConfig, read_fusion_config, read_mo
 from ..io.checkpoint import Checkpoint
 from ..io.digest import algorithm_of, tensor_scheme
 from ..io.writer import check_output_location, copy_sidecars, default_output, write_json  # noqa: F401  (used by the exports)
+from ..surgery.consistency import require_consistent
+from ..surgery.manifest import change_notes
 from ..version import __version__
-from .tensors import OutTensor
+from .tensors import OutTensor, Progress, write_tensors
 
 EXPORT_MANIFEST_NAME = "export_manifest.json"
 EXPORT_FORMAT = "fusionsurgery-export"
@@ -30,6 +32,8 @@ class Source:
     fusion: FusionConfig | None
     #: The hash of the source manifest's digests (the default without one): the export's too.
     digest: str
+    #: The source's ``fusion_manifest.json`` (types checked), or None.
+    manifest: dict[str, Any] | None = None
 
 
 @dataclass
@@ -65,7 +69,21 @@ def open_source(path: str | os.PathLike[str], *, base: str | os.PathLike[str] | 
     ckpt = Checkpoint.open(path, config=config)
     ckpt = attach_base(ckpt, Checkpoint.open(base) if base is not None else None)
     cfg = read_model_config(ckpt, rope_defaults=rope_defaults)
-    return Source(Path(path), ckpt, cfg, read_fusion_config(ckpt.config), algorithm_of(ckpt.read_manifest()))
+    fusion = read_fusion_config(ckpt.config)
+    require_consistent(ckpt, cfg, fusion)
+    manifest = ckpt.read_manifest()
+    return Source(Path(path), ckpt, cfg, fusion, algorithm_of(manifest), manifest)
+
+
+def write_source_tensors(src: Source, tensors: list[OutTensor], directory: Path, notes: list[str],
+                         progress: Progress | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """``write_tensors`` for an export; tensors changed since fusion (by the source manifest's
+    digests of what was read) are named in ``notes``."""
+    read: dict[str, str] = {}
+    files, digests = write_tensors(src.ckpt, tensors, directory, progress=progress, algorithm=src.digest,
+                                   source_digests=read)
+    notes.extend(change_notes(src.manifest, read))
+    return files, digests
 
 
 def tensor_entries(tensors: list[OutTensor], files: dict[str, str], digests: dict[str, str]) -> list[dict[str, Any]]:

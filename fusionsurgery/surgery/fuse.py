@@ -178,8 +178,8 @@ def _fusion_config(cfg: ModelConfig, ckpt: Checkpoint, chosen: list[int], fusion
         raise UsageError(f"--fusion-vocab must be 0 or more, got {fusion_vocab}")
     if init not in INIT_CHOICES:
         raise UsageError(f"--init must be one of {', '.join(INIT_CHOICES)}, got {init!r}")
-    if not init_std > 0:
-        raise UsageError(f"--init-std must be positive, got {init_std}")
+    if not 0 < init_std < float("inf"):
+        raise UsageError(f"--init-std must be positive and finite, got {init_std}")
     if dtype not in DTYPE_CHOICES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
     base_dtype = ckpt.info(cfg.family_obj.global_key("tok_embeddings.weight")).dtype
