@@ -60,7 +60,10 @@ def open_model(path: str | os.PathLike[str] | Checkpoint, *, dtype: torch.dtype 
     fusion = read_fusion_config(ckpt.config)
     require_consistent(ckpt, cfg, fusion)
     if isinstance(dtype, str):
-        dtype = parse_dtype(dtype) if dtype != "same" else None
+        try:
+            dtype = parse_dtype(dtype) if dtype != "same" else None
+        except ValueError as exc:
+            raise UsageError(f"dtype: {exc}") from None
     if dtype is None:
         dtype = TORCH_DTYPES[ckpt.info(cfg.family_obj.global_key("tok_embeddings.weight")).dtype]
     model = build_empty(cfg, fusion, dtype=dtype, device=resolve_device(device), rope_theta=rope_theta)

@@ -207,7 +207,8 @@ def _bring_originals(ckpt: Checkpoint, tmp: Path, layout: str, algorithm: str, p
         if layout == "copy":
             digests, file_digests[name] = copy_and_digest(src, tmp / name, header, step, cancel, algorithm)
         elif layout == "link" and same_filesystem(src, tmp):  # a symlinked shard may live elsewhere
-            digests, file_digests[name] = link_and_digest(src, tmp / name, header, step, algorithm)
+            # link the file a symlink ends at, never the symlink itself (os.link does not follow it on Linux)
+            digests, file_digests[name] = link_and_digest(src.resolve(), tmp / name, header, step, algorithm)
         elif layout == "link":
             digests, file_digests[name] = copy_and_digest(src, tmp / name, header, step, cancel, algorithm)
         else:
