@@ -136,7 +136,7 @@ EXPECT: dict[str, dict[str, tuple[str, str]]] = {
     "deeply nested index": {"verify": ("failed", "index is not readable JSON"),
                             **{c: ("error", "index is not readable JSON") for c in COMMANDS if c != "verify"}},
     "hostile manifest": {c: ("error", "original_tensors[0]") for c in COMMANDS},
-    "manifest of the wrong shape": {c: ("error", "'base' is list") for c in COMMANDS},
+    "manifest of the wrong shape": {c: ("error", "'base' is a list") for c in COMMANDS},
     "index naming a shard outside": {"verify": ("failed", "outside the directory"),
                                      **{c: ("error", "escapes") for c in COMMANDS if c != "verify"}},
     "killed fuse's debris": {"verify": ("failed", "index is not readable JSON"),

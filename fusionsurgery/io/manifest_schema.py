@@ -59,7 +59,7 @@ def _fields(doc: dict[str, Any], spec: dict[str, type | tuple[type, ...]], where
             raise CheckpointError(f"{where} has no {name!r}")
     for name, kind in spec.items():
         if name in doc and not _has_type(doc[name], kind):
-            raise CheckpointError(f"{where}: {name!r} is {type(doc[name]).__name__}, expected {_type_name(kind)}")
+            raise CheckpointError(f"{where}: {name!r} is {_json_name(doc[name])}, expected {_type_name(kind)}")
 
 
 def is_int(value: Any) -> bool:
@@ -73,7 +73,14 @@ def _has_type(value: Any, kind: type | tuple[type, ...]) -> bool:
     return isinstance(value, kinds)
 
 
+_JSON_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list",
+               dict: "an object", type(None): "null"}
+
+
 def _type_name(kind: type | tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", list: "a list", dict: "an object", type(None): "null"}
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
+    return " or ".join(_JSON_NAMES.get(k, k.__name__) for k in kinds)
+
+
+def _json_name(value: Any) -> str:
+    return _JSON_NAMES.get(type(value), type(value).__name__)
