@@ -23,6 +23,7 @@ from fusionsurgery.io.checkpoint import Checkpoint
 from helpers import assert_clean_failure, error_lines, make_base, run_cli, tree_digest
 
 ORIGINAL = "model.layers.1.mlp.up_proj.weight"
+PERMUTED = "model.layers.3.self_attn.q_proj.weight"  # rows permuted by --to torchtune: hashed as read
 FUSION = "model.layers.2.fusion_layer.mlp.up_proj.weight"
 FUSION_SHARD = "fusion-00001-of-00001.safetensors"
 
@@ -98,6 +99,7 @@ FAULTS = {
     "fusion shard cut short": lambda d: _cut(d / FUSION_SHARD),
     "flipped bit in an original": lambda d: _flip(d, ORIGINAL),
     "flipped bit in a fusion tensor": lambda d: _flip(d, FUSION),
+    "flipped bit in a permuted original": lambda d: _flip(d, PERMUTED),
     "fusion section names other layers": lambda d: _edit(d / "config.json", lambda c: c["fusion"].update(layers=[0, 1])),
     "fusion section with another encoder width": lambda d: _edit(d / "config.json",
                                                                  lambda c: c["fusion"].update(encoder_dim=32)),
@@ -120,6 +122,9 @@ EXPECT: dict[str, dict[str, tuple[str, str]]] = {
     "fusion shard cut short": {c: ("error", "truncated") for c in COMMANDS},
     "flipped bit in an original": {"verify": ("failed", ORIGINAL), "export": ("note", ORIGINAL),
                                    "unfuse": ("note", ORIGINAL), "inspect": ("ok", ""), "load_fused": ("ok", "")},
+    "flipped bit in a permuted original": {"verify": ("failed", PERMUTED), "export": ("note", PERMUTED),
+                                           "unfuse": ("note", PERMUTED), "inspect": ("ok", ""),
+                                           "load_fused": ("ok", "")},
     "flipped bit in a fusion tensor": {"verify": ("note", FUSION), "export": ("note", FUSION), "unfuse": ("ok", ""),
                                        "inspect": ("ok", ""), "load_fused": ("ok", "")},
     "fusion section names other layers": {"verify": ("failed", "model.layers.1.fusion_layer"),

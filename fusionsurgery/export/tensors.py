@@ -106,7 +106,7 @@ def chunks(ckpt: Checkpoint, t: OutTensor, source_digests: dict[str, str] | None
         unit = len(part.head_perm) if part.head_perm else 1
         step = max(unit, (CHUNK_BYTES // max(src_row, 1)) // unit * unit)
         whole = source_digests is not None and part.first_row == 0 and n * src_row == info.nbytes
-        digest = new_hash(algorithm) if whole else None
+        digest = new_hash(algorithm) if whole and verbatim_source(ckpt, t) is None else None
         with open(ckpt.path_of(ckpt.key_to_file[part.source]), "rb") as fh:
             for r0 in range(0, n, step):
                 k = min(step, n - r0)
@@ -118,6 +118,14 @@ def chunks(ckpt: Checkpoint, t: OutTensor, source_digests: dict[str, str] | None
                 yield raw if info.dtype == t.dtype else _cast(raw, info.dtype, t.dtype)
         if digest is not None and source_digests is not None:
             source_digests[part.source] = digest.hexdigest()
+
+
+def verbatim_source(ckpt: Checkpoint, t: OutTensor) -> str | None:
+    """The source tensor whose bytes ``t`` holds unchanged (so its digest is the output's), if any."""
+    if len(t.parts) != 1 or t.parts[0].source is None or t.parts[0].head_perm or t.parts[0].first_row:
+        return None
+    info = ckpt.info(t.parts[0].source)
+    return t.parts[0].source if (info.dtype, info.shape) == (t.dtype, t.shape) else None
 
 
 def _cast(raw: bytes, src: str, dst: str) -> bytes:
@@ -155,6 +163,9 @@ def write_tensors(ckpt: Checkpoint, tensors: list[OutTensor], directory: Path, *
             for t in group:
                 digests[t.key] = writer.write(t.key, chunks(ckpt, t, source_digests, algorithm), progress)
                 files[t.key] = name
+                source = verbatim_source(ckpt, t)
+                if source is not None and source_digests is not None:  # the same bytes: hashed once
+                    source_digests[source] = digests[t.key]
         except BaseException:
             writer.abort()
             raise
