@@ -387,3 +387,27 @@ def test_bad_shard_symlinks_are_refused_in_one_line(made, tmp_path, capsys, case
     code, err = run_cli(["verify", str(d), "--device", "cpu"], capsys)
     assert code in (1, 2) and "Traceback" not in err
     assert not (tmp_path / "out").exists() and hidden(tmp_path) == []
+
+
+def test_debris_is_told_from_a_live_run_by_its_lock_not_its_pid(made, tmp_path):
+    """After a reboot the pid in a dead run's directory name may belong to a live process: what
+    counts is the lock the run held (the kernel drops it when the run dies)."""
+    base, _ = made
+    out = tmp_path / "out"
+    reused = tmp_path / f".out.tmp-{os.getpid()}-deadbeef"  # a live pid, but nobody holds the lock
+    reused.mkdir()
+    live = tmp_path / ".out.tmp-1-cafecafe"  # another run, still writing: it holds the lock
+    live.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               "fd = os.open(sys.argv[1], os.O_RDONLY)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+                               "print('locked', flush=True)\ntime.sleep(60)", str(live)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(["fuse", str(base), "--every", "2", "-o", str(out)]) == 0
+        assert not reused.exists() and live.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["fuse", str(base), "--every", "2", "-o", str(out), "--force"]) == 0
+    assert hidden(tmp_path) == []

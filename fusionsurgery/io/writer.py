@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -130,13 +131,17 @@ class AtomicDirectory:
 
     A failure or interruption removes the temporary directory, so nothing that looks like a
     finished output is ever left behind; with ``force`` an existing ``target`` is replaced only
-    after the new one is complete.
+    after the new one is complete. The run holds an exclusive ``flock`` on its temporary directory
+    (and on an old output it moves aside) until it ends: the kernel drops it when the process dies,
+    however it dies, so a later run knows debris from a live run's work (even after a reboot, when
+    process ids are reused).
     """
 
     def __init__(self, target: Path, force: bool = False) -> None:
         self.target = target
         self.force = force
         self.tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._locks: list[int] = []
 
     def __enter__(self) -> "AtomicDirectory":
         self._remove_stale()
@@ -148,7 +153,14 @@ class AtomicDirectory:
             self.tmp.mkdir()
         except OSError as exc:
             raise WriteError(f"cannot create {self.tmp}: {exc.strerror}") from None
+        self._hold(self.tmp)
         return self
+
+    def _hold(self, path: Path) -> None:
+        fd = _try_lock(path)
+        if fd is None:
+            raise WriteError(f"{path} is locked by another run")
+        self._locks.append(fd)
 
     def _remove_stale(self) -> None:
         """Clean up after earlier runs on ``target`` whose process is gone (killed, power loss).
@@ -180,6 +192,7 @@ class AtomicDirectory:
             if not self.force:
                 raise WriteError(f"{self.target} appeared while writing (another run?); this run's output was discarded")
             old = self.target.parent / f".{self.target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self._hold(self.target)  # the lock follows the directory to its new name
             os.rename(self.target, old)
         try:
             os.rename(self.tmp, self.target)
@@ -194,17 +207,33 @@ class AtomicDirectory:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
+        for fd in self._locks:
+            os.close(fd)
+        self._locks.clear()
+
+
+def _try_lock(path: Path) -> int | None:
+    """An open descriptor holding an exclusive ``flock`` on directory ``path``, or None when another
+    process holds it (or it cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _owner_gone(path: Path) -> bool:
-    """Whether the process whose id is in ``path``'s name (``.<name>.<kind>-<pid>-<hex>``) has ended."""
-    try:
-        os.kill(int(path.name.rsplit("-", 2)[-2]), 0)
-    except ProcessLookupError:
-        return True
-    except (ValueError, PermissionError, IndexError, OverflowError):
+    """Whether the run that made ``path`` has ended: no process holds its lock any more."""
+    fd = _try_lock(path)
+    if fd is None:
         return False
-    return False
+    os.close(fd)
+    return True
 
 
 def _fsync_path(path: Path) -> None:
