@@ -411,3 +411,23 @@ def test_debris_is_told_from_a_live_run_by_its_lock_not_its_pid(made, tmp_path):
         holder.wait()
     assert main(["fuse", str(base), "--every", "2", "-o", str(out), "--force"]) == 0
     assert hidden(tmp_path) == []
+
+
+def test_an_adapter_on_a_changed_base_names_the_tensors(made, tmp_path, capsys):
+    """One flipped bit in the base of an adapter (fuse --adapter-only): every command that reads the
+    adapter with that base names the changed tensor."""
+    base, _ = made
+    adapter = tmp_path / "adapter"
+    assert main(["fuse", str(base), "--layers", "1", "--adapter-only", "-o", str(adapter)]) == 0
+    changed = tmp_path / "base"
+    shutil.copytree(base, changed)
+    _flip(changed, ORIGINAL)
+    capsys.readouterr()
+    with pytest.raises(FusionSurgeryError, match=ORIGINAL):
+        fs.load_fused(adapter, base=changed)
+    code, err = run_cli(["export", str(adapter), "--base", str(changed), "--to", "hf", "-o", str(tmp_path / "out")],
+                        capsys)
+    assert code == 2 and ORIGINAL in err and len(err.strip().splitlines()) == 1, err
+    code = main(["verify", str(adapter), "--base", str(changed), "--device", "cpu"])
+    assert code == 1 and ORIGINAL in " ".join(capsys.readouterr().out.split())
+    assert not (tmp_path / "out").exists() and hidden(tmp_path) == []
