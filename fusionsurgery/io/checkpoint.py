@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,8 @@ from typing import Any
 
 from ..errors import CheckpointError
 from .manifest_schema import check_manifest_types
-from .safetensors_format import SafetensorsHeader, TensorInfo, _no_duplicates, read_exact, read_header
+from .safetensors_format import (MAX_HEADER_BYTES, SafetensorsHeader, TensorInfo, _no_duplicates, read_exact,
+                                read_header)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -212,7 +214,19 @@ def followed_file(link: Path, what: str) -> Path:
 
 
 def read_json_object(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from ``path`` (duplicate keys refused), or a one-line ``CheckpointError``."""
+    """A JSON object from ``path`` (duplicate keys refused), or a one-line ``CheckpointError``.
+
+    Only a regular file of at most ``MAX_HEADER_BYTES`` is read: a symlink to a device or a pipe
+    (``/dev/zero``) would otherwise be read forever.
+    """
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: {what} is not readable ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: {what} is not a regular file")
+    if st.st_size > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{path}: {what} is {st.st_size} bytes, over the {MAX_HEADER_BYTES}-byte limit")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
