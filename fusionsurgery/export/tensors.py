@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..io.checkpoint import Checkpoint
-from ..io.digest import DEFAULT_ALGORITHM, new_hash
+from ..io.digest import DEFAULT_ALGORITHM
 from ..io.safetensors_format import DTYPE_SIZES, read_exact
 from ..io.writer import MAX_SHARD_BYTES, SafetensorsWriter, group_into_shards
 from ..version import __version__
@@ -88,10 +88,8 @@ def check(ckpt: Checkpoint, t: OutTensor) -> None:
         raise CheckpointError(f"{t.key}: parts give {total} rows, the shape needs {rows}")
 
 
-def chunks(ckpt: Checkpoint, t: OutTensor, source_digests: dict[str, str] | None = None,
-           algorithm: str = DEFAULT_ALGORITHM) -> Iterator[bytes]:
-    """The output bytes of ``t``, chunk by chunk; ``source_digests`` gets the digest of every source
-    tensor read whole (before any permutation or cast), to compare with the source's manifest."""
+def chunks(ckpt: Checkpoint, t: OutTensor) -> Iterator[bytes]:
+    """The output bytes of ``t``, chunk by chunk."""
     _, cols = _row_layout(t.shape)
     out_row = cols * DTYPE_SIZES[t.dtype]
     for part in t.parts:
@@ -105,27 +103,13 @@ def chunks(ckpt: Checkpoint, t: OutTensor, source_digests: dict[str, str] | None
         src_row = cols * DTYPE_SIZES[info.dtype]
         unit = len(part.head_perm) if part.head_perm else 1
         step = max(unit, (CHUNK_BYTES // max(src_row, 1)) // unit * unit)
-        whole = source_digests is not None and part.first_row == 0 and n * src_row == info.nbytes
-        digest = new_hash(algorithm) if whole and verbatim_source(ckpt, t) is None else None
         with open(ckpt.path_of(ckpt.key_to_file[part.source]), "rb") as fh:
             for r0 in range(0, n, step):
                 k = min(step, n - r0)
                 raw = read_exact(fh, info.start + (part.first_row + r0) * src_row, k * src_row)
-                if digest is not None:
-                    digest.update(raw)
                 if part.head_perm:
                     raw = permute_heads(raw, src_row, part.head_perm)
                 yield raw if info.dtype == t.dtype else _cast(raw, info.dtype, t.dtype)
-        if digest is not None and source_digests is not None:
-            source_digests[part.source] = digest.hexdigest()
-
-
-def verbatim_source(ckpt: Checkpoint, t: OutTensor) -> str | None:
-    """The source tensor whose bytes ``t`` holds unchanged (so its digest is the output's), if any."""
-    if len(t.parts) != 1 or t.parts[0].source is None or t.parts[0].head_perm or t.parts[0].first_row:
-        return None
-    info = ckpt.info(t.parts[0].source)
-    return t.parts[0].source if (info.dtype, info.shape) == (t.dtype, t.shape) else None
 
 
 def _cast(raw: bytes, src: str, dst: str) -> bytes:
@@ -144,12 +128,9 @@ def shard_names(count: int, stem: str = "model") -> list[str]:
 
 def write_tensors(ckpt: Checkpoint, tensors: list[OutTensor], directory: Path, *,
                   progress: Progress | None = None, max_shard_bytes: int = MAX_SHARD_BYTES,
-                  metadata: dict[str, str] | None = None, algorithm: str = DEFAULT_ALGORITHM,
-                  source_digests: dict[str, str] | None = None) -> tuple[dict[str, str], dict[str, str]]:
-    """Write ``tensors`` into ``model*.safetensors`` shards; returns (key -> file, key -> digest).
-
-    ``source_digests`` (when given) gets the digest of every source tensor read whole.
-    """
+                  metadata: dict[str, str] | None = None,
+                  algorithm: str = DEFAULT_ALGORITHM) -> tuple[dict[str, str], dict[str, str]]:
+    """Write ``tensors`` into ``model*.safetensors`` shards; returns (key -> file, key -> digest)."""
     for t in tensors:
         check(ckpt, t)
     groups = group_into_shards(tensors, max_shard_bytes)
@@ -161,11 +142,8 @@ def write_tensors(ckpt: Checkpoint, tensors: list[OutTensor], directory: Path, *
         writer = SafetensorsWriter(directory / name, [(t.key, t.dtype, t.shape) for t in group], meta, algorithm)
         try:
             for t in group:
-                digests[t.key] = writer.write(t.key, chunks(ckpt, t, source_digests, algorithm), progress)
+                digests[t.key] = writer.write(t.key, chunks(ckpt, t), progress)
                 files[t.key] = name
-                source = verbatim_source(ckpt, t)
-                if source is not None and source_digests is not None:  # the same bytes: hashed once
-                    source_digests[source] = digests[t.key]
         except BaseException:
             writer.abort()
             raise
