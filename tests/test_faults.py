@@ -196,6 +196,16 @@ def test_damaged_input(made, debris, tmp_path, capsys, fault, command):
     assert hidden(tmp_path) == []
 
 
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"a":' * 100_000])
+def test_fuse_refuses_deeply_nested_json_in_its_base(made, tmp_path, capsys, name, text):
+    base = tmp_path / "base"
+    shutil.copytree(made[0], base)
+    (base / name).write_text(text)
+    code, err = run_cli(["fuse", str(base), "--every", "2"], capsys)
+    assert_clean_failure(code, err, tmp_path, contains="not readable JSON")
+
+
 # ---------------------------------------------------------------- killed runs
 def _writer_args(command: str, base: Path, fused: Path, out: Path) -> list[str]:
     return {"fuse": ["fuse", str(base), "--every", "2", "-o", str(out)],
@@ -363,6 +373,13 @@ def test_symlinked_shards_are_followed_by_every_command(made, tmp_path, capsys):
         tree_digest(base / "model.safetensors").popitem()[1]
     fs.load_fused(linked_fused)
     fs.load_fused(tmp_path / "fused--adapter-only", base=linked_base)
+    # a symlinked directory or file: the default output goes beside the link, not into the store
+    (tmp_path / "mine").symlink_to(linked_base)
+    (tmp_path / "one.safetensors").symlink_to(linked_base / "model.safetensors")
+    assert main(["fuse", str(tmp_path / "mine"), "--every", "2"]) == 0
+    assert main(["fuse", str(tmp_path / "one.safetensors"), "--every", "2", "--num-heads", "4",
+                 "--num-kv-heads", "2"]) == 0
+    assert (tmp_path / "mine-fused").is_dir() and (tmp_path / "one-fused").is_dir()
 
 
 @pytest.mark.parametrize("case,contains", [

@@ -88,8 +88,9 @@ def group_into_shards(tensors: list[S], max_bytes: int = MAX_SHARD_BYTES) -> lis
 
 
 def default_output(source: Path, suffix: str) -> Path:
-    """``<source name>-<suffix>`` beside the source (a file's stem for a single file)."""
-    source = source.resolve()
+    """``<source name>-<suffix>`` beside the source (a file's stem for a single file); beside the
+    path as given, not where a symlink leads (a DVC or annex store names its files by hash)."""
+    source = Path(os.path.abspath(source))
     name = source.stem if source.is_file() else source.name
     return source.parent / f"{name}-{suffix}"
 
