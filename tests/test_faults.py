@@ -158,6 +158,7 @@ def run_command(command: str, d: Path, out: Path, capsys) -> tuple[int, str, str
         try:
             fs.load_fused(d)
         except FusionSurgeryError as exc:
+            assert "\n" not in str(exc)
             return 2, "", f"error: {exc}\n"
         return 0, "", ""
     args = {"verify": ["verify", str(d), "--device", "cpu"], "inspect": ["inspect", str(d)],

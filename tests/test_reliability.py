@@ -46,6 +46,7 @@ CASES = {
     "header not json": lambda p: raw_safetensors(p, b"{not json at all"),
     "header not an object": lambda p: raw_safetensors(p, [1, 2, 3]),
     "unknown dtype": lambda p: raw_safetensors(p, {"w": dict(T, dtype="F128")}, b"\x00" * 16),
+    "dtype not a string": lambda p: raw_safetensors(p, {"w": dict(T, dtype=["F32"])}, b"\x00" * 16),
     "overlapping offsets": lambda p: raw_safetensors(
         p, {"a": T, "b": dict(T, data_offsets=[8, 24])}, b"\x00" * 24),
     "gap in offsets": lambda p: raw_safetensors(p, {"a": dict(T, data_offsets=[16, 32])}, b"\x00" * 32),

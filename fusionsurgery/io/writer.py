@@ -180,7 +180,7 @@ class AtomicDirectory:
             if not _owner_gone(old):
                 continue
             if self.target.exists() or self.target.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
+                _remove(old)
             else:
                 os.rename(old, self.target)
 
@@ -193,7 +193,8 @@ class AtomicDirectory:
             if not self.force:
                 raise WriteError(f"{self.target} appeared while writing (another run?); this run's output was discarded")
             old = self.target.parent / f".{self.target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            self._hold(self.target)  # the lock follows the directory to its new name
+            if self.target.is_dir() and not self.target.is_symlink():
+                self._hold(self.target)  # the lock follows the directory to its new name
             os.rename(self.target, old)
         try:
             os.rename(self.tmp, self.target)
@@ -203,7 +204,7 @@ class AtomicDirectory:
             raise WriteError(f"{self.target} appeared while writing (another run?): {exc.strerror}") from None
         _fsync_path(self.target.parent)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self.tmp.exists():
@@ -211,6 +212,14 @@ class AtomicDirectory:
         for fd in self._locks:
             os.close(fd)
         self._locks.clear()
+
+
+def _remove(path: Path) -> None:
+    """Remove a directory tree, or a file or symlink (a replaced ``-o`` may have been either)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _try_lock(path: Path) -> int | None:
