@@ -27,26 +27,26 @@ PERMUTED = "model.layers.3.self_attn.q_proj.weight"  # rows permuted by --to tor
 FUSION = "model.layers.2.fusion_layer.mlp.up_proj.weight"
 FUSION_SHARD = "fusion-00001-of-00001.safetensors"
 
-#: Runs the CLI with ``<module>.<function>`` replaced by one that SIGKILLs the process on its n-th call.
+#: Runs the CLI with ``<module>.<function>`` replaced by one that sends the process a signal on its n-th call.
 KILLER = """
 import importlib, os, signal, sys
 from fusionsurgery.cli import main
 module, name = sys.argv[1].rsplit(".", 1)
-n, owner = int(sys.argv[2]), importlib.import_module(module)
+n, sig, owner = int(sys.argv[2]), getattr(signal, sys.argv[3]), importlib.import_module(module)
 real, calls = getattr(owner, name), [0]
 def deadly(*args, **kwargs):
     calls[0] += 1
-    if calls[0] >= n:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if calls[0] == n:
+        os.kill(os.getpid(), sig)
     return real(*args, **kwargs)
 setattr(owner, name, deadly)
-sys.exit(main(sys.argv[3:]))
+sys.exit(main(sys.argv[4:]))
 """
 
 
-def killed(where: str, n: int, args: list[str]) -> subprocess.CompletedProcess:
-    """Run ``fusionsurgery args`` and SIGKILL it at the ``n``-th call of ``where`` (e.g. ``os.fsync``)."""
-    return subprocess.run([sys.executable, "-c", KILLER, where, str(n), *args], capture_output=True, text=True,
+def killed(where: str, n: int, args: list[str], sig: str = "SIGKILL") -> subprocess.CompletedProcess:
+    """Run ``fusionsurgery args`` and send it ``sig`` at the ``n``-th call of ``where`` (e.g. ``os.fsync``)."""
+    return subprocess.run([sys.executable, "-c", KILLER, where, str(n), sig, *args], capture_output=True, text=True,
                           timeout=120)
 
 
@@ -237,6 +237,18 @@ def test_killed_run_leaves_nothing_that_looks_complete(made, tmp_path, command, 
     assert main(_writer_args(command, base, fused, out)) == 0
     _assert_whole(command, out, base)
     assert hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("command", ["fuse", "export", "unfuse"])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupted_run_cleans_up_after_itself(made, tmp_path, command, sig):
+    """Ctrl-C or SIGTERM mid-write: exit 130, one line, and nothing left behind at all."""
+    base, fused = made
+    proc = killed("os.fsync", 1, _writer_args(command, base, fused, tmp_path / "out"), sig)
+    assert proc.returncode == 130, proc.stderr
+    assert error_lines(proc.stderr) == ["error: interrupted; nothing was written"], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists() and hidden(tmp_path) == []
 
 
 @pytest.mark.parametrize("command", ["fuse", "export", "unfuse"])
