@@ -464,3 +464,19 @@ def test_an_adapter_on_a_changed_base_names_the_tensors(made, tmp_path, capsys):
     code = main(["verify", str(adapter), "--base", str(changed), "--device", "cpu"])
     assert code == 1 and ORIGINAL in " ".join(capsys.readouterr().out.split())
     assert not (tmp_path / "out").exists() and hidden(tmp_path) == []
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs /dev/shm")
+def test_link_copies_a_shard_whose_symlink_leads_to_another_filesystem(made, tmp_path):
+    base, _ = made
+    store = Path("/dev/shm") / f"fusionsurgery-test-{os.getpid()}"
+    if os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("/dev/shm is on the same filesystem as the test directory")
+    try:
+        linked = _into_store(base, tmp_path / "base", store)
+        result = fs.fuse(linked, tmp_path / "out", every=2, link=True)
+        assert any("another filesystem" in n and "model.safetensors" in n for n in result.notes), result.notes
+        _no_links(tmp_path / "out")
+        assert os.stat(tmp_path / "out" / "model.safetensors").st_nlink == 1
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
