@@ -12,9 +12,10 @@ from typing import Any
 
 from .arch.config import ModelConfig, read_fusion_config, read_model_config
 from .arch.families import FAMILIES, FUSION_SEGMENT, Family, detect_family, is_fusion_key
-from .errors import UsageError
+from .errors import CheckpointError, UsageError
 from .io.checkpoint import Checkpoint
 from .surgery.adapter import attach_base, is_adapter
+from .surgery.consistency import fusion_problems
 
 
 @dataclass
@@ -134,6 +135,9 @@ def _describe(ckpt: Checkpoint, family: Family, path: str) -> Inspection:
     except UsageError as exc:  # heads unknown without a config: describe what the shapes tell
         cfg = None
         notes.append(str(exc))
+    if cfg is not None:
+        notes += [f"warning: the config's fusion section disagrees with the tensors: {p}"
+                  for p in fusion_problems(ckpt, cfg, read_fusion_config(ckpt.config))]
     shapes = _canonical_shapes(ckpt, family)
     vocab, dim = shapes["tok_embeddings.weight"]
     layers = {int(k.split(".")[1]) for k in shapes if k.startswith("layers.")}
@@ -160,7 +164,9 @@ def _describe_adapter(ckpt: Checkpoint, manifest: dict[str, Any], path: str, ten
     """An adapter (``fuse --adapter-only``) alone: the base's facts come from the manifest."""
     base = manifest.get("base") or {}
     cfg = base.get("config") or {}
-    family = FAMILIES[base.get("family", "hf")]
+    family = FAMILIES.get(base.get("family", "hf"))
+    if family is None:
+        raise CheckpointError(f"{path}: the manifest names an unknown naming family {base.get('family')!r}")
     fusion = _fusion_summary(ckpt, family, base_params=int(base.get("num_params") or 0))
     dtypes: Counter[str] = Counter()
     for _, info in ckpt.tensors():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -78,3 +79,32 @@ def open_gates(model: torch.nn.Module, value: float) -> None:
         for name, p in get_fusion_params(model).items():
             if name.endswith("_scale.scale"):
                 p.fill_(value)
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """Every file below (or at) ``path`` with its content hash: to prove nothing was touched."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    """Run the CLI in-process; (exit code, stderr)."""
+    from fusionsurgery.cli import main
+
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def error_lines(err: str) -> list[str]:
+    """The ``error:`` lines of a command's stderr (progress notes on stderr are not errors)."""
+    return [line for line in err.strip().splitlines() if line.startswith("error:")]
+
+
+def assert_clean_failure(code: int, err: str, workdir: Path, expected: int = 2, contains: str = "") -> None:
+    """Exit ``expected``, one ``error:`` line and no traceback, and no output or debris in ``workdir``."""
+    assert code == expected, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert "Traceback" not in err
+    assert contains.lower() in err.lower(), err
+    assert not [p for p in workdir.iterdir() if p.name.startswith(".") or p.name.endswith("-fused")]

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import CheckpointError, UsageError
 from ..io.checkpoint import Checkpoint
+from ..io.manifest_schema import is_int
 from .families import FAMILIES, Family, detect_family, is_fusion_key
 
 
@@ -136,20 +137,42 @@ class FusionConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, doc: Any) -> "FusionConfig":
+    def from_dict(cls, doc: Any, where: str = "config.json") -> "FusionConfig":
+        """Read a ``fusion`` section, refusing fields of the wrong type with one line."""
         if not isinstance(doc, dict):
-            raise CheckpointError("config.json: 'fusion' section is not an object")
+            raise CheckpointError(f"{where}: 'fusion' section is not an object")
         known = {k: doc[k] for k in cls.__dataclass_fields__ if k in doc}
-        try:
-            fc = cls(**known)
-        except TypeError as exc:
-            raise CheckpointError(f"config.json: bad 'fusion' section ({exc})") from None
-        if not isinstance(fc.layers, list) or not all(isinstance(i, int) for i in fc.layers):
-            raise CheckpointError("config.json: fusion.layers must be a list of layer indices")
+        if "layers" not in known:
+            raise CheckpointError(f"{where}: 'fusion' section has no 'layers'")
+        fc = cls(**known)
+        if not isinstance(fc.layers, list) or not all(is_int(i) for i in fc.layers):
+            raise CheckpointError(f"{where}: fusion.layers must be a list of layer indices")
+        for name, kinds in _FUSION_FIELD_TYPES.items():
+            value = getattr(fc, name)
+            if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+                raise CheckpointError(f"{where}: fusion.{name} is {value!r}, expected {kinds[0].__name__}")
         return fc
 
 
+#: The type every scalar field of a fusion section must have.
+_FUSION_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "fusion_first": (bool,), "encoder_dim": (int,), "fusion_vocab": (int,), "init": (str,),
+    "init_std": (float, int), "seed": (int,), "dtype": (str,), "qk_norm_eps": (float, int),
+    "norm_eps": (float, int), "tool_version": (str,),
+}
+
+
 # ---------------------------------------------------------------------- reading
+def check_options(*, rope_defaults: str | None = None, num_heads: int | None = None,
+                  num_kv_heads: int | None = None) -> None:
+    """Refuse (``UsageError``) option values no checkpoint could make sense of."""
+    if rope_defaults is not None and rope_defaults not in ROPE_DEFAULTS:
+        raise UsageError(f"--rope-defaults must be one of {', '.join(ROPE_DEFAULTS)}, got {rope_defaults!r}")
+    for flag, value in (("--num-heads", num_heads), ("--num-kv-heads", num_kv_heads)):
+        if value is not None and value <= 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+
+
 def read_model_config(
     ckpt: Checkpoint, *, num_heads: int | None = None, num_kv_heads: int | None = None,
     rope_defaults: str | None = None,
@@ -160,8 +183,7 @@ def read_model_config(
     tensors: without a config they stay unknown (``rope_theta=None``) unless ``rope_defaults`` names a
     set of ``ROPE_DEFAULTS`` (e.g. ``"llama3"``, torchtune's Llama 3 builders); a config always wins.
     """
-    if rope_defaults is not None and rope_defaults not in ROPE_DEFAULTS:
-        raise UsageError(f"--rope-defaults must be one of {', '.join(ROPE_DEFAULTS)}, got {rope_defaults!r}")
+    check_options(rope_defaults=rope_defaults, num_heads=num_heads, num_kv_heads=num_kv_heads)
     family = detect_family(ckpt.keys())
     shapes = {}
     for key in ckpt.keys():

@@ -19,9 +19,9 @@ from ..errors import UsageError
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME
 from ..io.writer import AtomicDirectory
 from .common import (EXPORT_MANIFEST_NAME, ExportResult, Source, copy_sidecars, export_manifest, listed_files,
-                     tensor_entries, write_json)
+                     tensor_entries, write_json, write_source_tensors)
 from .rope import describe, head_permutation, rotates
-from .tensors import OutTensor, Part, Progress, index_doc, same, write_tensors
+from .tensors import OutTensor, Part, Progress, index_doc, same
 
 #: Rows Mllama's ``embed_tokens`` has beyond ``vocab_size``.
 MLLAMA_EXTRA_TOKENS = 8
@@ -229,7 +229,7 @@ def export_mllama(src: Source, out: Path, *, force: bool = False, progress: Prog
     result = ExportResult(out, "mllama", src.cfg.family, notes=notes, layer_map=layer_map)
     with AtomicDirectory(out, force=force) as staging:
         tmp = staging.tmp
-        files, digests = write_tensors(src.ckpt, tensors, tmp, progress=progress, algorithm=src.digest)
+        files, digests = write_source_tensors(src, tensors, tmp, notes, progress)
         if len(set(files.values())) > 1:
             write_json(tmp / INDEX_NAME, index_doc(files, tensors))
         write_json(tmp / CONFIG_NAME, config)

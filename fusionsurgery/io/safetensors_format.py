@@ -111,7 +111,7 @@ def _parse_entry(name: str, entry: Any, where: str) -> TensorInfo:
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: entry for {name!r} is not an object")
     dtype = entry.get("dtype")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise CheckpointError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
@@ -174,7 +174,7 @@ def build_header(
     offsets: dict[str, tuple[int, int]] = {}
     cursor = 0
     for name, dtype, shape in entries:
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise ValueError(f"unknown dtype {dtype!r}")
         nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
         doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [cursor, cursor + nbytes]}
