@@ -78,10 +78,11 @@ def tokens(batch: int = 2, seq: int = 12, vocab: int = 128, seed: int = 0) -> to
 
 
 def open_gates(model: torch.nn.Module, value: float) -> None:
-    """Set every fusion gate (the ``*_scale.scale`` parameters) of ``model`` to ``value``."""
+    """Set every fusion gate of ``model`` to ``value`` (``*_scale.scale`` in load_fused's modules,
+    ``cross_attn_*_gate`` in a fusionsurgery.hf model)."""
     from fusionsurgery import get_fusion_params
 
     with torch.no_grad():
         for name, p in get_fusion_params(model).items():
-            if name.endswith("_scale.scale"):
+            if name.endswith(("_scale.scale", "cross_attn_attn_gate", "cross_attn_mlp_gate")):
                 p.fill_(value)

@@ -49,13 +49,6 @@ def states(model, batch=2, length=6, seed=1):
     return torch.randn(batch, length, model.fusion.encoder_dim, generator=g)
 
 
-def open_hf_gates(model, value):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
-                p.fill_(value)
-
-
 def test_opens_as_the_base_class_with_the_checkpoint_keys(family, caplog):
     arch, base, ref, out = family
     with caplog.at_level(logging.WARNING):
@@ -81,7 +74,7 @@ def test_logits_equal_load_fused_and_the_base_model(family):
         for logits in (model(t).logits, model(t, cross_attention_states=s).logits):  # closed gates
             torch.testing.assert_close(logits, plain, atol=1e-4, rtol=0)
         torch.testing.assert_close(model(t).logits, own(t), atol=1e-4, rtol=0)
-        open_hf_gates(model, 0.7)
+        open_gates(model, 0.7)
         open_gates(own, 0.7)
         opened = model(t, cross_attention_states=s).logits
         torch.testing.assert_close(opened, own(t, encoder_input=s), atol=1e-4, rtol=0)
@@ -104,7 +97,7 @@ def test_fusion_vocabulary_tokens(family):
 def test_mask_hides_encoder_positions_per_sample(family):
     arch, _, _, out = family
     model, own = load(out), fs.load_fused(out, dtype=torch.float32)
-    open_hf_gates(model, 0.7)
+    open_gates(model, 0.7)
     open_gates(own, 0.7)
     t, s = tokens(vocab=ARCHS[arch]["vocab_size"]), states(model)
     mask = torch.ones(2, 6, dtype=torch.long)
@@ -125,7 +118,7 @@ def test_mask_hides_encoder_positions_per_sample(family):
 def test_labels_give_the_usual_causal_lm_loss(family):
     arch, _, _, out = family
     model = load(out)
-    open_hf_gates(model, 0.5)
+    open_gates(model, 0.5)
     t, s = tokens(vocab=ARCHS[arch]["vocab_size"]), states(model)
     labels = t.clone()
     labels[0, :3] = -100
@@ -137,7 +130,7 @@ def test_labels_give_the_usual_causal_lm_loss(family):
 def test_generate_matches_token_by_token_load_fused(family):
     arch, _, _, out = family
     model, own = load(out), fs.load_fused(out, dtype=torch.float32)
-    open_hf_gates(model, 1.5)
+    open_gates(model, 1.5)
     open_gates(own, 1.5)
     prompt, s = tokens(seq=5, vocab=ARCHS[arch]["vocab_size"], seed=3), states(model, length=5)
     mask = torch.ones(2, 5, dtype=torch.bool)

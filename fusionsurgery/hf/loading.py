@@ -64,6 +64,7 @@ def from_pretrained(path: str | os.PathLike[str], base: str | os.PathLike[str] |
         loaded = cls.from_pretrained(str(directory), **kwargs)
     model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
     model.fusion_source = FusionSource(Path(path), Path(base) if base is not None else None)
+    model.config._name_or_path = str(path)  # not the temporary directory it was read through
     return loaded
 
 
