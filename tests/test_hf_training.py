@@ -8,6 +8,7 @@ import torch
 
 import fusionsurgery as fs
 from fusionsurgery.errors import UsageError
+from fusionsurgery.export import export
 from fusionsurgery.io.checkpoint import Checkpoint
 from fusionsurgery.verify import verify
 from helpers import make_base, open_gates
@@ -53,6 +54,8 @@ def test_loader_options_reach_transformers(fused):
     with torch.device("meta"):
         empty = cls(eager.config)
     assert {p.device.type for p in empty.parameters()} == {"meta"}
+    fresh = cls(eager.config)  # built from a config alone: random weights, gates closed
+    assert all(p.detach().item() == 0.0 for n, p in fresh.named_parameters() if n.endswith("_gate"))
 
 
 def test_refusals_are_one_line_errors(fused, tmp_path):
@@ -66,6 +69,11 @@ def test_refusals_are_one_line_errors(fused, tmp_path):
     plain = transformers.AutoModelForCausalLM.from_pretrained(str(base))
     with pytest.raises(UsageError, match="not loaded from a fused checkpoint"):
         hf.save_fused(plain, tmp_path / "nowhere")
+    llama, _ = make_base(tmp_path, "llama")
+    fs.fuse(llama, tmp_path / "llama-fused", every=2)
+    export(tmp_path / "llama-fused", tmp_path / "tune", to="torchtune")
+    with pytest.raises(UsageError, match="--to hf"):  # torchtune names: export them to Hugging Face names first
+        hf.from_pretrained(tmp_path / "tune")
 
 
 def test_adapter_opens_on_its_base_and_saves_as_an_adapter(fused, tmp_path):
@@ -160,6 +168,7 @@ def _train(model, ids, states):
 
 def _fsdp_worker(rank: int, path: str, tmp: str) -> None:
     import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
     try:
@@ -172,8 +181,10 @@ def _fsdp_worker(rank: int, path: str, tmp: str) -> None:
         dist.all_reduce(losses)
         params = {n: p.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
         sharded = {n: p.to_local().numel() for n, p in model.named_parameters()}
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
             torch.save({"losses": losses / WORLD, "params": params, "sharded": sharded}, f"{tmp}/result.pt")
+            model.save_pretrained(f"{tmp}/saved", state_dict=full)
     finally:
         dist.destroy_process_group()
 
@@ -182,7 +193,7 @@ def _fsdp_worker(rank: int, path: str, tmp: str) -> None:
 def test_fsdp2_two_processes_equal_one(fused, tmp_path):
     import torch.multiprocessing as mp
 
-    _, _, out = fused
+    base, _, out = fused
     mp.spawn(_fsdp_worker, args=(str(out), str(tmp_path)), nprocs=WORLD)
     result = torch.load(tmp_path / "result.pt")
     model = hf.from_pretrained(out, dtype=torch.float32)
@@ -198,3 +209,28 @@ def test_fsdp2_two_processes_equal_one(fused, tmp_path):
         torch.testing.assert_close(result["params"][name], p.detach(), atol=5e-5, rtol=0)
     full = {n: p.numel() for n, p in model.named_parameters()}
     assert sum(result["sharded"].values()) <= sum(full.values()) // WORLD + 64  # each rank held half
+    report = verify(tmp_path / "saved", base, device="cpu")  # rank 0 saved the gathered weights
+    assert report.ok, [c.message for c in report.failures]
+    saved = hf.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    for name, p in saved.named_parameters():
+        if name in trained:
+            torch.testing.assert_close(p, result["params"][name])
+
+
+def test_generate_with_the_encoder_cache_equals_generate_without_any_cache(fused):
+    _, _, out = fused
+    model = hf.from_pretrained(out, dtype=torch.float32)
+    open_gates(model, 1.0)
+    ids, s = batch(model, size=2, seq=5)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 2:] = False
+    common = dict(cross_attention_states=s, cross_attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
+                  pad_token_id=0, do_sample=False)
+    with torch.no_grad():
+        for beams in (1, 3):  # greedy and beam search (the cache's rows are reordered between beams)
+            cached = model.generate(ids, num_beams=beams, **common)
+            uncached = model.generate(ids, num_beams=beams, use_cache=False, **common)
+            assert torch.equal(cached, uncached), beams
+        torch.manual_seed(0)
+        sampled = model.generate(ids, cross_attention_states=s, do_sample=True, max_new_tokens=4, pad_token_id=0)
+    assert sampled.shape == (2, 9)

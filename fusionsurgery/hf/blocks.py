@@ -67,6 +67,7 @@ class FusionCrossAttention(nn.Module):
     def encode(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[b, kv_heads, e, head_dim]`` of encoder states ``[b, e, encoder_dim]``."""
         b, e, _ = states.shape
+        states = states.to(self.k_proj.weight.dtype)
         k = self.k_norm(self.k_proj(states).view(b, e, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(states).view(b, e, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return k, v

@@ -24,11 +24,6 @@ class FusionSource:
     path: Path
     base: Path | None = None
 
-    def checkpoint(self) -> Checkpoint:
-        """The source as one checkpoint view (an adapter over its base, not re-verified)."""
-        ckpt = Checkpoint.open(self.path)
-        return attach_base(ckpt, Checkpoint.open(self.base) if self.base is not None else None, check=False)
-
 
 def model_class(ckpt: Checkpoint) -> type:
     """The fused transformers class for a fused checkpoint (``FusedQwen2ForCausalLM`` ...)."""
