@@ -234,3 +234,22 @@ def test_generate_with_the_encoder_cache_equals_generate_without_any_cache(fused
         torch.manual_seed(0)
         sampled = model.generate(ids, cross_attention_states=s, do_sample=True, max_new_tokens=4, pad_token_id=0)
     assert sampled.shape == (2, 9)
+
+
+def test_readme_example_runs_and_verifies(tmp_path, monkeypatch):
+    """The README's copy-paste example, as written (output paths moved into tmp_path)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "README.md").read_text()
+    section = text[text.index("## Transformers models: `fusionsurgery.hf`"):]
+    code = section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
+    code = code.replace("/tmp/tiny-fused", str(tmp_path / "tiny-fused")).replace("/tmp/tiny-trained",
+                                                                               str(tmp_path / "tiny-trained"))
+    monkeypatch.chdir(root)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["new"].shape == (2, 12)
+    report = verify(tmp_path / "tiny-trained", root / "examples" / "tiny-llama", device="cpu")
+    assert report.ok, [c.message for c in report.failures]
+    assert report.check("originals").figures["changed_fusion_tensors"]
