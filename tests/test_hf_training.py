@@ -253,3 +253,23 @@ def test_readme_example_runs_and_verifies(tmp_path, monkeypatch):
     report = verify(tmp_path / "tiny-trained", root / "examples" / "tiny-llama", device="cpu")
     assert report.ok, [c.message for c in report.failures]
     assert report.check("originals").figures["changed_fusion_tensors"]
+
+
+def test_transformers_trainer_trains_and_saves_the_fused_layout(fused, tmp_path):
+    base, _, out = fused
+    model = hf.from_pretrained(out, dtype=torch.float32)
+    hf.freeze_all_but_fusion(model)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(8):  # Trainer keeps the encoder columns: forward declares them
+        ids = torch.randint(0, model.config.vocab_size, (10,), generator=g)
+        rows.append({"input_ids": ids, "labels": ids, "cross_attention_states": torch.randn(6, 64, generator=g),
+                     "cross_attention_mask": torch.ones(6, dtype=torch.long)})
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=4,
+                                          learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    report = verify(tmp_path / "saved", base, device="cpu")
+    assert report.ok, [c.message for c in report.failures]
+    assert len(report.check("originals").figures["changed_fusion_tensors"]) == len(hf.freeze_all_but_fusion(model))
