@@ -58,8 +58,8 @@ def from_pretrained(path: str | os.PathLike[str], base: str | os.PathLike[str] |
     with _loadable_dir(combined, [base_ckpt.root] if base_ckpt is not None else []) as directory:
         loaded = cls.from_pretrained(str(directory), **kwargs)
     model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
-    model.fusion_source = FusionSource(Path(path), Path(base) if base is not None else None)
-    model.config._name_or_path = str(path)  # not the temporary directory it was read through
+    model.fusion_source = FusionSource(Path(path).resolve(), Path(base).resolve() if base is not None else None)
+    model.name_or_path = model.config._name_or_path = str(path)  # not the temporary directory it was read through
     return loaded
 
 
