@@ -154,36 +154,37 @@ def test_peft_lora_on_self_attention_with_fusion_trainable(fused, tmp_path):
 STEPS, WORLD = 3, 2
 
 
-def _train(model, ids, states):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(STEPS):
-        loss = model(ids, cross_attention_states=states, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.detach())
-    return torch.stack(losses)
+def _example():
+    """examples/hf_fsdp_train.py, whose ``batches`` and ``train`` both runs below use."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "hf_fsdp_train.py"
+    spec = importlib.util.spec_from_file_location("hf_fsdp_train", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def _fsdp_worker(rank: int, path: str, tmp: str) -> None:
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    example = _example()
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
     try:
         model = hf.from_pretrained(path, dtype=torch.float32)
-        model.train()
         hf.freeze_all_but_fusion(model)
         hf.shard_with_fsdp2(model)
-        ids, states = batch(model, seed=7, size=4)
-        losses = _train(model, ids[rank::WORLD], states[rank::WORLD])  # each rank: its half of the batch
-        dist.all_reduce(losses)
+        data = example.batches(model.config.vocab_size, model.fusion.encoder_dim, STEPS, batch=4, seq=10, encoder_len=6)
+        losses = example.train(model, data, rank=rank, world=WORLD, lr=1e-2)  # each rank: its half of each batch
         params = {n: p.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
         sharded = {n: p.to_local().numel() for n, p in model.named_parameters()}
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
-            torch.save({"losses": losses / WORLD, "params": params, "sharded": sharded}, f"{tmp}/result.pt")
+            torch.save({"losses": losses, "params": params, "sharded": sharded}, f"{tmp}/result.pt")
             model.save_pretrained(f"{tmp}/saved", state_dict=full)
     finally:
         dist.destroy_process_group()
@@ -196,12 +197,12 @@ def test_fsdp2_two_processes_equal_one(fused, tmp_path):
     base, _, out = fused
     mp.spawn(_fsdp_worker, args=(str(out), str(tmp_path)), nprocs=WORLD)
     result = torch.load(tmp_path / "result.pt")
+    example = _example()
     model = hf.from_pretrained(out, dtype=torch.float32)
-    model.train()
     hf.freeze_all_but_fusion(model)
-    ids, states = batch(model, seed=7, size=4)
+    data = example.batches(model.config.vocab_size, model.fusion.encoder_dim, STEPS, batch=4, seq=10, encoder_len=6)
     order = torch.cat([torch.arange(r, 4, WORLD) for r in range(WORLD)])  # the ranks' halves, in one batch
-    losses = _train(model, ids[order], states[order])
+    losses = example.train(model, [(ids[order], s[order]) for ids, s in data], lr=1e-2)
     torch.testing.assert_close(result["losses"], losses, atol=1e-5, rtol=0)
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trained.keys() == result["params"].keys()
