@@ -18,21 +18,28 @@ ARCHS: dict[str, dict[str, Any]] = {
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
     "qwen2": dict(TINY, rope_theta=1000000.0, tie_word_embeddings=True),
     "qwen3": dict(TINY, head_dim=24, rope_theta=1000000.0),
+    # Gemma: 1 + w norms, embeddings times sqrt(width), GeGLU, head_dim not width / heads, tied output
+    "gemma": dict(TINY, head_dim=24, hidden_act="gelu_pytorch_tanh", rms_norm_eps=1e-6, rope_theta=10000.0,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # Phi-3: fused qkv_proj and gate_up_proj
+    "phi3": dict(TINY, rope_theta=10000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "mistral": dict(TINY, rope_theta=1000000.0, sliding_window=5),  # a window shorter than the test sequences
+    # SmolLM is a Llama with tied embeddings
+    "smollm": dict(TINY, rope_theta=10000.0, tie_word_embeddings=True),
 }
+#: transformers model_type of each entry of ARCHS.
+MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "phi3": "phi3",
+              "mistral": "mistral", "smollm": "llama"}
 
 
 def hf_model(arch: str, seed: int = 0, **overrides: Any):
     """A transformers model of family ``arch`` with random weights (norms perturbed from one)."""
     import transformers
 
-    cfg_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-               "qwen3": transformers.Qwen3Config}[arch]
-    model_cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
-                 "qwen3": transformers.Qwen3ForCausalLM}[arch]
     kwargs = dict(ARCHS[arch], **overrides)
-    config = cfg_cls(**kwargs)
+    config = transformers.AutoConfig.for_model(MODEL_TYPE[arch], **kwargs)
     torch.manual_seed(seed)
-    model = model_cls(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -72,12 +79,13 @@ def tokens(batch: int = 2, seq: int = 12, vocab: int = 128, seed: int = 0) -> to
 
 
 def open_gates(model: torch.nn.Module, value: float) -> None:
-    """Set every fusion gate (the ``*_scale.scale`` parameters) of ``model`` to ``value``."""
+    """Set every fusion gate of ``model`` to ``value`` (``*_scale.scale`` in load_fused's modules,
+    ``cross_attn_*_gate`` in a fusionsurgery.hf model)."""
     from fusionsurgery import get_fusion_params
 
     with torch.no_grad():
         for name, p in get_fusion_params(model).items():
-            if name.endswith("_scale.scale"):
+            if name.endswith(("_scale.scale", "cross_attn_attn_gate", "cross_attn_mlp_gate")):
                 p.fill_(value)
 
 

@@ -372,6 +372,11 @@ def read_rope(doc: dict[str, Any], default_theta: float = 10000.0) -> tuple[floa
     return (float(theta) if theta is not None else None), (scaling if rope_type != "default" else None)
 
 
+def activation_of(doc: dict[str, Any], model_type: str) -> str:
+    """The MLP activation a Hugging Face config names for ``model_type`` (checked against the supported ones)."""
+    return _activation(doc, MODEL_TYPES[model_type])
+
+
 def _activation(doc: dict[str, Any], mt: ModelType) -> str:
     name = mt.default_activation
     for key in mt.activation_keys:
