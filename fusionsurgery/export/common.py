@@ -112,4 +112,6 @@ def export_manifest(src: Source, target: str, entries: list[dict[str, Any]], not
 
 
 def listed_files(directory: Path) -> list[dict[str, Any]]:
-    return [{"name": f.name, "bytes": f.stat().st_size} for f in sorted(directory.iterdir())]
+    """Every file under ``directory`` (a sub-directory's as ``sub/name``) with its size."""
+    return [{"name": f.relative_to(directory).as_posix(), "bytes": f.stat().st_size}
+            for f in sorted(directory.rglob("*")) if f.is_file()]
