@@ -128,6 +128,9 @@ def check_tensors(adapter: Adapter, cfg: ModelConfig, what: str) -> None:
 
 def _open_base(path: Path, adapter: Adapter, what: str, *, fused_ok: bool = False) -> tuple[Checkpoint, ModelConfig]:
     ckpt = Checkpoint.open(path)
+    if (ckpt.config or {}).get("model_type") in ("mllama", "mllama_text_model"):
+        raise UsageError(f"{what} {path} is an Mllama checkpoint: `fusionsurgery import` it first (and `unfuse` "
+                         "the import for its text base)")
     if not fused_ok:
         check_not_fused(ckpt)
     elif is_adapter(ckpt.read_manifest()):

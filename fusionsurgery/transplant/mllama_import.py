@@ -306,7 +306,8 @@ def _manifest(plan: ImportPlan, source: Path, shards: list[PlannedShard], tmp: P
     files = {s.name: s.header(tmp) for s in shards}
     base_view = Checkpoint(tmp, files, dict(base_files), config=plan.base_doc)
     described = {d["name"]: d["digest"] for d in shard_descriptions(shards, base_digests, algorithm)}
-    base_desc = describe_base(base_view, plan.cfg, str(source), described)
+    base_desc = describe_base(base_view, plan.cfg, f"the text decoder of {source} (`unfuse` of a whole import)",
+                              described)
     base_desc["imported_from"] = {"path": str(source), "architecture": plan.layout.architecture}
     originals = [{"name": t.key, "shape": list(t.shape), "dtype": t.dtype, "file": base_files[t.key],
                   "digest": base_digests[t.key], "from": t.sources[0]} for t in plan.base]
