@@ -61,6 +61,17 @@ def make_base(tmp_path: Path, arch: str = "llama", dtype: torch.dtype = torch.fl
     return path, model
 
 
+def same_checkpoint(a: Path, b: Path) -> None:
+    """The two checkpoints hold the same keys, dtypes, shapes and bytes."""
+    from fusionsurgery.io.checkpoint import Checkpoint
+
+    x, y = Checkpoint.open(a), Checkpoint.open(b)
+    assert sorted(x.keys()) == sorted(y.keys())
+    for key in x.keys():
+        assert (x.info(key).dtype, x.info(key).shape) == (y.info(key).dtype, y.info(key).shape), key
+        assert x.read_bytes(key) == y.read_bytes(key), key
+
+
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,17 +14,9 @@ from fusionsurgery.errors import CheckpointError, UsageError
 from fusionsurgery.export import export, unfuse
 from fusionsurgery.io.checkpoint import Checkpoint
 from fusionsurgery.verify import verify
-from helpers import image_inputs, make_base, mllama_model, read_json, tokens
+from helpers import image_inputs, make_base, mllama_model, read_json, same_checkpoint, tokens
 
 VOCAB = 128
-
-
-def same_tensors(a: Path, b: Path) -> None:
-    x, y = Checkpoint.open(a), Checkpoint.open(b)
-    assert sorted(x.keys()) == sorted(y.keys())
-    for key in x.keys():
-        assert (x.info(key).dtype, x.info(key).shape) == (y.info(key).dtype, y.info(key).shape), key
-        assert x.read_bytes(key) == y.read_bytes(key), key
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +74,7 @@ def test_export_rebuilds_the_same_checkpoint(imported, tmp_path, name):
     path, model, result = imported[name]
     back = tmp_path / "back"
     export(result.output, back, to="mllama")
-    same_tensors(path, back)
+    same_checkpoint(path, back)
     cls = transformers.MllamaForConditionalGeneration if name == "vision" else transformers.MllamaForCausalLM
     again, info = cls.from_pretrained(str(back), dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
@@ -146,7 +137,16 @@ def test_adapter_only_names_the_base_a_full_import_writes(imported, tmp_path):
         assert torch.equal(fs.load_fused(adapter.output, base=tmp_path / "text-base", dtype=torch.float32)(t),
                            fs.load_fused(full.output, dtype=torch.float32)(t))
     export(adapter.output, tmp_path / "back", to="mllama", base=tmp_path / "text-base")
-    same_tensors(path, tmp_path / "back")
+    same_checkpoint(path, tmp_path / "back")
+
+
+def test_vision_parts_travel_through_torchtune_names(imported, tmp_path):
+    path, _, result = imported["vision"]
+    tune = export(result.output, tmp_path / "tune", to="torchtune")
+    assert any("vision" in n for n in tune.notes) and (tmp_path / "tune" / "vision" / "vision.safetensors").exists()
+    export(tmp_path / "tune", tmp_path / "hf", to="hf")
+    export(tmp_path / "hf", tmp_path / "back", to="mllama")
+    same_checkpoint(path, tmp_path / "back")
 
 
 def test_module_names_round_trip(sources, tmp_path):
@@ -160,7 +160,7 @@ def test_module_names_round_trip(sources, tmp_path):
     result = fs.import_mllama(raw, tmp_path / "imp")
     assert result.source_layout == "module"
     export(result.output, tmp_path / "back", to="mllama")
-    same_tensors(raw, tmp_path / "back")
+    same_checkpoint(raw, tmp_path / "back")
 
 
 def test_a_last_cross_attention_layer_becomes_a_fusion_after(tmp_path):
@@ -171,7 +171,7 @@ def test_a_last_cross_attention_layer_becomes_a_fusion_after(tmp_path):
     result = fs.import_mllama(tmp_path / "m", tmp_path / "imp")
     assert not result.fusion_first and result.fused_layers == [1, 3]
     export(result.output, tmp_path / "back", to="mllama")
-    same_tensors(tmp_path / "m", tmp_path / "back")
+    same_checkpoint(tmp_path / "m", tmp_path / "back")
     assert transformers.MllamaForCausalLM.from_pretrained(str(tmp_path / "back")).config.cross_attention_layers == [2, 5]
 
 

@@ -10,11 +10,14 @@ One row per layout; inside the text prefix every layout names tensors the same w
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
 from ..io.checkpoint import Checkpoint
+from ..io.copy import copy_checkpoint_files
 
 #: The manifest section an import writes (and a graft carries): the source and its vision parts.
 ORIGIN_KEY = "mllama"
@@ -133,3 +136,16 @@ def origin_pad(origin: Origin | None) -> int | None:
         return None
     pad = text_config_of(origin.config).get("pad_token_id")
     return pad if isinstance(pad, int) and not isinstance(pad, bool) else None
+
+
+def copy_vision(origin: Origin | None, root: Path, algorithm: str,
+                progress: Callable[[int], None] | None = None) -> dict[str, Any] | None:
+    """Copy the origin's vision parts (if any) into ``root/vision``, byte for byte; their manifest entry."""
+    if origin is None or origin.vision is None:
+        return None
+    vision = origin.vision
+    (root / VISION_DIR).mkdir()
+    digests, files = copy_checkpoint_files(vision, root / VISION_DIR, progress, algorithm)
+    return {"directory": VISION_DIR, "files": files,
+            "tensors": [{"name": k, "shape": list(vision.info(k).shape), "dtype": vision.info(k).dtype,
+                         "file": vision.key_to_file[k], "digest": digests[k]} for k in vision.keys()]}

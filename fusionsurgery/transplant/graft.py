@@ -21,7 +21,7 @@ from ..arch.config import FusionConfig, ModelConfig, read_fusion_config, read_mo
 from ..arch.families import is_fusion_key
 from ..errors import CheckpointError, UsageError
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
-from ..io.copy import copy_and_digest, same_filesystem
+from ..io.copy import copy_checkpoint_files, same_filesystem
 from ..io.digest import algorithm_of, file_digest
 from ..io.writer import AtomicDirectory, check_output_location, default_output, write_index, write_json
 from ..surgery.adapter import is_adapter
@@ -29,7 +29,7 @@ from ..surgery.fuse import ProgressFn, bring_originals, check_not_fused
 from ..surgery.manifest import build_manifest, describe_base
 from ..surgery.plan import plan_new_tensors
 from ..export.common import copy_sidecars, listed_files
-from ..export.mllama_layouts import ORIGIN_KEY, VISION_DIR, read_origin
+from ..export.mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_origin
 from .drift import Drift, compare
 
 #: What must agree between the adapter's base and the new one: (ModelConfig field, words), checked in order.
@@ -190,15 +190,8 @@ def graft(adapter: str | os.PathLike[str], onto: str | os.PathLike[str], out: st
         tmp = staging.tmp
         originals, file_digests = bring_originals(base, tmp, result.layout, algorithm, progress, threading.Event())
         new_digests, adapter_files = _copy_files(a.ckpt, tmp, algorithm, progress)
-        vision_doc = None
-        if origin is not None and origin.vision is not None:
-            (tmp / VISION_DIR).mkdir()
-            vision_digests, vision_files = _copy_files(origin.vision, tmp / VISION_DIR, algorithm, progress)
-            vision_doc = {"directory": VISION_DIR, "files": vision_files,
-                          "tensors": [{"name": k, "shape": list(origin.vision.info(k).shape),
-                                       "dtype": origin.vision.info(k).dtype, "file": origin.vision.key_to_file[k],
-                                       "digest": vision_digests[k]} for k in origin.vision.keys()]}
-            adapter_files += vision_files
+        vision_doc = copy_vision(origin, tmp, algorithm)
+        adapter_files += [dict(f, name=f"{VISION_DIR}/{f['name']}") for f in (vision_doc or {}).get("files", [])]
         result.adapter_digest = file_digest(b"", [f["digest"] for f in adapter_files], algorithm)
         recorded = a.base_digests
         result.same_as_adapter_base = sum(recorded.get(e["name"]) == e["digest"] for e in originals)
@@ -228,14 +221,7 @@ def _copy_files(ckpt: Checkpoint, directory: Path, algorithm: str,
     """Copy every weight file of ``ckpt`` into ``directory``; (tensor digests, [{name, bytes, digest}])."""
     total = ckpt.total_bytes()
     step = (lambda n: progress("copy adapter", n, total)) if progress else None
-    digests: dict[str, str] = {}
-    files = []
-    for name, header in sorted(ckpt.files.items()):
-        tensor_digests, digest = copy_and_digest(ckpt.path_of(name), directory / name, header, step,
-                                                 algorithm=algorithm)
-        digests.update(tensor_digests)
-        files.append({"name": name, "bytes": header.file_size, "digest": digest})
-    return digests, files
+    return copy_checkpoint_files(ckpt, directory, step, algorithm)
 
 
 def _sidecars(base: Checkpoint, adapter: Checkpoint, tmp: Path, notes: list[str]) -> None:
