@@ -1,7 +1,8 @@
 """How far one base is from another (``graft --was``): per-tensor relative difference of the original weights.
 
-``||BASE - BASE0|| / ||BASE0||`` (Frobenius norms) for every tensor, accumulated in float64 over
-blocks of rows, so no more than a block of each tensor is in memory; per decoder layer the same
+``||BASE - BASE0|| / ||BASE0||`` (Frobenius norms) for every tensor, in float32 over blocks of rows
+(sums carried in float64), so no more than a block of each tensor is in memory; bit-identical
+blocks are not subtracted. numpy only: no torch. Per decoder layer, the same
 ratio over all its tensors. BASE0's tensor digests are taken on the way, to tell whether it is the
 very base an adapter was made from.
 """
@@ -10,17 +11,21 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..arch.families import Family, is_fusion_key
+from ..errors import UsageError
 from ..io.checkpoint import Checkpoint
 from ..io.digest import DEFAULT_ALGORITHM, new_hash
+from ..io.float_bits import FLOAT_DTYPES, to_float32
 from ..export.tensors import OutTensor, Part, chunks
 
 #: Bytes of one tensor read at a time (per checkpoint).
-BLOCK_BYTES = 16 * 1024 * 1024
+BLOCK_BYTES = 8 * 1024 * 1024
 #: Layers listed as having moved most.
 TOP_LAYERS = 5
 Progress = Callable[[int], None]
@@ -90,20 +95,21 @@ def _ratio(diff_sq: float, ref_sq: float) -> float:
     return math.sqrt(diff_sq / ref_sq)
 
 
-def _blocks(ckpt: Checkpoint, key: str) -> Any:
-    """The tensor ``key`` as float64 blocks of rows, with their raw bytes."""
-    from ..io.torch_dtypes import tensor_from_bytes
-
+def _blocks(ckpt: Checkpoint, key: str) -> Iterator[bytes]:
+    """The raw bytes of tensor ``key``, a block of rows at a time."""
     info = ckpt.info(key)
     rows = info.shape[0] if info.shape else 1
     rest = tuple(info.shape[1:])
-    row_bytes = max(1, info.nbytes // max(rows, 1))
-    step = max(1, BLOCK_BYTES // row_bytes)
+    step = max(1, BLOCK_BYTES // max(1, info.nbytes // max(rows, 1)))
     for r0 in range(0, rows, step):
         n = min(step, rows - r0)
-        shape = (n, *rest) if info.shape else ()
-        raw = b"".join(chunks(ckpt, OutTensor(key, info.dtype, shape or (1,), [Part(key, r0, n)])))
-        yield raw, tensor_from_bytes(raw, info.dtype, shape).double()
+        yield b"".join(chunks(ckpt, OutTensor(key, info.dtype, (n, *rest), [Part(key, r0, n)])))
+
+
+def _floats(raw: bytes, dtype: str, key: str) -> np.ndarray:
+    if dtype not in FLOAT_DTYPES:
+        raise UsageError(f"--was: {key} is {dtype}; only float tensors can be compared")
+    return to_float32(raw, dtype)
 
 
 def compare(base: Checkpoint, ref: Checkpoint, family: Family, *, fused_layers: list[int], was: str,
@@ -119,13 +125,16 @@ def compare(base: Checkpoint, ref: Checkpoint, family: Family, *, fused_layers: 
             continue
         layer = int(canonical.split(".")[1]) if canonical.startswith("layers.") else None
         diff_sq = ref_sq = 0.0
-        identical = base.info(key).dtype == ref.info(key).dtype
+        dtype_a, dtype_b = base.info(key).dtype, ref.info(key).dtype
+        identical = dtype_a == dtype_b
         digest = new_hash(algorithm)
-        for (raw_a, a), (raw_b, b) in zip(_blocks(base, key), _blocks(ref, key)):
-            d = a - b
-            diff_sq += float((d * d).sum())
-            ref_sq += float((b * b).sum())
-            identical = identical and raw_a == raw_b
+        for raw_a, raw_b in zip(_blocks(base, key), _blocks(ref, key)):
+            b = _floats(raw_b, dtype_b, key)
+            ref_sq += float(np.dot(b, b))
+            if not (identical and raw_a == raw_b):
+                identical = False
+                d = _floats(raw_a, dtype_a, key) - b
+                diff_sq += float(np.dot(d, d))
             digest.update(raw_b)
             if progress:
                 progress(len(raw_a) + len(raw_b))
