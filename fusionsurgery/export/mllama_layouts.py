@@ -93,7 +93,7 @@ def read_origin(ckpt: Checkpoint) -> Origin | None:
     vision_doc = doc.get("vision")
     vision, digests = None, {}
     if vision_doc:
-        listed = {t["name"]: t.get("digest") for t in vision_doc.get("tensors", []) if isinstance(t, dict)}
+        listed = {t.get("name"): t.get("digest") for t in vision_doc.get("tensors", []) if isinstance(t, dict)}
         directory = ckpt.root / VISION_DIR
         if not directory.is_dir():
             raise CheckpointError(f"{ckpt.root}: the manifest names {len(listed)} vision tensor(s) in {VISION_DIR}/, "
