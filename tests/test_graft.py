@@ -77,6 +77,8 @@ def test_graft_output_is_a_fused_checkpoint_of_the_base(setting):
     assert g["adapter_base"]["files"] == read_json(setting["adapter"] / "fusion_manifest.json")["base"]["files"]
     assert g["base"]["path"] == str(setting["mine"]) and g["same_as_adapter_base"]["tensors"] == 0
     assert {e["init"] for e in manifest["new_tensors"]} == {"imported"}
+    notes = " ".join(fs.inspect_checkpoint(out).notes)
+    assert "graft of the adapter" in notes and "53 vision tower and projector tensors in vision/" in notes
     t = tokens(vocab=VOCAB)
     with torch.no_grad():
         assert torch.allclose(fs.load_fused(out, dtype=torch.float32)(t), setting["llama"](t).logits, atol=1e-5)
