@@ -132,6 +132,7 @@ def test_refusals_name_the_first_mismatch(setting, tmp_path, capsys):
         (["graft", str(setting["full"]), "--onto", str(setting["mine"])], "is not an adapter"),
         (["graft", str(setting["mine"]), "--onto", str(setting["mine"])], "not an adapter (no fusion_manifest.json)"),
         (["graft", adapter, "--onto", str(setting["full"])], "already a fused checkpoint"),
+        (["graft", adapter, "--onto", str(setting["mllama"])], "is an Mllama checkpoint: `fusionsurgery import` it"),
         (["graft", adapter, "--onto", str(setting["mine"]), "--was", str(deeper)], "--was"),
     ]
     for argv, message in cases:
