@@ -17,6 +17,8 @@ _API = {
     "load_fused": "fusionsurgery.loading",
     "export": "fusionsurgery.export",
     "unfuse": "fusionsurgery.export",
+    "import_mllama": "fusionsurgery.transplant",
+    "graft": "fusionsurgery.transplant",
     "verify": "fusionsurgery.verify",
     "inspect_checkpoint": "fusionsurgery.inspect",
     "open_model": "fusionsurgery.loading",

@@ -112,10 +112,13 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, base: str | os.PathLike[
     manifest = ckpt.read_manifest()
     if is_adapter(manifest):
         if base is None:
-            return _describe_adapter(ckpt, manifest, str(path), tensors)
+            out = _describe_adapter(ckpt, manifest, str(path), tensors)
+            out.notes += _provenance(manifest)
+            return out
         ckpt = attach_base(ckpt, Checkpoint.open(base), check=False)  # headers only: no digests here
     family = detect_family(ckpt.keys())
     out = _describe(ckpt, family, str(path))
+    out.notes += _provenance(manifest)
     out.fusion = _fusion_summary(ckpt, family)
     if base is not None:
         out.diff = diff_keys(Checkpoint.open(base), ckpt, str(base))
@@ -189,6 +192,23 @@ def _describe_adapter(ckpt: Checkpoint, manifest: dict[str, Any], path: str, ten
         out.tensors = [{"name": info.name, "shape": list(info.shape), "dtype": info.dtype, "file": name}
                        for name, info in ckpt.tensors()]
     return out
+
+
+def _provenance(manifest: dict[str, Any] | None) -> list[str]:
+    """Where the fusion layers came from: an ``import`` (and its vision parts), a ``graft``."""
+    notes = []
+    origin = (manifest or {}).get("mllama")
+    if isinstance(origin, dict):
+        vision = origin.get("vision") or {}
+        notes.append(f"imported from {origin.get('source')} ({origin.get('architecture')}); "
+                     + (f"{len(vision.get('tensors', []))} vision tower and projector tensors in "
+                        f"{vision.get('directory')}/" if vision else "no vision parts"))
+    graft = (manifest or {}).get("graft")
+    if isinstance(graft, dict):
+        adapter = graft.get("adapter") or {}
+        notes.append(f"graft of the adapter {adapter.get('path')} (digest {str(adapter.get('digest'))[:16]}), made on "
+                     f"{(graft.get('adapter_base') or {}).get('path')}")
+    return notes
 
 
 def _canonical_shapes(ckpt: Checkpoint, family: Family) -> dict[str, tuple[int, ...]]:

@@ -69,6 +69,17 @@ def make_base(tmp_path: Path, arch: str = "llama", dtype: torch.dtype = torch.fl
     return path, model
 
 
+def same_checkpoint(a: Path, b: Path) -> None:
+    """The two checkpoints hold the same keys, dtypes, shapes and bytes."""
+    from fusionsurgery.io.checkpoint import Checkpoint
+
+    x, y = Checkpoint.open(a), Checkpoint.open(b)
+    assert sorted(x.keys()) == sorted(y.keys())
+    for key in x.keys():
+        assert (x.info(key).dtype, x.info(key).shape) == (y.info(key).dtype, y.info(key).shape), key
+        assert x.read_bytes(key) == y.read_bytes(key), key
+
+
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
@@ -116,3 +127,44 @@ def assert_clean_failure(code: int, err: str, workdir: Path, expected: int = 2, 
     assert "Traceback" not in err
     assert contains.lower() in err.lower(), err
     assert not [p for p in workdir.iterdir() if p.name.startswith(".") or p.name.endswith("-fused")]
+
+
+#: A tiny Mllama whose text model has TINY's dimensions once its cross-attention layers (1 and 4) are set apart.
+MLLAMA_TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
+                   num_key_value_heads=2, cross_attention_layers=[1, 4], max_position_embeddings=256,
+                   rms_norm_eps=1e-5, pad_token_id=127, bos_token_id=1, eos_token_id=2)
+MLLAMA_VISION = dict(hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=2, intermediate_size=48,
+                     image_size=28, patch_size=14, max_num_tiles=2, intermediate_layers_indices=[0, 1],
+                     vision_output_dim=96, supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]])
+
+
+def mllama_model(vision: bool, seed: int = 0, **text: Any):
+    """A transformers Mllama (MllamaForConditionalGeneration with ``vision``, else MllamaForCausalLM) with random
+    weights, norms perturbed from one and every cross-attention gate open (as in a trained model)."""
+    import transformers
+
+    text_config = dict(MLLAMA_TEXT, **text)
+    torch.manual_seed(seed)
+    if vision:
+        config = transformers.MllamaConfig(text_config=text_config, vision_config=MLLAMA_VISION, image_token_index=126)
+        model = transformers.MllamaForConditionalGeneration(config)
+    else:
+        model = transformers.MllamaForCausalLM(transformers.MllamaTextConfig(**text_config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_gate"):
+                p.fill_(0.7)
+            elif "norm" in name or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def image_inputs(batch: int = 2, seq: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Inputs for ``mllama_model(vision=True)``: tokens with an image token, two tiles, every tile visible."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 126, (batch, seq), generator=g)
+    ids[:, 0] = 126
+    tiles = MLLAMA_VISION["max_num_tiles"]
+    return {"input_ids": ids, "pixel_values": torch.randn(batch, 1, tiles, 3, 28, 28, generator=g),
+            "aspect_ratio_ids": torch.full((batch, 1), 2), "aspect_ratio_mask": torch.ones(batch, 1, tiles, dtype=torch.long),
+            "cross_attention_mask": torch.ones(batch, seq, 1, tiles, dtype=torch.long)}

@@ -206,6 +206,18 @@ def read_model_config(
     return cfg
 
 
+def config_from_shapes(doc: dict[str, Any], family: Family, shapes: dict[str, tuple[int, ...]],
+                       where: str = "config.json") -> ModelConfig:
+    """``read_model_config`` for tensors not on disk yet: the decoder that config ``doc`` describes,
+    checked against the canonical name -> shape of every (non-fusion) tensor it will have."""
+    try:
+        cfg = _from_hf_config(doc, family, shapes, None, None)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{where}: unreadable value ({type(exc).__name__}: {exc})") from None
+    _check_shapes(cfg, shapes)
+    return cfg
+
+
 def _shape(shapes: dict[str, tuple[int, ...]], key: str) -> tuple[int, ...]:
     if key not in shapes:
         raise CheckpointError(f"checkpoint has no tensor {key!r} (canonical name); is it a complete decoder?")

@@ -76,29 +76,32 @@ def open_source(path: str | os.PathLike[str], *, base: str | os.PathLike[str] | 
 
 
 def write_source_tensors(src: Source, tensors: list[OutTensor], directory: Path, notes: list[str],
-                         progress: Progress | None = None) -> tuple[dict[str, str], dict[str, str]]:
+                         progress: Progress | None = None,
+                         reader: Checkpoint | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """``write_tensors`` for an export; tensors whose bytes changed since fusion (against the source
-    manifest's digests) are named in ``notes``."""
-    files, digests = write_tensors(src.ckpt, tensors, directory, progress=progress, algorithm=src.digest)
+    manifest's digests) are named in ``notes``. ``reader`` holds the sources when they reach beyond
+    ``src.ckpt`` (an import's vision parts)."""
+    reader = reader or src.ckpt
+    files, digests = write_tensors(reader, tensors, directory, progress=progress, algorithm=src.digest)
     if src.manifest is not None:
-        notes.extend(change_notes(src.manifest, source_digests(src, tensors, digests)))
+        notes.extend(change_notes(src.manifest, source_digests(src, reader, tensors, digests)))
     return files, digests
 
 
-def source_digests(src: Source, tensors: list[OutTensor], written: dict[str, str]) -> dict[str, str]:
+def source_digests(src: Source, reader: Checkpoint, tensors: list[OutTensor], written: dict[str, str]) -> dict[str, str]:
     """The digest of every source tensor the manifest records: the written digest of a tensor
     copied verbatim, else its source hashed again (permuted, cast or assembled outputs)."""
     recorded = {e["name"] for section in ("original_tensors", "new_tensors")
                 for e in (src.manifest or {}).get(section, [])}
     out: dict[str, str] = {}
     for t in tensors:
-        source = verbatim_source(src.ckpt, t)
+        source = verbatim_source(reader, t)
         if source is not None:
             out[source] = written[t.key]
     for key in sorted({p.source for t in tensors for p in t.parts if p.source in recorded} - set(out)):
-        info = src.ckpt.info(key)
+        info = reader.info(key)
         digest = new_hash(src.digest)
-        for chunk in chunks(src.ckpt, OutTensor(key, info.dtype, info.shape, [Part(key)])):
+        for chunk in chunks(reader, OutTensor(key, info.dtype, info.shape, [Part(key)])):
             digest.update(chunk)
         out[key] = digest.hexdigest()
     return out
@@ -146,4 +149,6 @@ def export_manifest(src: Source, target: str, entries: list[dict[str, Any]], not
 
 
 def listed_files(directory: Path) -> list[dict[str, Any]]:
-    return [{"name": f.name, "bytes": f.stat().st_size} for f in sorted(directory.iterdir())]
+    """Every file under ``directory`` (a sub-directory's as ``sub/name``) with its size."""
+    return [{"name": f.relative_to(directory).as_posix(), "bytes": f.stat().st_size}
+            for f in sorted(directory.rglob("*")) if f.is_file()]

@@ -19,6 +19,7 @@ from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME
 from ..io.writer import AtomicDirectory
 from .common import (EXPORT_MANIFEST_NAME, ExportResult, Source, copy_sidecars, export_manifest, listed_files,
                      tensor_entries, write_json, write_source_tensors)
+from .mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_origin
 from .rope import describe, head_permutation, rotates
 from .tensors import OutTensor, Progress, index_doc, same
 
@@ -105,6 +106,11 @@ def export_family(src: Source, out: Path, target_name: str, *, force: bool = Fal
         if source_manifest is not None:
             translated = translate_fusion_manifest(source_manifest, rename, files, digests, src, target)
             if translated is not None:
+                vision = copy_vision(read_origin(src.ckpt), tmp, src.digest)
+                if vision is not None:
+                    translated[ORIGIN_KEY]["vision"] = vision
+                    notes.append(f"the imported vision tower and projector are carried in {VISION_DIR}/ under their "
+                                 "Hugging Face names (export --to mllama puts them back)")
                 write_json(tmp / MANIFEST_NAME, translated)
             else:
                 notes.append(f"the source's {MANIFEST_NAME} does not match its tensors; not carried over")

@@ -151,13 +151,20 @@ def read_header(path: Path) -> SafetensorsHeader:
             raw = fh.read(n)
     except OSError as exc:
         raise CheckpointError(f"{where}: cannot read ({exc.strerror or exc})") from None
-    rel, metadata, _ = parse_header_bytes(raw, size - 8 - n, where)
-    base = 8 + n
+    return header_from_prefix(path, struct.pack("<Q", n) + raw, size)
+
+
+def header_from_prefix(path: Path, prefix: bytes, file_size: int) -> SafetensorsHeader:
+    """The header of a ``file_size``-byte file at ``path`` that starts with ``prefix`` (length + JSON):
+    what ``read_header`` gives, also for a file not written yet (``build_header``'s prefix)."""
+    where = str(path)
+    rel, metadata, _ = parse_header_bytes(prefix[8:], file_size - len(prefix), where)
+    base = len(prefix)
     tensors = {
         name: TensorInfo(name, t.dtype, t.shape, base + t.start, base + t.end)
         for name, t in sorted(rel.items(), key=lambda kv: kv[1].start)
     }
-    return SafetensorsHeader(path, tensors, metadata, base, size)
+    return SafetensorsHeader(path, tensors, metadata, base, file_size)
 
 
 def build_header(

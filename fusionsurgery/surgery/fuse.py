@@ -143,7 +143,7 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
         with ThreadPoolExecutor(1, thread_name_prefix="originals") as mover, \
                 ThreadPoolExecutor(GENERATOR_THREADS, thread_name_prefix="init") as generator:
             try:
-                originals_job = mover.submit(_bring_originals, ckpt, tmp, layout, digest, progress, cancel)
+                originals_job = mover.submit(bring_originals, ckpt, tmp, layout, digest, progress, cancel)
                 new_files, new_digests = _write_new(ckpt, new, fusion.seed, tmp, digest, progress, generator)
                 originals, file_digests = originals_job.result()
             except BaseException:
@@ -192,7 +192,7 @@ def _fusion_config(cfg: ModelConfig, ckpt: Checkpoint, chosen: list[int], fusion
     )
 
 
-def _bring_originals(ckpt: Checkpoint, tmp: Path, layout: str, algorithm: str, progress: ProgressFn | None,
+def bring_originals(ckpt: Checkpoint, tmp: Path, layout: str, algorithm: str, progress: ProgressFn | None,
                      cancel: threading.Event) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Copy (or link, or only digest) every base shard; digests describe the bytes in the output."""
     total = ckpt.total_bytes()
