@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+#: How many names a message lists before "(+N more)".
+MAX_LISTED = 8
+
+
+def listed(names: Sequence[str], limit: int = MAX_LISTED) -> str:
+    """``a, b, c (+N more)``: the first few of ``names`` for a one-line message."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
 
 class FusionSurgeryError(Exception):
     """Bad usage or unreadable input: the CLI prints the message and exits 2."""

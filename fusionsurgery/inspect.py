@@ -12,9 +12,10 @@ from typing import Any
 
 from .arch.config import ModelConfig, read_fusion_config, read_model_config
 from .arch.families import FAMILIES, FUSION_SEGMENT, Family, detect_family, is_fusion_key
-from .errors import UsageError
+from .errors import CheckpointError, UsageError
 from .io.checkpoint import Checkpoint
 from .surgery.adapter import attach_base, is_adapter
+from .surgery.consistency import fusion_problems
 
 
 @dataclass
@@ -111,10 +112,13 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, base: str | os.PathLike[
     manifest = ckpt.read_manifest()
     if is_adapter(manifest):
         if base is None:
-            return _describe_adapter(ckpt, manifest, str(path), tensors)
+            out = _describe_adapter(ckpt, manifest, str(path), tensors)
+            out.notes += _provenance(manifest)
+            return out
         ckpt = attach_base(ckpt, Checkpoint.open(base), check=False)  # headers only: no digests here
     family = detect_family(ckpt.keys())
     out = _describe(ckpt, family, str(path))
+    out.notes += _provenance(manifest)
     out.fusion = _fusion_summary(ckpt, family)
     if base is not None:
         out.diff = diff_keys(Checkpoint.open(base), ckpt, str(base))
@@ -134,6 +138,9 @@ def _describe(ckpt: Checkpoint, family: Family, path: str) -> Inspection:
     except UsageError as exc:  # heads unknown without a config: describe what the shapes tell
         cfg = None
         notes.append(str(exc))
+    if cfg is not None:
+        notes += [f"warning: the config's fusion section disagrees with the tensors: {p}"
+                  for p in fusion_problems(ckpt, cfg, read_fusion_config(ckpt.config))]
     shapes = _canonical_shapes(ckpt, family)
     vocab, dim = shapes["tok_embeddings.weight"]
     layers = {int(k.split(".")[1]) for k in shapes if k.startswith("layers.")}
@@ -160,7 +167,9 @@ def _describe_adapter(ckpt: Checkpoint, manifest: dict[str, Any], path: str, ten
     """An adapter (``fuse --adapter-only``) alone: the base's facts come from the manifest."""
     base = manifest.get("base") or {}
     cfg = base.get("config") or {}
-    family = FAMILIES[base.get("family", "hf")]
+    family = FAMILIES.get(base.get("family", "hf"))
+    if family is None:
+        raise CheckpointError(f"{path}: the manifest names an unknown naming family {base.get('family')!r}")
     fusion = _fusion_summary(ckpt, family, base_params=int(base.get("num_params") or 0))
     dtypes: Counter[str] = Counter()
     for _, info in ckpt.tensors():
@@ -183,6 +192,23 @@ def _describe_adapter(ckpt: Checkpoint, manifest: dict[str, Any], path: str, ten
         out.tensors = [{"name": info.name, "shape": list(info.shape), "dtype": info.dtype, "file": name}
                        for name, info in ckpt.tensors()]
     return out
+
+
+def _provenance(manifest: dict[str, Any] | None) -> list[str]:
+    """Where the fusion layers came from: an ``import`` (and its vision parts), a ``graft``."""
+    notes = []
+    origin = (manifest or {}).get("mllama")
+    if isinstance(origin, dict):
+        vision = origin.get("vision") or {}
+        notes.append(f"imported from {origin.get('source')} ({origin.get('architecture')}); "
+                     + (f"{len(vision.get('tensors', []))} vision tower and projector tensors in "
+                        f"{vision.get('directory')}/" if vision else "no vision parts"))
+    graft = (manifest or {}).get("graft")
+    if isinstance(graft, dict):
+        adapter = graft.get("adapter") or {}
+        notes.append(f"graft of the adapter {adapter.get('path')} (digest {str(adapter.get('digest'))[:16]}), made on "
+                     f"{(graft.get('adapter_base') or {}).get('path')}")
+    return notes
 
 
 def _canonical_shapes(ckpt: Checkpoint, family: Family) -> dict[str, tuple[int, ...]]:

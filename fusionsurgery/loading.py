@@ -9,11 +9,12 @@ import torch
 
 from .arch.config import FusionConfig, ModelConfig, read_fusion_config, read_model_config
 from .builders import build_empty
-from .errors import CheckpointError
+from .errors import CheckpointError, UsageError
 from .io.checkpoint import Checkpoint
 from .io.torch_dtypes import TORCH_DTYPES, parse_dtype
 from .modules import TransformerDecoder
 from .surgery.adapter import attach_base
+from .surgery.consistency import require_consistent
 
 
 @dataclass
@@ -30,7 +31,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``auto`` (or None) picks CUDA when present; ``cuda`` without CUDA is a clear error."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device {device!s}: not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise CheckpointError(f"device {device!s}: CUDA is not available on this machine (try --device cpu)")
@@ -54,8 +58,12 @@ def open_model(path: str | os.PathLike[str] | Checkpoint, *, dtype: torch.dtype 
     ckpt = attach_base(ckpt, Checkpoint.open(base) if base is not None else None)
     cfg = read_model_config(ckpt, num_heads=num_heads, num_kv_heads=num_kv_heads, rope_defaults=rope_defaults)
     fusion = read_fusion_config(ckpt.config)
+    require_consistent(ckpt, cfg, fusion)
     if isinstance(dtype, str):
-        dtype = parse_dtype(dtype) if dtype != "same" else None
+        try:
+            dtype = parse_dtype(dtype) if dtype != "same" else None
+        except ValueError as exc:
+            raise UsageError(f"dtype: {exc}") from None
     if dtype is None:
         dtype = TORCH_DTYPES[ckpt.info(cfg.family_obj.global_key("tok_embeddings.weight")).dtype]
     model = build_empty(cfg, fusion, dtype=dtype, device=resolve_device(device), rope_theta=rope_theta)

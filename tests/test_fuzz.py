@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 import struct
+
+import pytest
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -90,3 +94,76 @@ def test_select_layers_any_input(spec, every, n):
     except UsageError:
         return
     assert chosen and all(0 <= i < n for i in chosen)
+
+
+# ---------------------------------------------------------------- manifests and fusion sections
+@pytest.fixture(scope="module")
+def fused_docs(tmp_path_factory):
+    """A tiny fused checkpoint and an adapter of it, for mutating their manifests and configs."""
+    import fusionsurgery as fs
+    from helpers import make_base
+
+    root = tmp_path_factory.mktemp("fuzzdocs")
+    base = make_base(root, "llama")[0]
+    fs.fuse(base, root / "fused", layers="0,2")
+    fs.fuse(base, root / "adapter", layers="1", adapter_only=True)
+    return base, root
+
+
+def _paths(doc, prefix=()):
+    """Every path (tuple of keys / indices) into a JSON document, the document itself included."""
+    yield prefix
+    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else []
+    for k, v in list(items)[:12]:
+        yield from _paths(v, (*prefix, k))
+
+
+def _replace(doc, path, value):
+    if not path:
+        return value
+    doc = copy.deepcopy(doc)
+    node = doc
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    return doc
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), which=st.sampled_from(["fused/fusion_manifest.json", "adapter/fusion_manifest.json",
+                                               "fused/config.json", "adapter/config.json"]))
+def test_mutated_manifests_and_configs_give_a_result_or_a_clean_error(fused_docs, tmp_path_factory, data, which):
+    """Any one field of a manifest or config replaced by any JSON value: every reader (inspect,
+    verify's header-level checks, unfuse's and export's opening, an adapter's base check) answers
+    or raises a one-line FusionSurgeryError, never another exception."""
+    from fusionsurgery.errors import FusionSurgeryError
+    from fusionsurgery.export.common import open_source
+    from fusionsurgery.inspect import inspect_checkpoint
+    from fusionsurgery.io.checkpoint import Checkpoint
+    from fusionsurgery.surgery.adapter import attach_base
+    from fusionsurgery.verify import originals, structure
+
+    base, root = fused_docs
+    kind, name = which.split("/")
+    d = tmp_path_factory.mktemp("mut") / kind
+    shutil.copytree(root / kind, d)
+    doc = json.loads((d / name).read_text())
+    path = data.draw(st.sampled_from(list(_paths(doc))))
+    (d / name).write_text(json.dumps(_replace(doc, path, data.draw(json_values)), allow_nan=True))
+    readers = [
+        lambda: inspect_checkpoint(d, base=base if kind == "adapter" else None),
+        lambda: open_source(d, base=base if kind == "adapter" else None),
+    ]
+    if kind == "adapter":
+        readers.append(lambda: attach_base(Checkpoint.open(d), Checkpoint.open(base)))
+    else:
+        def header_checks():
+            ckpt = Checkpoint.open(d)
+            check, layout = structure.check_structure(ckpt)
+            originals.check_originals(ckpt, layout)
+        readers.append(header_checks)
+    for read in readers:
+        try:
+            read()
+        except FusionSurgeryError as exc:
+            assert "\n" not in str(exc)

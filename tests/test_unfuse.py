@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,16 +12,7 @@ import fusionsurgery as fs
 from fusionsurgery.cli import main
 from fusionsurgery.errors import UsageError
 from fusionsurgery.export import export, unfuse
-from fusionsurgery.io.checkpoint import Checkpoint
-from helpers import hf_model, make_base, read_json, save_sharded
-
-
-def same_checkpoint(a: Path, b: Path) -> None:
-    x, y = Checkpoint.open(a), Checkpoint.open(b)
-    assert sorted(x.keys()) == sorted(y.keys())
-    for key in x.keys():
-        assert (x.info(key).dtype, x.info(key).shape) == (y.info(key).dtype, y.info(key).shape), key
-        assert x.read_bytes(key) == y.read_bytes(key), key
+from helpers import hf_model, make_base, read_json, same_checkpoint, save_sharded
 
 
 def test_single_file_base_comes_back_byte_for_byte(tmp_path):

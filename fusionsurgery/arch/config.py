@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import CheckpointError, UsageError
 from ..io.checkpoint import Checkpoint
+from ..io.manifest_schema import is_int
 from .families import FAMILIES, Family, detect_family, is_fusion_key
 
 
@@ -136,20 +137,42 @@ class FusionConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, doc: Any) -> "FusionConfig":
+    def from_dict(cls, doc: Any, where: str = "config.json") -> "FusionConfig":
+        """Read a ``fusion`` section, refusing fields of the wrong type with one line."""
         if not isinstance(doc, dict):
-            raise CheckpointError("config.json: 'fusion' section is not an object")
+            raise CheckpointError(f"{where}: 'fusion' section is not an object")
         known = {k: doc[k] for k in cls.__dataclass_fields__ if k in doc}
-        try:
-            fc = cls(**known)
-        except TypeError as exc:
-            raise CheckpointError(f"config.json: bad 'fusion' section ({exc})") from None
-        if not isinstance(fc.layers, list) or not all(isinstance(i, int) for i in fc.layers):
-            raise CheckpointError("config.json: fusion.layers must be a list of layer indices")
+        if "layers" not in known:
+            raise CheckpointError(f"{where}: 'fusion' section has no 'layers'")
+        fc = cls(**known)
+        if not isinstance(fc.layers, list) or not all(is_int(i) for i in fc.layers):
+            raise CheckpointError(f"{where}: fusion.layers must be a list of layer indices")
+        for name, kinds in _FUSION_FIELD_TYPES.items():
+            value = getattr(fc, name)
+            if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+                raise CheckpointError(f"{where}: fusion.{name} is {value!r}, expected {kinds[0].__name__}")
         return fc
 
 
+#: The type every scalar field of a fusion section must have.
+_FUSION_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "fusion_first": (bool,), "encoder_dim": (int,), "fusion_vocab": (int,), "init": (str,),
+    "init_std": (float, int), "seed": (int,), "dtype": (str,), "qk_norm_eps": (float, int),
+    "norm_eps": (float, int), "tool_version": (str,),
+}
+
+
 # ---------------------------------------------------------------------- reading
+def check_options(*, rope_defaults: str | None = None, num_heads: int | None = None,
+                  num_kv_heads: int | None = None) -> None:
+    """Refuse (``UsageError``) option values no checkpoint could make sense of."""
+    if rope_defaults is not None and rope_defaults not in ROPE_DEFAULTS:
+        raise UsageError(f"--rope-defaults must be one of {', '.join(ROPE_DEFAULTS)}, got {rope_defaults!r}")
+    for flag, value in (("--num-heads", num_heads), ("--num-kv-heads", num_kv_heads)):
+        if value is not None and value <= 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+
+
 def read_model_config(
     ckpt: Checkpoint, *, num_heads: int | None = None, num_kv_heads: int | None = None,
     rope_defaults: str | None = None,
@@ -160,8 +183,7 @@ def read_model_config(
     tensors: without a config they stay unknown (``rope_theta=None``) unless ``rope_defaults`` names a
     set of ``ROPE_DEFAULTS`` (e.g. ``"llama3"``, torchtune's Llama 3 builders); a config always wins.
     """
-    if rope_defaults is not None and rope_defaults not in ROPE_DEFAULTS:
-        raise UsageError(f"--rope-defaults must be one of {', '.join(ROPE_DEFAULTS)}, got {rope_defaults!r}")
+    check_options(rope_defaults=rope_defaults, num_heads=num_heads, num_kv_heads=num_kv_heads)
     family = detect_family(ckpt.keys())
     shapes = {}
     for key in ckpt.keys():
@@ -180,6 +202,18 @@ def read_model_config(
         cfg.rope_theta, scaling = ROPE_DEFAULTS[rope_defaults]
         cfg.rope_scaling = copy.deepcopy(scaling)
         cfg.inferred.append(f"rope_theta and rope_scaling (--rope-defaults {rope_defaults})")
+    _check_shapes(cfg, shapes)
+    return cfg
+
+
+def config_from_shapes(doc: dict[str, Any], family: Family, shapes: dict[str, tuple[int, ...]],
+                       where: str = "config.json") -> ModelConfig:
+    """``read_model_config`` for tensors not on disk yet: the decoder that config ``doc`` describes,
+    checked against the canonical name -> shape of every (non-fusion) tensor it will have."""
+    try:
+        cfg = _from_hf_config(doc, family, shapes, None, None)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{where}: unreadable value ({type(exc).__name__}: {exc})") from None
     _check_shapes(cfg, shapes)
     return cfg
 
@@ -348,6 +382,11 @@ def read_rope(doc: dict[str, Any], default_theta: float = 10000.0) -> tuple[floa
         if not isinstance(scaling.get(key), (int, float)) or isinstance(scaling.get(key), bool):
             raise CheckpointError(f"config.json: {rope_type} rope scaling needs a number for {key!r}")
     return (float(theta) if theta is not None else None), (scaling if rope_type != "default" else None)
+
+
+def activation_of(doc: dict[str, Any], model_type: str) -> str:
+    """The MLP activation a Hugging Face config names for ``model_type`` (checked against the supported ones)."""
+    return _activation(doc, MODEL_TYPES[model_type])
 
 
 def _activation(doc: dict[str, Any], mt: ModelType) -> str:

@@ -45,7 +45,7 @@ def _root(
 def _register() -> None:
     from . import fuse_cmd  # noqa: F401  (commands register themselves on `app`)
 
-    for optional in ("inspect_cmd", "verify_cmd", "export_cmd"):
+    for optional in ("inspect_cmd", "verify_cmd", "export_cmd", "transplant_cmd"):
         try:
             __import__(f"{__package__}.{optional}")
         except ModuleNotFoundError as exc:

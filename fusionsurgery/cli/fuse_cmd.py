@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from ..errors import UsageError
 from .app import app
 from .console import console, human_bytes, human_count, print_json
 from .options import Force, JsonOut
@@ -70,6 +71,8 @@ def fuse(
         from ..loading import resolve_device
 
         resolve_device(device)  # an unusable --device fails before anything is written
+    elif device != "auto":
+        raise UsageError("--device chooses where --verify runs; give it with --verify")
     with byte_progress(enabled=not json_out) as progress:
         result = fuse_api(base, out, every=every, layers=layers, fusion_after=fusion_after, encoder_dim=encoder_dim,
                           fusion_vocab=fusion_vocab, init=init, init_std=init_std, seed=seed, dtype=dtype,

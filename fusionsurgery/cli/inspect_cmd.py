@@ -47,7 +47,8 @@ def _print_model(r: Inspection) -> None:
     kind = "fused checkpoint" if r.is_fused else "checkpoint"
     console.print(f"[bold]{r.path}[/]: {kind}, {r.family_description}")
     for note in r.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        kind, _, text = note.partition(": ") if note.startswith("warning: ") else ("note", "", note)
+        console.print(f"[{'bold red' if kind == 'warning' else 'yellow'}]{kind}:[/] {text}", highlight=False)
     if r.inferred:
         console.print(f"[yellow]no config.json: inferred from tensor shapes:[/] {', '.join(r.inferred)}")
     t = Table(show_header=False, box=None, pad_edge=False)

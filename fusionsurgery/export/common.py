@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..arch.config import FusionConfig, ModelConfig, read_fusion_config, read_model_config
 from ..io.checkpoint import Checkpoint
-from ..io.digest import algorithm_of, tensor_scheme
-from ..io.writer import check_output_location, default_output, write_json  # noqa: F401  (used by the exports)
+from ..io.digest import algorithm_of, new_hash, tensor_scheme
+from ..io.writer import check_output_location, copy_sidecars, default_output, write_json  # noqa: F401  (used by the exports)
+from ..surgery.consistency import require_consistent
+from ..surgery.manifest import change_notes
 from ..version import __version__
-from .tensors import OutTensor
+from .tensors import OutTensor, Part, Progress, chunks, write_tensors
 
 EXPORT_MANIFEST_NAME = "export_manifest.json"
 EXPORT_FORMAT = "fusionsurgery-export"
@@ -31,6 +32,8 @@ class Source:
     fusion: FusionConfig | None
     #: The hash of the source manifest's digests (the default without one): the export's too.
     digest: str
+    #: The source's ``fusion_manifest.json`` (types checked), or None.
+    manifest: dict[str, Any] | None = None
 
 
 @dataclass
@@ -66,16 +69,50 @@ def open_source(path: str | os.PathLike[str], *, base: str | os.PathLike[str] | 
     ckpt = Checkpoint.open(path, config=config)
     ckpt = attach_base(ckpt, Checkpoint.open(base) if base is not None else None)
     cfg = read_model_config(ckpt, rope_defaults=rope_defaults)
-    return Source(Path(path), ckpt, cfg, read_fusion_config(ckpt.config), algorithm_of(ckpt.read_manifest()))
+    fusion = read_fusion_config(ckpt.config)
+    require_consistent(ckpt, cfg, fusion)
+    manifest = ckpt.read_manifest()
+    return Source(Path(path), ckpt, cfg, fusion, algorithm_of(manifest), manifest)
 
 
-def copy_sidecars(ckpt: Checkpoint, directory: Path) -> list[str]:
-    """Tokenizer, generation-config and chat-template files, carried as they are."""
-    names = []
-    for sidecar in ckpt.sidecar_files():
-        shutil.copyfile(sidecar, directory / sidecar.name)
-        names.append(sidecar.name)
-    return names
+def write_source_tensors(src: Source, tensors: list[OutTensor], directory: Path, notes: list[str],
+                         progress: Progress | None = None,
+                         reader: Checkpoint | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """``write_tensors`` for an export; tensors whose bytes changed since fusion (against the source
+    manifest's digests) are named in ``notes``. ``reader`` holds the sources when they reach beyond
+    ``src.ckpt`` (an import's vision parts)."""
+    reader = reader or src.ckpt
+    files, digests = write_tensors(reader, tensors, directory, progress=progress, algorithm=src.digest)
+    if src.manifest is not None:
+        notes.extend(change_notes(src.manifest, source_digests(src, reader, tensors, digests)))
+    return files, digests
+
+
+def source_digests(src: Source, reader: Checkpoint, tensors: list[OutTensor], written: dict[str, str]) -> dict[str, str]:
+    """The digest of every source tensor the manifest records: the written digest of a tensor
+    copied verbatim, else its source hashed again (permuted, cast or assembled outputs)."""
+    recorded = {e["name"] for section in ("original_tensors", "new_tensors")
+                for e in (src.manifest or {}).get(section, [])}
+    out: dict[str, str] = {}
+    for t in tensors:
+        source = verbatim_source(reader, t)
+        if source is not None:
+            out[source] = written[t.key]
+    for key in sorted({p.source for t in tensors for p in t.parts if p.source in recorded} - set(out)):
+        info = reader.info(key)
+        digest = new_hash(src.digest)
+        for chunk in chunks(reader, OutTensor(key, info.dtype, info.shape, [Part(key)])):
+            digest.update(chunk)
+        out[key] = digest.hexdigest()
+    return out
+
+
+def verbatim_source(ckpt: Checkpoint, t: OutTensor) -> str | None:
+    """The source tensor whose bytes ``t`` holds unchanged (so its digest is the output's), if any."""
+    if len(t.parts) != 1 or t.parts[0].source is None or t.parts[0].head_perm or t.parts[0].first_row:
+        return None
+    info = ckpt.info(t.parts[0].source)
+    return t.parts[0].source if (info.dtype, info.shape) == (t.dtype, t.shape) else None
 
 
 def tensor_entries(tensors: list[OutTensor], files: dict[str, str], digests: dict[str, str]) -> list[dict[str, Any]]:
@@ -112,4 +149,6 @@ def export_manifest(src: Source, target: str, entries: list[dict[str, Any]], not
 
 
 def listed_files(directory: Path) -> list[dict[str, Any]]:
-    return [{"name": f.name, "bytes": f.stat().st_size} for f in sorted(directory.iterdir())]
+    """Every file under ``directory`` (a sub-directory's as ``sub/name``) with its size."""
+    return [{"name": f.relative_to(directory).as_posix(), "bytes": f.stat().st_size}
+            for f in sorted(directory.rglob("*")) if f.is_file()]

@@ -16,12 +16,13 @@ from typing import Any
 
 from ..arch.families import FAMILIES, FUSION_SEGMENT
 from ..errors import UsageError
-from ..io.checkpoint import CONFIG_NAME, INDEX_NAME
+from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
 from ..io.writer import AtomicDirectory
 from .common import (EXPORT_MANIFEST_NAME, ExportResult, Source, copy_sidecars, export_manifest, listed_files,
-                     tensor_entries, write_json)
+                     tensor_entries, write_json, write_source_tensors)
+from .mllama_layouts import VISION_DIR, origin_config, origin_pad, read_origin
 from .rope import describe, head_permutation, rotates
-from .tensors import OutTensor, Part, Progress, index_doc, same, write_tensors
+from .tensors import OutTensor, Part, Progress, index_doc, same
 
 #: Rows Mllama's ``embed_tokens`` has beyond ``vocab_size``.
 MLLAMA_EXTRA_TOKENS = 8
@@ -169,8 +170,10 @@ def plan_mllama(src: Source) -> tuple[list[OutTensor], list[dict[str, Any]], lis
 _DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
-def mllama_config(src: Source, num_layers: int, cross_layers: list[int], notes: list[str]) -> dict[str, Any]:
-    """An ``MllamaTextConfig`` document carrying the base's RoPE, norms eps and token ids."""
+def mllama_config(src: Source, num_layers: int, cross_layers: list[int], notes: list[str],
+                  fallback_pad: int | None = None) -> dict[str, Any]:
+    """An ``MllamaTextConfig`` document carrying the base's RoPE, norms eps and token ids
+    (``fallback_pad``: the pad token to use when the base names none inside the table)."""
     cfg = src.cfg
     base = src.ckpt.config or {}
     rope: dict[str, Any] = {"rope_type": "default"}
@@ -178,6 +181,9 @@ def mllama_config(src: Source, num_layers: int, cross_layers: list[int], notes: 
     rope["rope_theta"] = cfg.rope_theta
     table_rows = cfg.vocab_size + MLLAMA_EXTRA_TOKENS
     pad = base.get("pad_token_id")
+    if not (isinstance(pad, int) and 0 <= pad < table_rows) and fallback_pad is not None \
+            and 0 <= fallback_pad < table_rows:
+        pad = fallback_pad
     if not (isinstance(pad, int) and 0 <= pad < table_rows):
         kept = min(src.fusion.fusion_vocab, MLLAMA_EXTRA_TOKENS) if src.fusion else 0
         eos = base.get("eos_token_id")
@@ -222,14 +228,33 @@ def mllama_config(src: Source, num_layers: int, cross_layers: list[int], notes: 
 
 
 def export_mllama(src: Source, out: Path, *, force: bool = False, progress: Progress | None = None) -> ExportResult:
+    """Write ``src`` as an Mllama checkpoint. One that ``import`` made (or a graft of its adapter) comes back
+    in the layout it was imported from, with its vision tower and projector, as ``MllamaForConditionalGeneration``
+    when the source was one."""
     check_supported(src)
     tensors, layer_map, notes = plan_mllama(src)
     cross = [m["mllama_layer"] for m in layer_map if m["kind"] == "cross"]
-    config = mllama_config(src, len(layer_map), cross, notes)
+    origin = read_origin(src.ckpt)
+    config = mllama_config(src, len(layer_map), cross, notes, origin_pad(origin))
+    reader = src.ckpt
+    if origin is not None:
+        for t in tensors:
+            t.key = origin.layout.text_key(t.key)
+        config = origin_config(origin, config)
+        if origin.vision is not None:
+            reader = Checkpoint.combine(src.ckpt, origin.vision)
+            tensors += [same(origin.vision, k, k) for k in origin.vision.keys()]
+            notes.append(f"vision tower and projector: {len(origin.vision.keys())} tensor(s) carried from "
+                         f"{VISION_DIR}/ as they are")
     result = ExportResult(out, "mllama", src.cfg.family, notes=notes, layer_map=layer_map)
     with AtomicDirectory(out, force=force) as staging:
         tmp = staging.tmp
-        files, digests = write_tensors(src.ckpt, tensors, tmp, progress=progress, algorithm=src.digest)
+        files, digests = write_source_tensors(src, tensors, tmp, notes, progress, reader=reader)
+        if origin is not None:
+            changed = sorted(k for k, d in origin.vision_digests.items() if d and digests.get(k) != d)
+            if changed:
+                notes.append(f"{len(changed)} vision tensor(s) differ from the digests recorded at import "
+                             f"(trained since?): {', '.join(changed[:3])}")
         if len(set(files.values())) > 1:
             write_json(tmp / INDEX_NAME, index_doc(files, tensors))
         write_json(tmp / CONFIG_NAME, config)

@@ -15,8 +15,8 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..io.checkpoint import Checkpoint
-from ..io.digest import DEFAULT_ALGORITHM
-from ..io.safetensors_format import DTYPE_SIZES, read_exact
+from ..io.digest import DEFAULT_ALGORITHM, new_hash
+from ..io.safetensors_format import DTYPE_SIZES, SafetensorsHeader, build_header, header_from_prefix, read_exact
 from ..io.writer import MAX_SHARD_BYTES, SafetensorsWriter, group_into_shards
 from ..version import __version__
 from .rope import permute_heads
@@ -120,35 +120,90 @@ def _cast(raw: bytes, src: str, dst: str) -> bytes:
     return tensor_bytes(values.to(TORCH_DTYPES[dst]))
 
 
-def shard_names(count: int, stem: str = "model") -> list[str]:
-    if count == 1:
+def shard_names(count: int, stem: str = "model", numbered: bool = False) -> list[str]:
+    """``<stem>.safetensors`` for one shard (unless ``numbered``), else ``<stem>-00001-of-0000N.safetensors``..."""
+    if count == 1 and not numbered:
         return [f"{stem}.safetensors"]
     return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
+@dataclass
+class PlannedShard:
+    """One output file: its name, its tensors in order, and its header bytes."""
+
+    name: str
+    tensors: list[OutTensor]
+    metadata: dict[str, str]
+
+    @property
+    def entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        return [(t.key, t.dtype, t.shape) for t in self.tensors]
+
+    @property
+    def prefix(self) -> bytes:
+        return build_header(self.entries, self.metadata)[0]
+
+    @property
+    def file_size(self) -> int:
+        return len(self.prefix) + sum(t.nbytes for t in self.tensors)
+
+    def header(self, directory: Path) -> SafetensorsHeader:
+        """The header the file will have (written or not) in ``directory``."""
+        return header_from_prefix(directory / self.name, self.prefix, self.file_size)
+
+
+def plan_shards(tensors: list[OutTensor], *, max_shard_bytes: int = MAX_SHARD_BYTES, stem: str = "model",
+                numbered: bool = False, metadata: dict[str, str] | None = None) -> list[PlannedShard]:
+    """The files ``tensors`` are written to: at most ``max_shard_bytes`` each, in order."""
+    groups = group_into_shards(tensors, max_shard_bytes)
+    meta = {"format": "pt", "producer": f"fusionsurgery {__version__}", **(metadata or {})}
+    return [PlannedShard(name, group, meta) for name, group in zip(shard_names(len(groups), stem, numbered), groups)]
+
+
 def write_tensors(ckpt: Checkpoint, tensors: list[OutTensor], directory: Path, *,
                   progress: Progress | None = None, max_shard_bytes: int = MAX_SHARD_BYTES,
-                  metadata: dict[str, str] | None = None,
-                  algorithm: str = DEFAULT_ALGORITHM) -> tuple[dict[str, str], dict[str, str]]:
-    """Write ``tensors`` into ``model*.safetensors`` shards; returns (key -> file, key -> digest)."""
-    for t in tensors:
-        check(ckpt, t)
-    groups = group_into_shards(tensors, max_shard_bytes)
-    names = shard_names(len(groups))
-    meta = {"format": "pt", "producer": f"fusionsurgery {__version__}", **(metadata or {})}
+                  metadata: dict[str, str] | None = None, algorithm: str = DEFAULT_ALGORITHM,
+                  stem: str = "model", numbered: bool = False) -> tuple[dict[str, str], dict[str, str]]:
+    """Write ``tensors`` into ``<stem>*.safetensors`` shards; returns (key -> file, key -> digest)."""
+    return write_shards(ckpt, plan_shards(tensors, max_shard_bytes=max_shard_bytes, stem=stem, numbered=numbered,
+                                          metadata=metadata), directory, progress=progress, algorithm=algorithm)
+
+
+def write_shards(ckpt: Checkpoint, shards: list[PlannedShard], directory: Path | None, *,
+                 progress: Progress | None = None,
+                 algorithm: str = DEFAULT_ALGORITHM) -> tuple[dict[str, str], dict[str, str]]:
+    """Write planned shards into ``directory`` (or, with None, only digest what they would hold);
+    returns (key -> file, key -> digest)."""
+    for shard in shards:
+        for t in shard.tensors:
+            check(ckpt, t)
     files: dict[str, str] = {}
     digests: dict[str, str] = {}
-    for name, group in zip(names, groups):
-        writer = SafetensorsWriter(directory / name, [(t.key, t.dtype, t.shape) for t in group], meta, algorithm)
+    for shard in shards:
+        if directory is None:
+            for t in shard.tensors:
+                digests[t.key] = _digest(chunks(ckpt, t), algorithm, progress)
+                files[t.key] = shard.name
+            continue
+        writer = SafetensorsWriter(directory / shard.name, shard.entries, shard.metadata, algorithm)
         try:
-            for t in group:
+            for t in shard.tensors:
                 digests[t.key] = writer.write(t.key, chunks(ckpt, t), progress)
-                files[t.key] = name
+                files[t.key] = shard.name
         except BaseException:
             writer.abort()
             raise
         writer.close()
     return files, digests
+
+
+def _digest(parts: Iterator[bytes], algorithm: str, progress: Progress | None) -> str:
+    h = new_hash(algorithm)
+    for chunk in parts:
+        h.update(chunk)
+        if progress:
+            progress(len(chunk))
+    return h.hexdigest()
 
 
 def index_doc(files: dict[str, str], tensors: list[OutTensor]) -> dict[str, Any]:

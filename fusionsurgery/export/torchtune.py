@@ -18,9 +18,10 @@ from ..errors import UsageError
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME
 from ..io.writer import AtomicDirectory
 from .common import (EXPORT_MANIFEST_NAME, ExportResult, Source, copy_sidecars, export_manifest, listed_files,
-                     tensor_entries, write_json)
+                     tensor_entries, write_json, write_source_tensors)
+from .mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_origin
 from .rope import describe, head_permutation, rotates
-from .tensors import OutTensor, Progress, index_doc, same, write_tensors
+from .tensors import OutTensor, Progress, index_doc, same
 
 #: Architectures whose torchtune builders use torchtune's interleaved RoPE with the standard q/k
 #: permutation (torchtune's Qwen and Phi-3 builders rotate halves and would not compute the same).
@@ -95,16 +96,21 @@ def export_family(src: Source, out: Path, target_name: str, *, force: bool = Fal
     result = ExportResult(out, target_name, cfg.family, notes=notes)
     with AtomicDirectory(out, force=force) as staging:
         tmp = staging.tmp
-        files, digests = write_tensors(src.ckpt, tensors, tmp, progress=progress, algorithm=src.digest)
+        files, digests = write_source_tensors(src, tensors, tmp, notes, progress)
         if len(set(files.values())) > 1:
             write_json(tmp / INDEX_NAME, index_doc(files, tensors))
         if src.ckpt.config is not None:
             write_json(tmp / CONFIG_NAME, src.ckpt.config)
         copy_sidecars(src.ckpt, tmp)
-        source_manifest = src.ckpt.read_manifest()
+        source_manifest = src.manifest
         if source_manifest is not None:
             translated = translate_fusion_manifest(source_manifest, rename, files, digests, src, target)
             if translated is not None:
+                vision = copy_vision(read_origin(src.ckpt), tmp, src.digest)
+                if vision is not None:
+                    translated[ORIGIN_KEY]["vision"] = vision
+                    notes.append(f"the imported vision tower and projector are carried in {VISION_DIR}/ under their "
+                                 "Hugging Face names (export --to mllama puts them back)")
                 write_json(tmp / MANIFEST_NAME, translated)
             else:
                 notes.append(f"the source's {MANIFEST_NAME} does not match its tensors; not carried over")

@@ -15,11 +15,13 @@ from typing import Any
 
 from ..arch.config import INFERRED_MARK, read_fusion_config, read_model_config
 from ..arch.families import detect_family, is_fusion_key
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, Checkpoint
 from ..io.copy import copy_and_digest
 from ..io.digest import algorithm_of
 from ..io.writer import AtomicDirectory, SafetensorsWriter, write_index
+from ..surgery.consistency import require_consistent
+from ..surgery.manifest import changed_since_fusion
 from .common import check_output_location, copy_sidecars, default_output, listed_files, write_json
 from .tensors import Part, chunks, OutTensor, Progress
 
@@ -55,12 +57,10 @@ def unfuse(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = No
                          "config.json); nothing to unfuse")
     if not fusion_keys:
         raise CheckpointError(f"{src}: config.json has a 'fusion' section but the checkpoint has no fusion tensors")
-    read_model_config(ckpt)  # what remains must be a complete decoder
+    require_consistent(ckpt, read_model_config(ckpt), fusion)  # what remains must be a complete decoder
     out_path = Path(out) if out is not None else default_output(src, "unfused")
     check_output_location(src, out_path)
 
-    expected = {e["name"]: e.get("digest") for e in (manifest or {}).get("original_tensors", [])
-                if isinstance(e, dict)}
     algorithm = algorithm_of(manifest)
     dropped = set(fusion_keys)
     result = UnfuseResult(out_path, removed=sorted(dropped))
@@ -83,10 +83,11 @@ def unfuse(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = No
                 weight_map[k] = name
                 total += header.tensors[k].nbytes
         result.kept = len(weight_map)
-        result.modified = sorted(k for k, d in digests.items() if k in expected and expected[k] != d)
+        result.modified = changed_since_fusion(manifest, digests)[0]
         if result.modified:
             result.notes.append(f"{len(result.modified)} original tensor(s) differ from the digests recorded at "
-                                "fusion (trained since?): the output holds them as they are now")
+                                f"fusion (trained or damaged since?): {listed(result.modified)}; the output holds "
+                                "them as they are now")
         if set(weight_map.values()) != {SINGLE_NAME}:
             write_index(tmp / INDEX_NAME, weight_map, total)
         doc = copy.deepcopy(ckpt.config) if ckpt.config is not None else None

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from .safetensors_format import SafetensorsHeader, TensorInfo, _no_duplicates, read_exact, read_header
+from .manifest_schema import check_manifest_types
+from .safetensors_format import (MAX_HEADER_BYTES, SafetensorsHeader, TensorInfo, _no_duplicates, read_exact,
+                                read_header)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -157,13 +160,14 @@ class Checkpoint:
         found: dict[str, Path] = {}
         for pattern in SIDECAR_PATTERNS:
             for f in sorted(self.root.glob(pattern)):
-                if f.is_file() and not f.is_symlink() and f.suffix != ".safetensors":
+                if f.is_file() and f.suffix != ".safetensors":  # a symlink counts when it ends at a file
                     found[f.name] = f
         return list(found.values())
 
     def read_manifest(self) -> dict[str, Any] | None:
+        """``fusion_manifest.json`` (None when absent); fields of the wrong type are refused in one line."""
         path = self.root / MANIFEST_NAME
-        return read_json_object(path, "manifest") if path.exists() else None
+        return check_manifest_types(read_json_object(path, "manifest"), path) if path.exists() else None
 
 
 def _refuse_pickle(p: Path) -> None:
@@ -175,34 +179,54 @@ def _refuse_pickle(p: Path) -> None:
 
 
 def _inside(root: Path, name: Any) -> Path:
-    """Resolve a shard name from an index, refusing anything that escapes ``root``."""
+    """Resolve a shard name from an index, refusing any name that escapes ``root``.
+
+    The *name* comes from inside the checkpoint (a downloaded index), so it must be a plain file
+    name. A shard that is a symlink (a Hugging Face cache snapshot, DVC's cache, git-annex, a shared
+    model directory, ``ln -s``) is the user's own filesystem: it is followed wherever it points, as
+    long as it ends at a regular file (whose header must then parse as safetensors).
+    """
     if not isinstance(name, str) or not name or "\x00" in name:
         raise CheckpointError(f"{root}: invalid shard file name {name!r} in {INDEX_NAME}")
     if os.path.isabs(name) or "/" in name or "\\" in name or name in (".", ".."):
         raise CheckpointError(f"{root}: shard name {name!r} escapes the checkpoint directory; refused")
     path = root / name
     if path.is_symlink():
-        target = path.resolve()
-        if not any(allowed in target.parents for allowed in _allowed_link_roots(root)):
-            raise CheckpointError(f"{path}: symlink points outside the checkpoint directory ({target}); refused")
-    if not path.is_file():
+        followed_file(path, "shard")
+    elif not path.is_file():
+        if path.exists():
+            raise CheckpointError(f"{path}: shard is not a regular file")
         raise CheckpointError(f"{root}: shard {name} named in {INDEX_NAME} is missing")
     _refuse_pickle(path)
     return path
 
 
-def _allowed_link_roots(root: Path) -> list[Path]:
-    """Where a shard symlink may point: the directory itself, or the blob store of a Hugging Face
-    cache snapshot (``models--org--name/snapshots/<rev>/x -> ../../blobs/<sha>``)."""
-    real = root.resolve()
-    allowed = [real]
-    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
-        allowed.append((root.parent.parent / "blobs").resolve())
-    return allowed
+def followed_file(link: Path, what: str) -> Path:
+    """Where the symlink ``link`` finally points; it must be an existing regular file."""
+    try:
+        target = link.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:  # dangling, a loop (RuntimeError before Python 3.13), unreadable
+        reason = "a symlink loop" if "loop" in str(exc).lower() else "a target that does not exist"
+        raise CheckpointError(f"{link}: {what} is a symlink to {reason} ({os.readlink(link)})") from None
+    if not target.is_file():
+        raise CheckpointError(f"{link}: {what} is a symlink to {target}, which is not a regular file")
+    return target
 
 
 def read_json_object(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from ``path`` (duplicate keys refused), or a one-line ``CheckpointError``."""
+    """A JSON object from ``path`` (duplicate keys refused), or a one-line ``CheckpointError``.
+
+    Only a regular file of at most ``MAX_HEADER_BYTES`` is read: a symlink to a device or a pipe
+    (``/dev/zero``) would otherwise be read forever.
+    """
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: {what} is not readable ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: {what} is not a regular file")
+    if st.st_size > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{path}: {what} is {st.st_size} bytes, over the {MAX_HEADER_BYTES}-byte limit")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:

@@ -9,11 +9,15 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import WriteError
 from .digest import DEFAULT_ALGORITHM, FileDigester, tensor_digests
 from .direct import USE_DIRECT, DirectFile
 from .safetensors_format import SafetensorsHeader, read_header
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 
 COPY_CHUNK = 16 * 1024 * 1024
 Progress = Callable[[int], None]
@@ -165,3 +169,17 @@ def _same_header(written: SafetensorsHeader, expected: SafetensorsHeader, src: P
 
 def same_filesystem(a: Path, b: Path) -> bool:
     return os.stat(a).st_dev == os.stat(b).st_dev
+
+
+def copy_checkpoint_files(ckpt: "Checkpoint", directory: Path, progress: Progress | None = None,
+                          algorithm: str = DEFAULT_ALGORITHM) -> tuple[dict[str, str], list[dict[str, object]]]:
+    """Copy every safetensors file of ``ckpt`` into ``directory``, in name order; returns
+    (tensor digests, ``[{name, bytes, digest}]`` with each copy's file digest)."""
+    digests: dict[str, str] = {}
+    files: list[dict[str, object]] = []
+    for name, header in sorted(ckpt.files.items()):
+        tensor_digests, digest = copy_and_digest(ckpt.path_of(name), directory / name, header, progress,
+                                                 algorithm=algorithm)
+        digests.update(tensor_digests)
+        files.append({"name": name, "bytes": header.file_size, "digest": digest})
+    return digests, files

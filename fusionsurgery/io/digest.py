@@ -15,7 +15,7 @@ import hashlib
 import mmap
 import queue
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -107,11 +107,16 @@ class FileDigester:
             self._close(self._spans[self._i])
         if self._pos != self.header.file_size or self._i != len(self._spans):
             raise CheckpointError(f"{self.header.path}: file shorter than its header says")
-        file_hash = new_hash(self.algorithm)
-        file_hash.update(bytes(self._head))
-        for info in self._spans:
-            file_hash.update(bytes.fromhex(self.digests[info.name]))
-        return self.digests, file_hash.hexdigest()
+        return self.digests, file_digest(bytes(self._head), [self.digests[i.name] for i in self._spans], self.algorithm)
+
+
+def file_digest(prefix: bytes, digests: Iterable[str], algorithm: str = DEFAULT_ALGORITHM) -> str:
+    """A file's digest from its header bytes and its tensor digests in file order (see the module doc)."""
+    file_hash = new_hash(algorithm)
+    file_hash.update(prefix)
+    for digest in digests:
+        file_hash.update(bytes.fromhex(digest))
+    return file_hash.hexdigest()
 
 
 def tensor_digests(path: Path, header: SafetensorsHeader, progress: Progress | None = None,

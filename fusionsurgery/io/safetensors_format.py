@@ -111,7 +111,7 @@ def _parse_entry(name: str, entry: Any, where: str) -> TensorInfo:
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: entry for {name!r} is not an object")
     dtype = entry.get("dtype")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise CheckpointError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
@@ -151,13 +151,20 @@ def read_header(path: Path) -> SafetensorsHeader:
             raw = fh.read(n)
     except OSError as exc:
         raise CheckpointError(f"{where}: cannot read ({exc.strerror or exc})") from None
-    rel, metadata, _ = parse_header_bytes(raw, size - 8 - n, where)
-    base = 8 + n
+    return header_from_prefix(path, struct.pack("<Q", n) + raw, size)
+
+
+def header_from_prefix(path: Path, prefix: bytes, file_size: int) -> SafetensorsHeader:
+    """The header of a ``file_size``-byte file at ``path`` that starts with ``prefix`` (length + JSON):
+    what ``read_header`` gives, also for a file not written yet (``build_header``'s prefix)."""
+    where = str(path)
+    rel, metadata, _ = parse_header_bytes(prefix[8:], file_size - len(prefix), where)
+    base = len(prefix)
     tensors = {
         name: TensorInfo(name, t.dtype, t.shape, base + t.start, base + t.end)
         for name, t in sorted(rel.items(), key=lambda kv: kv[1].start)
     }
-    return SafetensorsHeader(path, tensors, metadata, base, size)
+    return SafetensorsHeader(path, tensors, metadata, base, file_size)
 
 
 def build_header(
@@ -174,7 +181,7 @@ def build_header(
     offsets: dict[str, tuple[int, int]] = {}
     cursor = 0
     for name, dtype, shape in entries:
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise ValueError(f"unknown dtype {dtype!r}")
         nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
         doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [cursor, cursor + nbytes]}

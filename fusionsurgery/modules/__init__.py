@@ -2,14 +2,16 @@
 
 from .attention import CrossAttention, KVCache, SelfAttention
 from .decoder import TransformerDecoder
-from .fusion import FusionEmbedding, FusionLayer, get_fusion_params, set_trainable_params
+from .deep_fusion import DeepFusionModel, ProjectedEncoder, project_encoder
+from .fusion import FusionEmbedding, FusionLayer, get_fusion_params, register_fusion_module, set_trainable_params
 from .layers import DecoderLayer, GatedCrossAttentionLayer, TanhGate
 from .mlp import FeedForward
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
 
 __all__ = [
-    "CrossAttention", "DecoderLayer", "FeedForward", "FusionEmbedding", "FusionLayer", "GatedCrossAttentionLayer",
-    "KVCache", "RMSNorm", "RotaryEmbedding", "SelfAttention", "TanhGate", "TransformerDecoder",
-    "get_fusion_params", "set_trainable_params",
+    "CrossAttention", "DecoderLayer", "DeepFusionModel", "FeedForward", "FusionEmbedding", "FusionLayer",
+    "GatedCrossAttentionLayer", "KVCache", "ProjectedEncoder", "RMSNorm", "RotaryEmbedding", "SelfAttention",
+    "TanhGate", "TransformerDecoder", "get_fusion_params", "project_encoder", "register_fusion_module",
+    "set_trainable_params",
 ]

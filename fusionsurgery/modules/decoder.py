@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..arch.families import Family
+from .attention import CrossAttention
+from .caches import CacheMethods, caches_are_enabled_of, caches_are_setup_of, reset_caches_of, setup_caches_of
+from .masks import rows_for_positions
 
 
-class TransformerDecoder(nn.Module):
+class TransformerDecoder(CacheMethods, nn.Module):
     """A decoder-only transformer returning logits ``[b, s, vocab]`` for ``tokens [b, s]``.
 
     Args:
@@ -34,61 +38,59 @@ class TransformerDecoder(nn.Module):
             self.register_state_dict_post_hook(_to_family_hook(key_family))
             self.register_load_state_dict_pre_hook(_from_family_hook(key_family))
 
-    # -- caches ------------------------------------------------------------------------
-    def setup_cache(self, batch_size: int, dtype: torch.dtype, *, encoder_max_seq_len: int,
-                    decoder_max_seq_len: int) -> None:
-        """Allocate KV caches in every layer: self-attention ``decoder_max_seq_len`` long,
-        cross-attention (fusion layers) ``encoder_max_seq_len`` long."""
+    # -- caches: each layer's own, in whichever torchtune spelling it speaks ---------------------
+    def _setup_caches(self, batch_size: int, dtype: torch.dtype, lengths: dict[str, int]) -> None:
         for layer in self.layers:
-            layer.setup_cache(batch_size, dtype, encoder_max_seq_len=encoder_max_seq_len,
-                              decoder_max_seq_len=decoder_max_seq_len)
+            setup_caches_of(layer, batch_size, dtype, lengths)
         self._pos = 0
 
-    setup_caches = setup_cache
-
-    def reset_cache(self) -> None:
-        """Empty every cache and rewind the decoding position."""
-        for m in self.modules():
-            cache = getattr(m, "kv_cache", None)
-            if cache is not None and hasattr(cache, "reset"):
-                cache.reset()
+    def _reset_caches(self) -> None:
+        for layer in self.layers:
+            reset_caches_of(layer)
         self._pos = 0
 
-    reset_caches = reset_cache
+    def _caches_are_setup(self) -> bool:
+        return len(self.layers) > 0 and all(caches_are_setup_of(layer) for layer in self.layers)
 
-    def _attns(self) -> list[nn.Module]:
-        return [m for m in self.modules() if hasattr(m, "kv_cache") and hasattr(m, "cache_enabled")]
-
-    def caches_are_setup(self) -> bool:
-        attns = self._attns()
-        return bool(attns) and all(a.kv_cache is not None for a in attns)
+    def _caches_are_enabled(self) -> bool:
+        return len(self.layers) > 0 and all(caches_are_enabled_of(layer) for layer in self.layers)
 
     @property
-    def cache_enabled(self) -> bool:
-        return self.caches_are_setup() and all(a.cache_enabled for a in self._attns())
-
-    def caches_are_enabled(self) -> bool:
-        return self.cache_enabled
+    def encoder_dim(self) -> int | None:
+        """The width of the encoder states its cross-attention reads (None without fusion layers)."""
+        for m in self.modules():
+            if isinstance(m, CrossAttention):
+                return m.k_proj.in_features
+        return None
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, encoder_input: torch.Tensor | None = None,
-                encoder_mask: torch.Tensor | None = None, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for ``tokens``; text-only when ``encoder_input`` is None (and no cache holds one).
+                encoder_mask: torch.Tensor | None = None, input_pos: torch.Tensor | None = None, *,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[b, s, vocab]`` for ``tokens [b, s]``; text-only when ``encoder_input`` is None
+        (and no cache holds one). torchtune's keywords: ``mask [b, s, s]`` (True: may attend;
+        default causal), ``encoder_input [b, e, encoder_dim]``, ``encoder_mask [b, s, e]`` (or the
+        whole sequence's ``[b, S, e]``, then sliced by ``input_pos``), ``input_pos [s]``.
 
         With caches set up, successive calls continue from the last position unless ``input_pos``
-        ``[s]`` says otherwise.
+        says otherwise.
         """
         s = tokens.shape[1]
-        caching = self.cache_enabled
+        try:
+            caching = self.caches_are_enabled()
+        except TypeError:  # a layer without cache methods: it cannot decode through a cache
+            caching = False
         if input_pos is None:
             start = self._pos if caching else 0
             input_pos = torch.arange(start, start + s, device=tokens.device)
         if caching:
             self._pos = int(input_pos.max()) + 1
+        encoder_mask = rows_for_positions(encoder_mask, input_pos, s)
         h = self.tok_embeddings(tokens)
         if self.embed_scale is not None:
             h = h * torch.tensor(self.embed_scale, dtype=h.dtype, device=h.device)
-        kwargs: dict[str, Any] = {"positions": input_pos, "encoder_input": encoder_input, "encoder_mask": encoder_mask}
+        kwargs: dict[str, Any] = {"input_pos": input_pos, "mask": mask, "encoder_input": encoder_input,
+                                  "encoder_mask": encoder_mask}
         for layer in self.layers:
             h = layer(h, **kwargs)
         h = self.norm(h)
@@ -98,18 +100,22 @@ class TransformerDecoder(nn.Module):
 
 
 def _to_family_hook(family: Family):
-    def hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            state_dict[prefix + family.to_family(key[len(prefix):])] = state_dict.pop(key)
+    """A state-dict post-hook renaming canonical keys to ``family``'s (picklable, like the module)."""
+    return partial(_to_family, family)
 
-    return hook
+
+def _to_family(family: Family, module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        state_dict[prefix + family.to_family(key[len(prefix):])] = state_dict.pop(key)
 
 
 def _from_family_hook(family: Family):
-    def hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            local = key[len(prefix):]
-            if family.knows(local):
-                state_dict[prefix + family.to_canonical(local)] = state_dict.pop(key)
+    """A load pre-hook renaming ``family``'s keys to the canonical ones."""
+    return partial(_from_family, family)
 
-    return hook
+
+def _from_family(family: Family, module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        local = key[len(prefix):]
+        if family.knows(local):
+            state_dict[prefix + family.to_canonical(local)] = state_dict.pop(key)

@@ -1,4 +1,4 @@
-"""Deep fusion modules: ``FusionLayer`` and ``FusionEmbedding`` (torchtune's contract).
+"""Deep fusion modules: ``FusionLayer``, ``FusionEmbedding``, fusion parameters (torchtune's contract).
 
 Both keep the wrapped module's tensors under their *original* state-dict keys, so a base
 checkpoint loads into the fused model with ``strict=False`` and the fused state dict minus the
@@ -8,21 +8,26 @@ fusion keys is the base state dict. Note that ``named_parameters()`` still shows
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
+from .caches import CacheMethods, caches_are_enabled_of, caches_are_setup_of, reset_caches_of, setup_caches_of
+
 _WRAPPED = "layer."
 _FUSION = "fusion_layer."
 
 
-class FusionLayer(nn.Module):
+class FusionLayer(CacheMethods, nn.Module):
     """Runs ``fusion_layer`` before (``fusion_first``) or after an original decoder ``layer``.
 
-    Shapes: ``forward(x [b, s, dim], **kwargs) -> [b, s, dim]``; every keyword argument goes to both.
-    State-dict keys: the original layer's keep their names (no ``layer.`` segment); the new ones
-    live under ``fusion_layer.``.
+    Wraps *any* pair of modules. Shapes: ``forward(x [b, s, dim], **kwargs) -> [b, s, dim]``; every
+    keyword argument goes to both. State-dict keys: the original layer's keep their names (no
+    ``layer.`` segment); the new ones live under ``fusion_layer.``. Cache calls, in either torchtune
+    spelling, go to both wrapped modules' own methods in whichever spelling each implements;
+    ``cache_enabled`` / ``caches_are_enabled()`` / ``caches_are_setup()`` are the original layer's.
     """
 
     def __init__(self, layer: nn.Module, fusion_layer: nn.Module, fusion_first: bool = True) -> None:
@@ -31,32 +36,20 @@ class FusionLayer(nn.Module):
         self.register_state_dict_post_hook(_strip_prefix_hook(_WRAPPED))
         self.register_load_state_dict_pre_hook(_add_prefix_hook(_WRAPPED, keep=_FUSION))
 
-    # -- caches (both the original names and later torchtune's) --------------------------
-    def setup_cache(self, batch_size: int, dtype: torch.dtype, *, encoder_max_seq_len: int,
-                    decoder_max_seq_len: int) -> None:
-        """Set up the KV caches of both layers (the fusion layer's holds encoder keys/values)."""
+    # -- caches: forwarded to the wrapped modules ------------------------------------------
+    def _setup_caches(self, batch_size: int, dtype: torch.dtype, lengths: dict[str, int]) -> None:
         for m in (self.layer, self.fusion_layer):
-            m.setup_cache(batch_size, dtype, encoder_max_seq_len=encoder_max_seq_len,
-                          decoder_max_seq_len=decoder_max_seq_len)
+            setup_caches_of(m, batch_size, dtype, lengths)
 
-    setup_caches = setup_cache
+    def _reset_caches(self) -> None:
+        for m in (self.layer, self.fusion_layer):
+            reset_caches_of(m)
 
-    def reset_cache(self) -> None:
-        """Empty both layers' caches (they stay allocated)."""
-        for cache in _caches(self):
-            cache.reset()
+    def _caches_are_setup(self) -> bool:
+        return caches_are_setup_of(self.layer)
 
-    reset_caches = reset_cache
-
-    def caches_are_setup(self) -> bool:
-        return bool(_attns(self)) and all(a.kv_cache is not None for a in _attns(self))
-
-    @property
-    def cache_enabled(self) -> bool:
-        return self.caches_are_setup() and all(a.cache_enabled for a in _attns(self))
-
-    def caches_are_enabled(self) -> bool:
-        return self.cache_enabled
+    def _caches_are_enabled(self) -> bool:
+        return caches_are_enabled_of(self.layer)
 
     def fusion_params(self) -> list[str]:
         """Names (relative to this module) of the fusion layer's parameters."""
@@ -98,15 +91,38 @@ class FusionEmbedding(nn.Module):
         return torch.where(extra[..., None], fused, base)
 
 
+def register_fusion_module(module: nn.Module) -> nn.Module:
+    """Mark every parameter of ``module`` (e.g. an encoder's projection head) as a fusion parameter:
+    gives it a ``fusion_params()`` naming them all. Returns ``module``."""
+    module.fusion_params = _AllParameterNames(module)
+    return module
+
+
+class _AllParameterNames:
+    """A picklable ``fusion_params`` for ``register_fusion_module``: every parameter of its module."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self) -> list[str]:
+        return [name for name, _ in self.module.named_parameters()]
+
+
 def get_fusion_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """``{parameter name: parameter}`` for every parameter that fusion added to ``model``."""
-    params = dict(model.named_parameters())
+    """``{parameter name: parameter}`` for every parameter that a module of ``model`` declares
+    through ``fusion_params()`` (``FusionLayer``, ``FusionEmbedding``, ``register_fusion_module``)."""
     out: dict[str, nn.Parameter] = {}
     for prefix, module in model.named_modules():
-        if hasattr(module, "fusion_params"):
-            for name in module.fusion_params():
-                full = f"{prefix}.{name}" if prefix else name
-                out[full] = params[full]
+        declared = getattr(module, "fusion_params", None)
+        if not callable(declared):
+            continue
+        names = set(declared())
+        params = dict(module.named_parameters())
+        unknown = sorted(names - set(params))
+        if unknown:
+            raise ValueError(f"{prefix or type(module).__name__}: fusion_params() names no parameter {unknown[0]!r}")
+        for name in names:
+            out[f"{prefix}.{name}" if prefix else name] = params[name]
     return out
 
 
@@ -116,31 +132,24 @@ def set_trainable_params(model: nn.Module, names: set[str] | dict[str, Any]) -> 
         param.requires_grad_(name in names)
 
 
-def _attns(module: nn.Module) -> list[nn.Module]:
-    return [m for m in module.modules() if hasattr(m, "kv_cache") and hasattr(m, "cache_enabled")]
-
-
-def _caches(module: nn.Module) -> list[Any]:
-    return [a.kv_cache for a in _attns(module) if a.kv_cache is not None]
-
-
 def _strip_prefix_hook(segment: str):
-    """A state-dict post-hook removing the *leading* ``segment`` of this module's local keys."""
+    """A state-dict post-hook removing the *leading* ``segment`` of this module's local keys
+    (a partial of a module-level function, so the module still pickles)."""
+    return partial(_strip_prefix, segment)
 
-    def hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-        for key in [k for k in state_dict if k.startswith(prefix + segment)]:
-            state_dict[prefix + key[len(prefix) + len(segment):]] = state_dict.pop(key)
 
-    return hook
+def _strip_prefix(segment: str, module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + segment)]:
+        state_dict[prefix + key[len(prefix) + len(segment):]] = state_dict.pop(key)
 
 
 def _add_prefix_hook(segment: str, keep: str):
     """A load pre-hook adding ``segment`` to this module's local keys, except those under ``keep``."""
+    return partial(_add_prefix, segment, keep)
 
-    def hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            local = key[len(prefix):]
-            if not local.startswith(keep):
-                state_dict[prefix + segment + local] = state_dict.pop(key)
 
-    return hook
+def _add_prefix(segment: str, keep: str, module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        local = key[len(prefix):]
+        if not local.startswith(keep):
+            state_dict[prefix + segment + local] = state_dict.pop(key)

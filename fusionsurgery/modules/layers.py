@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .attention import CrossAttention, SelfAttention
+from .caches import AttentionCaches
 from .mlp import FeedForward
 from .norm import RMSNorm
 
@@ -23,42 +24,45 @@ class TanhGate(nn.Module):
         return x * self.scale.tanh()
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(AttentionCaches, nn.Module):
     """Pre-norm self-attention then pre-norm MLP, each added to the residual.
 
-    Shapes: ``[b, s, dim] -> [b, s, dim]``. Encoder arguments are accepted and ignored, so a stack
-    can pass the same keyword arguments to every layer.
+    Shapes: ``[b, s, dim] -> [b, s, dim]``; ``input_pos [s]`` (``positions``, its former name, is
+    accepted too); ``mask [b, s, s]`` (or ``[b, s, cache length]`` while decoding) replaces the causal
+    mask where given. Encoder arguments are accepted and ignored, so a stack can pass the same keyword
+    arguments to every layer. Cache methods in both torchtune spellings (``setup_caches`` needs
+    ``decoder_max_seq_len``).
     """
+
+    _length = "decoder_max_seq_len"
 
     def __init__(self, attn: SelfAttention, mlp: FeedForward, sa_norm: RMSNorm, mlp_norm: RMSNorm) -> None:
         super().__init__()
         self.sa_norm, self.attn, self.mlp_norm, self.mlp = sa_norm, attn, mlp_norm, mlp
 
-    def setup_cache(self, batch_size: int, dtype: torch.dtype, *, encoder_max_seq_len: int,
-                    decoder_max_seq_len: int) -> None:
-        self.attn.setup_cache(batch_size, dtype, decoder_max_seq_len)
-
-    def forward(self, x: torch.Tensor, *, positions: torch.Tensor, **_: Any) -> torch.Tensor:
-        h = x + self.attn(self.sa_norm(x), positions=positions)
+    def forward(self, x: torch.Tensor, *, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+        if input_pos is None:
+            input_pos = positions if positions is not None else torch.arange(x.shape[1], device=x.device)
+        h = x + self.attn(self.sa_norm(x), positions=input_pos, mask=mask)
         return h + self.mlp(self.mlp_norm(h))
 
 
-class GatedCrossAttentionLayer(nn.Module):
+class GatedCrossAttentionLayer(AttentionCaches, nn.Module):
     """Flamingo's gated cross-attention block (torchtune's ``TransformerCrossAttentionLayer``).
 
     ``h = x + tanh(ca_scale) * attn(ca_norm(x), encoder)``; ``out = h + tanh(mlp_scale) * mlp(mlp_norm(h))``.
     With zero gates the block is the identity; with no encoder input and an empty cache it returns
     ``x`` untouched, so a fused model runs text-only. Shapes: ``[b, s, dim] -> [b, s, dim]``.
+    Cache methods in both torchtune spellings (``setup_caches`` needs ``encoder_max_seq_len``).
     """
+
+    _length = "encoder_max_seq_len"
 
     def __init__(self, attn: CrossAttention, mlp: FeedForward, ca_norm: RMSNorm, mlp_norm: RMSNorm) -> None:
         super().__init__()
         self.ca_norm, self.attn, self.mlp_norm, self.mlp = ca_norm, attn, mlp_norm, mlp
         self.ca_scale, self.mlp_scale = TanhGate(), TanhGate()
-
-    def setup_cache(self, batch_size: int, dtype: torch.dtype, *, encoder_max_seq_len: int,
-                    decoder_max_seq_len: int) -> None:
-        self.attn.setup_cache(batch_size, dtype, encoder_max_seq_len)
 
     def forward(self, x: torch.Tensor, *, encoder_input: torch.Tensor | None = None,
                 encoder_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor:

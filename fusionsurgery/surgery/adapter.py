@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import Checkpoint
 from ..io.digest import algorithm_of, tensor_digests
 
@@ -28,8 +28,8 @@ def check_base(base: Checkpoint, manifest: dict[str, Any]) -> None:
         digests, file_digest = tensor_digests(base.path_of(name), header, algorithm=algorithm)
         if file_digest != expected[name].get("digest"):
             differ = sorted(k for k, d in digests.items() if originals.get(k, {}).get("digest") != d)
-            shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
-            raise CheckpointError(f"{base.root}: {name} differs from the adapter's base ({shown or 'header'}); refused")
+            what = f"{len(differ)} tensor(s): {listed(differ)}" if differ else "its header"
+            raise CheckpointError(f"{base.root}: {name} differs from the adapter's base ({what}); refused")
 
 
 def attach_base(adapter: Checkpoint, base: Checkpoint | None, *, check: bool = True) -> Checkpoint:

@@ -9,7 +9,6 @@ than a few chunks in memory.
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,12 +19,12 @@ from typing import Any
 
 from ..arch.config import FusionConfig, ModelConfig, read_model_config, to_hf_config
 from ..arch.families import detect_family, is_fusion_key
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
 from ..io.copy import Cancelled, copy_and_digest, link_and_digest, same_filesystem
 from ..io.digest import ALGORITHMS, DEFAULT_ALGORITHM, tensor_digests
-from ..io.writer import (AtomicDirectory, SafetensorsWriter, check_output_location, default_output,
-                         group_into_shards, write_index, write_json)
+from ..io.writer import (AtomicDirectory, SafetensorsWriter, check_output_location, copy_sidecars,
+                         default_output, group_into_shards, write_index, write_json)
 from ..version import __version__
 from .init import chunk_stream, num_chunks
 from .manifest import build_manifest, describe_base
@@ -145,7 +144,7 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
         with ThreadPoolExecutor(1, thread_name_prefix="originals") as mover, \
                 ThreadPoolExecutor(GENERATOR_THREADS, thread_name_prefix="init") as generator:
             try:
-                originals_job = mover.submit(_bring_originals, ckpt, tmp, layout, digest, progress, cancel)
+                originals_job = mover.submit(bring_originals, ckpt, tmp, layout, digest, progress, cancel)
                 new_files, new_digests = _write_new(ckpt, new, fusion.seed, tmp, digest, progress, generator)
                 originals, file_digests = originals_job.result()
             except BaseException:
@@ -153,8 +152,7 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
                 raise
         if layout != "adapter":
             _write_index(tmp, ckpt, new, new_files)
-            for sidecar in ckpt.sidecar_files():
-                shutil.copyfile(sidecar, tmp / sidecar.name)
+            copy_sidecars(ckpt, tmp)
         doc = to_hf_config(cfg, ckpt.config)
         doc["fusion"] = fusion.to_dict()
         write_json(tmp / CONFIG_NAME, doc)
@@ -165,7 +163,10 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
         write_json(tmp / MANIFEST_NAME, manifest)
         result.files = [{"name": f.name, "bytes": f.stat().st_size, "linked": f.stat().st_nlink > 1}
                         for f in sorted(tmp.iterdir())]
-        _fsync_dir(tmp)
+        copied = [f["name"] for f in result.files if layout == "link" and f["name"] in ckpt.files and not f["linked"]]
+        if copied:
+            result.notes.append(f"--link: {len(copied)} shard(s) live on another filesystem (through a symlink), so "
+                                f"they were copied: {listed(copied)}")
         staging.commit()
     return result
 
@@ -178,8 +179,8 @@ def _fusion_config(cfg: ModelConfig, ckpt: Checkpoint, chosen: list[int], fusion
         raise UsageError(f"--fusion-vocab must be 0 or more, got {fusion_vocab}")
     if init not in INIT_CHOICES:
         raise UsageError(f"--init must be one of {', '.join(INIT_CHOICES)}, got {init!r}")
-    if not init_std > 0:
-        raise UsageError(f"--init-std must be positive, got {init_std}")
+    if not 0 < init_std < float("inf"):
+        raise UsageError(f"--init-std must be positive and finite, got {init_std}")
     if dtype not in DTYPE_CHOICES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
     base_dtype = ckpt.info(cfg.family_obj.global_key("tok_embeddings.weight")).dtype
@@ -192,7 +193,7 @@ def _fusion_config(cfg: ModelConfig, ckpt: Checkpoint, chosen: list[int], fusion
     )
 
 
-def _bring_originals(ckpt: Checkpoint, tmp: Path, layout: str, algorithm: str, progress: ProgressFn | None,
+def bring_originals(ckpt: Checkpoint, tmp: Path, layout: str, algorithm: str, progress: ProgressFn | None,
                      cancel: threading.Event) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Copy (or link, or only digest) every base shard; digests describe the bytes in the output."""
     total = ckpt.total_bytes()
@@ -206,8 +207,11 @@ def _bring_originals(ckpt: Checkpoint, tmp: Path, layout: str, algorithm: str, p
         src = ckpt.path_of(name)
         if layout == "copy":
             digests, file_digests[name] = copy_and_digest(src, tmp / name, header, step, cancel, algorithm)
+        elif layout == "link" and same_filesystem(src, tmp):  # a symlinked shard may live elsewhere
+            # link the file a symlink ends at, never the symlink itself (os.link does not follow it on Linux)
+            digests, file_digests[name] = link_and_digest(src.resolve(), tmp / name, header, step, algorithm)
         elif layout == "link":
-            digests, file_digests[name] = link_and_digest(src, tmp / name, header, step, algorithm)
+            digests, file_digests[name] = copy_and_digest(src, tmp / name, header, step, cancel, algorithm)
         else:
             digests, file_digests[name] = tensor_digests(src, header, step, algorithm)
         for key, info in header.tensors.items():
@@ -251,11 +255,3 @@ def _write_index(tmp: Path, ckpt: Checkpoint, new: list[NewTensor], new_files: d
     weight_map.update({t.key: new_files[t.key] for t in new})
     total = sum(ckpt.info(k).nbytes for k in ckpt.keys()) + sum(t.nbytes for t in new)
     write_index(tmp / INDEX_NAME, weight_map, total)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime as _dt
 from dataclasses import asdict
+from collections.abc import Mapping
 from typing import Any
 
 from ..arch.config import FusionConfig, ModelConfig
+from ..errors import listed
 from ..io.checkpoint import Checkpoint
 from ..io.digest import DEFAULT_ALGORITHM, scheme
 from ..version import __version__
@@ -67,3 +69,31 @@ def build_manifest(*, base_desc: dict[str, Any], fusion: FusionConfig, new: list
             "total_params": base_params + fusion_params,
         },
     }
+
+
+def changed_since_fusion(manifest: Mapping[str, Any] | None,
+                         actual: Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """(original, fusion) tensors whose digest in ``actual`` differs from the one the manifest recorded.
+
+    Only tensors present in both are compared; the digests must use the manifest's algorithm.
+    """
+    if not manifest:
+        return [], []
+
+    def differ(section: str) -> list[str]:
+        return [e["name"] for e in manifest.get(section, [])
+                if e["name"] in actual and e.get("digest") != actual[e["name"]]]
+
+    return differ("original_tensors"), differ("new_tensors")
+
+
+def change_notes(manifest: Mapping[str, Any] | None, actual: Mapping[str, str]) -> list[str]:
+    """Notes naming the tensors changed since fusion (the first few, and how many), for reports."""
+    originals, fusion = changed_since_fusion(manifest, actual)
+    notes = []
+    if originals:
+        notes.append(f"{len(originals)} original tensor(s) differ from the digests recorded at fusion "
+                     f"(trained or damaged since?): {listed(originals)}")
+    if fusion:
+        notes.append(f"{len(fusion)} fusion tensor(s) changed since fusion (trained?): {listed(fusion)}")
+    return notes

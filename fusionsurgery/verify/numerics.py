@@ -8,7 +8,7 @@ import torch
 from .outputs import Outputs
 from .probe import OPEN_GATE, max_abs_diff
 from .report import CheckResult
-from .structure import listed
+from ..errors import listed
 
 #: A fusion block is live when at least this share of its update depends on the encoder input.
 MIN_BLOCK_SENSITIVITY = 1e-3

@@ -10,8 +10,10 @@ from collections.abc import Callable
 
 from ..io.checkpoint import Checkpoint
 from ..io.digest import DEFAULT_ALGORITHM, algorithm_of, tensor_digests
+from ..surgery.manifest import changed_since_fusion
 from .report import CheckResult
-from .structure import Layout, listed
+from ..errors import listed
+from .structure import Layout
 
 NAME, TITLE = "originals", "Originals intact: every original tensor bit-identical"
 Progress = Callable[[int], None]
@@ -51,11 +53,12 @@ def check_originals(ckpt: Checkpoint, layout: Layout, base: Checkpoint | None = 
     sources = []
     if manifest is not None:
         sources.append("manifest digests")
-        expected = {e["name"]: e.get("digest") for e in manifest["original_tensors"]}
-        differ = [k for k in originals if expected.get(k) != actual[k]]
+        differ, trained = changed_since_fusion(manifest, actual)
         if differ:
             result.fail(f"{len(differ)} original tensor(s) differ from their manifest digests: {listed(differ)}")
-        _report_trained(manifest, actual, result)
+        if trained:  # new tensors changed since fusion were trained (or edited): reported, not failed
+            result.notes.append(f"{len(trained)} fusion tensor(s) changed since fusion (trained?): {listed(trained)}")
+        result.figures["changed_fusion_tensors"] = trained
     if base is not None:
         sources.append("--base")
         _compare_with_base(ckpt, base, actual, set(layout.original_keys), result, progress, algorithm, seen)
@@ -89,10 +92,3 @@ def _compare_with_base(ckpt: Checkpoint, base: Checkpoint, actual: dict[str, str
     if foreign:
         result.fail(f"{len(foreign)} tensor(s) the manifest calls original are not in the base: {listed(foreign)}")
 
-
-def _report_trained(manifest: dict, actual: dict[str, str], result: CheckResult) -> None:
-    """New tensors whose bytes changed since fusion were trained (or edited): reported, not failed."""
-    changed = [e["name"] for e in manifest["new_tensors"] if e["name"] in actual and e.get("digest") != actual[e["name"]]]
-    if changed:
-        result.notes.append(f"{len(changed)} fusion tensor(s) changed since fusion (trained?): {listed(changed)}")
-    result.figures["changed_fusion_tensors"] = changed

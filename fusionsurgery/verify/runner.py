@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..arch.config import check_options
 from ..errors import CheckpointError, UsageError
 from ..io.checkpoint import Checkpoint
 from ..io.torch_dtypes import TORCH_DTYPES, parse_dtype
@@ -51,6 +52,7 @@ def verify(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = N
     say = notify or (lambda _msg: None)
     if batch < 1 or seq_len < 2 or encoder_len < 1:
         raise UsageError("verify needs batch >= 1, seq_len >= 2 and encoder_len >= 1")
+    check_options(rope_defaults=rope_defaults)
     dev = resolve_device(device)
     root = Path(path)
     if not root.exists():

@@ -5,22 +5,21 @@ Header-level only (no tensor data, no torch).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..arch.config import FusionConfig, ModelConfig, read_fusion_config, read_model_config
-from ..arch.families import FAMILIES, Family, detect_family, is_fusion_key
-from ..errors import FusionSurgeryError
-from ..io.checkpoint import INDEX_NAME, Checkpoint
+from ..arch.families import FAMILIES, Family, detect_family
+from ..errors import CheckpointError, FusionSurgeryError, listed
+from ..io.checkpoint import INDEX_NAME, Checkpoint, read_json_object
 from ..io.safetensors_format import read_header
+from ..surgery.consistency import is_fusion_name, planned_tensors
 from ..surgery.manifest import MANIFEST_FORMAT, MANIFEST_VERSION
-from ..surgery.plan import NewTensor, plan_new_tensors
+from ..surgery.plan import NewTensor
 from .report import CheckResult
 
 NAME, TITLE = "structure", "Structure: config, manifest, tensors, index and shards"
-MAX_LISTED = 8
 
 
 @dataclass
@@ -34,12 +33,6 @@ class Layout:
     new_tensors: list[NewTensor] = field(default_factory=list)
 
 
-def listed(names: list[str]) -> str:
-    """``a, b, c (+N more)``."""
-    shown = ", ".join(names[:MAX_LISTED])
-    return shown + (f" (+{len(names) - MAX_LISTED} more)" if len(names) > MAX_LISTED else "")
-
-
 # ---------------------------------------------------------------- index and shards
 def shard_problems(path: Path) -> list[str]:
     """Inconsistencies between ``model.safetensors.index.json`` and the shard headers, all of them.
@@ -51,10 +44,10 @@ def shard_problems(path: Path) -> list[str]:
     if not path.is_dir() or not index.exists():
         return []
     try:
-        doc = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        return [f"{INDEX_NAME} is not readable JSON ({exc})"]
-    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        doc = read_json_object(index, "index")
+    except CheckpointError as exc:
+        return [str(exc)]
+    weight_map = doc.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         return [f"{INDEX_NAME} has no weight_map of key -> file name"]
     problems: list[str] = []
@@ -139,10 +132,6 @@ def family_of(ckpt: Checkpoint) -> Family:
     return detect_family(ckpt.keys())  # raises the usual "unrecognised checkpoint" error
 
 
-def is_fusion_name(family: Family, key: str) -> bool:
-    return family.knows(key) and is_fusion_key(family.to_canonical(key))
-
-
 def _schema_ok(manifest: dict[str, Any]) -> bool:
     return (isinstance(manifest.get("fusion"), dict) and all(
         isinstance(manifest.get(k), list) and all(isinstance(e, dict) and {"name", "shape", "dtype"} <= e.keys()
@@ -163,29 +152,10 @@ def _check_manifest_schema(manifest: dict[str, Any], result: CheckResult) -> Non
 
 def _check_planned(layout: Layout, ckpt: Checkpoint, result: CheckResult) -> None:
     """The fusion tensors the config implies must exist with their shapes and dtypes."""
-    cfg, fusion = layout.cfg, layout.fusion
-    assert cfg is not None and fusion is not None
-    bad_layers = [i for i in fusion.layers if not 0 <= i < cfg.num_layers]
-    if bad_layers or len(set(fusion.layers)) != len(fusion.layers) or not fusion.layers:
-        result.fail(f"config.json fusion.layers {fusion.layers} are not distinct layers of 0..{cfg.num_layers - 1}")
-        return
-    try:
-        layout.new_tensors = plan_new_tensors(cfg, fusion)
-    except FusionSurgeryError as exc:
-        result.fail(f"config.json fusion section: {exc}")
-        return
-    missing, wrong = [], []
-    for t in layout.new_tensors:
-        if t.key not in ckpt.key_to_file:
-            missing.append(t.key)
-            continue
-        info = ckpt.info(t.key)
-        if info.shape != t.shape or info.dtype != t.dtype:
-            wrong.append(f"{t.key} is {list(info.shape)} {info.dtype}, expected {list(t.shape)} {t.dtype}")
-    if missing:
-        result.fail(f"{len(missing)} fusion tensor(s) missing: {listed(missing)}")
-    for w in wrong:
-        result.fail(f"wrong shape or dtype: {w}")
+    assert layout.cfg is not None and layout.fusion is not None
+    layout.new_tensors, problems = planned_tensors(ckpt, layout.cfg, layout.fusion)
+    for problem in problems:
+        result.fail(problem)
 
 
 def _check_originals_listed(manifest: dict[str, Any], ckpt: Checkpoint, family: Family, result: CheckResult) -> None:

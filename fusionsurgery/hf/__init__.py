@@ -1,0 +1,27 @@
+"""Fused checkpoints as native transformers models (the optional ``[hf]`` extra).
+
+``from_pretrained(path)`` opens a fused directory as the base's own transformers class
+(``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``GemmaForCausalLM``, ...) with a fusion block attached to
+each fused layer; ``model(input_ids, cross_attention_states=S, cross_attention_mask=M, labels=L)``,
+``model.generate(..., cross_attention_states=S)`` and ``model.save_pretrained(out)`` work as users of
+transformers expect. Nothing else in fusionsurgery imports this package.
+"""
+
+from __future__ import annotations
+
+try:
+    import transformers  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError('fusionsurgery.hf needs transformers: pip install "fusionsurgery[hf]"') from exc
+
+from .blocks import BlockSpec, FusionBlock
+from .loading import FusionSource, from_pretrained, model_class
+from .model import fused_class
+from .saving import save_fused
+from .training import (SELF_ATTENTION_TARGETS, decoder_layers, freeze_all_but_fusion, make_fusion_trainable,
+                       shard_with_fsdp2)
+
+__all__ = [
+    "BlockSpec", "FusionBlock", "FusionSource", "SELF_ATTENTION_TARGETS", "decoder_layers", "freeze_all_but_fusion",
+    "from_pretrained", "fused_class", "make_fusion_trainable", "model_class", "save_fused", "shard_with_fsdp2",
+]

@@ -1,0 +1,94 @@
+"""``from_pretrained``: a fused directory (or an adapter on its base) through transformers' own loader."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..arch.config import MODEL_TYPES, read_fusion_config, read_model_config
+from ..errors import UsageError
+from ..io.checkpoint import INDEX_NAME, Checkpoint
+from ..io.writer import write_index
+from ..surgery.adapter import attach_base, is_adapter
+from .model import fused_class
+
+
+@dataclass(frozen=True)
+class FusionSource:
+    """Where a model's weights came from: the fused directory (an adapter: and its base)."""
+
+    path: Path
+    base: Path | None = None
+
+
+def model_class(ckpt: Checkpoint) -> type:
+    """The fused transformers class for a fused checkpoint (``FusedQwen2ForCausalLM`` ...)."""
+    import transformers
+
+    cfg = read_model_config(ckpt)
+    if cfg.family != "hf":
+        raise UsageError(f"{ckpt.root} has torchtune tensor names; `fusionsurgery export {ckpt.root} --to hf` "
+                         "gives the Hugging Face names (and RoPE layout) that transformers reads")
+    if read_fusion_config(ckpt.config) is None:
+        raise UsageError(f"{ckpt.root} is not a fused checkpoint (no 'fusion' section in config.json); "
+                         "`fusionsurgery fuse` makes one")
+    if cfg.rope_theta is None:
+        raise UsageError(f"{ckpt.root}: RoPE settings are unknown (the config was inferred from tensor shapes); "
+                         "fuse again with --config PATH or --rope-defaults NAME")
+    return fused_class(getattr(transformers, MODEL_TYPES[cfg.model_type].architecture))
+
+
+def from_pretrained(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, **kwargs: Any) -> Any:
+    """Open a fused checkpoint as the base's own transformers class with fusion blocks attached.
+
+    Every keyword argument goes to transformers' ``from_pretrained`` (``dtype``, ``device_map``,
+    ``attn_implementation``, ...). ``base`` is the base checkpoint of an adapter (``fuse
+    --adapter-only``); it is refused unless its digests match the adapter's manifest.
+    """
+    ckpt = Checkpoint.open(path)
+    if base is None and is_adapter(ckpt.read_manifest()):
+        raise UsageError(f"{path} holds only the fusion tensors (fuse --adapter-only): give its base (base=...)")
+    base_ckpt = Checkpoint.open(base) if base is not None else None
+    combined = attach_base(ckpt, base_ckpt)
+    cls = model_class(combined)
+    with _loadable_dir(combined, [base_ckpt.root] if base_ckpt is not None else []) as directory:
+        loaded = cls.from_pretrained(str(directory), **kwargs)
+    model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
+    model.fusion_source = FusionSource(Path(path).resolve(), Path(base).resolve() if base is not None else None)
+    model.name_or_path = model.config._name_or_path = str(path)  # not the temporary directory it was read through
+    return loaded
+
+
+@contextmanager
+def _loadable_dir(ckpt: Checkpoint, extra_roots: list[Path]) -> Iterator[Path]:
+    """A temporary directory that transformers' loader reads as one sharded checkpoint: links to every
+    shard under one index, and to the config and sidecar files (an adapter's base's first).
+
+    A fused directory itself will not do: transformers prefers a ``model.safetensors`` to the index,
+    and that file holds only the base's tensors.
+    """
+    with tempfile.TemporaryDirectory(prefix="fusion-view-") as tmp:
+        view = Path(tmp)
+        for root in [*extra_roots, ckpt.root]:
+            for f in root.iterdir():
+                if f.is_file() and f.suffix != ".safetensors" and f.name != INDEX_NAME:
+                    _relink(f, view / f.name)
+        names = {name: f"shard-{i:05d}-of-{len(ckpt.files):05d}.safetensors" for i, name in enumerate(ckpt.files, 1)}
+        for name, link in names.items():
+            os.symlink(ckpt.path_of(name).resolve(), view / link)
+        weight_map = {k: names[f] for k, f in ckpt.key_to_file.items()}
+        write_index(view / INDEX_NAME, weight_map, sum(ckpt.info(k).nbytes for k in ckpt.keys()))
+        yield view
+
+
+def _relink(target: Path, link: Path) -> None:
+    if link.is_symlink():
+        link.unlink()
+    os.symlink(target.resolve(), link)
+
+
+__all__ = ["FusionSource", "from_pretrained", "model_class"]

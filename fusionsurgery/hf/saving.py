@@ -1,0 +1,144 @@
+"""``save_pretrained`` of a fused transformers model: fusionsurgery's layout, the source's manifest.
+
+The output has the files of the directory the model was loaded from, with the same names, keys,
+dtypes and shapes: the base's shards (each tensor written from the model, so an untouched original
+keeps its exact bytes), the ``fusion-*.safetensors`` shards, the index, ``config.json`` and the
+sidecar files. ``fusion_manifest.json`` is the source's, digests unchanged: ``verify`` then finds
+the originals bit-identical (when they were frozen) and reports the fusion tensors as trained. A
+``history`` entry records the save and how many tensors changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UsageError
+from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
+from ..io.digest import algorithm_of
+from ..io.torch_dtypes import TORCH_DTYPES, tensor_bytes
+from ..io.writer import AtomicDirectory, SafetensorsWriter, write_index, write_json
+from ..version import __version__
+
+#: Segments PEFT adds to parameter names, and what they stand for in the checkpoint.
+_PEFT_PREFIX = "base_model.model."
+
+
+def checkpoint_tensors(model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """``{checkpoint key: tensor}`` of a model, a PEFT model wrapping one, or a given state dict.
+
+    LoRA keeps the base weight under ``.base_layer`` (unchanged: LoRA's own tensors are PEFT's to
+    save); a ``modules_to_save`` copy stands for the module it copies.
+    """
+    if state_dict is None:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        state_dict = inner.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        if key.startswith(_PEFT_PREFIX):
+            key = key[len(_PEFT_PREFIX):]
+        if ".lora_" in key or ".original_module." in key:
+            continue
+        key = key.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+        out[key] = tensor
+    return out
+
+
+def save_fused(model: torch.nn.Module, out: str | os.PathLike[str], *,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model`` (loaded with ``fusionsurgery.hf.from_pretrained``) as a fused directory at ``out``.
+
+    ``out`` may exist (transformers' ``Trainer`` creates it first): the files written replace theirs
+    and stale weight files are removed; other files stay.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    source = getattr(inner, "fusion_source", None)
+    if source is None:
+        raise UsageError("this model was not loaded from a fused checkpoint (fusionsurgery.hf.from_pretrained): "
+                         "there is no layout or manifest to save it in")
+    src = Checkpoint.open(source.path)
+    manifest = src.read_manifest()
+    if manifest is None:
+        raise UsageError(f"{source.path} has no {MANIFEST_NAME}: nothing to verify the saved checkpoint against")
+    tensors = checkpoint_tensors(model, state_dict)
+    missing = [k for k in src.keys() if k not in tensors]
+    if missing:
+        raise UsageError(f"the model has no tensor for {len(missing)} checkpoint key(s), e.g. {missing[0]}")
+    out_path = Path(out)
+    algorithm = algorithm_of(manifest)
+    with AtomicDirectory(_staging_target(out_path), force=False) as staging:
+        digests: dict[str, str] = {}
+        for name, header in src.files.items():
+            digests.update(_write_file(staging.tmp / name, header, tensors, algorithm))
+        if src.has_index:
+            write_index(staging.tmp / INDEX_NAME, dict(src.key_to_file), sum(src.info(k).nbytes for k in src.keys()))
+        write_json(staging.tmp / CONFIG_NAME, src.config or {})
+        write_json(staging.tmp / MANIFEST_NAME, _with_history(manifest, digests))
+        for sidecar in src.sidecar_files():
+            shutil.copyfile(sidecar, staging.tmp / sidecar.name)
+        if out_path.exists():
+            _move_into(staging.tmp, out_path)
+        else:
+            staging.commit()
+    return out_path
+
+
+def _staging_target(out: Path) -> Path:
+    """Where to build the output: ``out`` itself when new, else a temporary name beside it."""
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise UsageError(f"{out} exists and is not a directory")
+    return out.parent / f".{out.name}.save-{uuid.uuid4().hex[:8]}"
+
+
+def _write_file(path: Path, header: Any, tensors: dict[str, torch.Tensor], algorithm: str) -> dict[str, str]:
+    """One safetensors file with ``header``'s keys, dtypes, shapes and metadata, from ``tensors``."""
+    entries = [(k, info.dtype, info.shape) for k, info in sorted(header.tensors.items(), key=lambda kv: kv[1].start)]
+    writer = SafetensorsWriter(path, entries, header.metadata or None, algorithm)
+    digests: dict[str, str] = {}
+    try:
+        for key, dtype, shape in entries:
+            t = tensors[key]
+            if hasattr(t, "full_tensor"):  # a DTensor (FSDP2): every rank must save together
+                t = t.full_tensor()
+            if tuple(t.shape) != tuple(shape):
+                raise UsageError(f"{key}: the model's tensor is {list(t.shape)}, the checkpoint's {list(shape)}")
+            digests[key] = writer.write(key, [tensor_bytes(t.detach().to(TORCH_DTYPES[dtype]))])
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    return digests
+
+
+def _with_history(manifest: dict[str, Any], digests: dict[str, str]) -> dict[str, Any]:
+    """The source manifest plus a ``history`` entry saying what this save changed (digests are kept)."""
+    doc = copy.deepcopy(manifest)
+    changed = {kind: sorted(e["name"] for e in doc.get(kind, []) if e["name"] in digests
+                            and digests[e["name"]] != e.get("digest"))
+               for kind in ("original_tensors", "new_tensors")}
+    doc.setdefault("history", []).append({
+        "event": "save_pretrained", "tool": {"name": "fusionsurgery.hf", "version": __version__},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "changed_fusion_tensors": len(changed["new_tensors"]),
+        "changed_original_tensors": changed["original_tensors"],
+    })
+    return doc
+
+
+def _move_into(tmp: Path, out: Path) -> None:
+    """Replace ``out``'s weight files, index, config and manifest with those in ``tmp``."""
+    ours = {f.name for f in tmp.iterdir()}
+    for stale in list(out.glob("*.safetensors")) + [out / INDEX_NAME]:
+        if stale.name not in ours and stale.exists():
+            stale.unlink()
+    for name in ours:
+        os.replace(tmp / name, out / name)

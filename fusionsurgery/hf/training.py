@@ -1,0 +1,53 @@
+"""Training helpers for fused transformers models: what to train, LoRA targets, FSDP2 sharding.
+
+They read like the rest of the API (``get_fusion_params`` / ``set_trainable_params``) and work on
+the model itself or on a PEFT model wrapping it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..modules.fusion import get_fusion_params, set_trainable_params
+
+#: PEFT ``target_modules`` (a regular expression) for the base's self-attention projections only,
+#: never the fusion blocks' cross-attention (whose projections share the names q_proj ... o_proj).
+SELF_ATTENTION_TARGETS = r".*\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj|qkv_proj)"
+
+
+def freeze_all_but_fusion(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Freeze every parameter except those fusion added; returns ``{name: parameter}`` of the trainable ones."""
+    params = get_fusion_params(model)
+    set_trainable_params(model, params)
+    return params
+
+
+def make_fusion_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Mark the fusion parameters trainable and leave the rest as they are (after ``peft.get_peft_model``,
+    which freezes all but the LoRA weights); returns them."""
+    params = get_fusion_params(model)
+    for p in params.values():
+        p.requires_grad_(True)
+    return params
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers (fused or not) of a fused model, or of a PEFT model wrapping one."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return list(inner.get_decoder().layers)
+
+
+def shard_with_fsdp2(model: nn.Module, **fully_shard_kwargs: Any) -> nn.Module:
+    """Shard ``model`` with PyTorch FSDP2: each decoder layer (with its fusion block) is one unit, the
+    rest (embeddings, final norm, output) the root's. Call inside an initialised process group;
+    ``fully_shard_kwargs`` (``mesh``, ``mp_policy``, ``reshard_after_forward`` ...) go to ``fully_shard``.
+    Frozen base parameters are sharded too, so each rank holds 1/N of the whole model.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(model):
+        fully_shard(layer, **fully_shard_kwargs)
+    fully_shard(model, **fully_shard_kwargs)
+    return model

@@ -1,0 +1,70 @@
+"""Does a checkpoint's ``fusion`` section agree with the fusion tensors it holds? (headers only)
+
+Every command that reads a fused checkpoint asks this before trusting the config: ``verify``
+reports each disagreement as a failed check; ``export``, ``unfuse`` and ``load_fused`` refuse the
+checkpoint in one line; ``inspect`` describes it with a warning.
+"""
+
+from __future__ import annotations
+
+from ..arch.config import FusionConfig, ModelConfig
+from ..arch.families import Family, is_fusion_key
+from ..errors import CheckpointError, FusionSurgeryError, listed
+from ..io.checkpoint import Checkpoint
+from .plan import NewTensor, plan_new_tensors
+
+
+def is_fusion_name(family: Family, key: str) -> bool:
+    """Whether ``key`` names a tensor fusion added (in ``family``'s dialect)."""
+    return family.knows(key) and is_fusion_key(family.to_canonical(key))
+
+
+def planned_tensors(ckpt: Checkpoint, cfg: ModelConfig, fusion: FusionConfig) -> tuple[list[NewTensor], list[str]]:
+    """The fusion tensors ``fusion`` implies, and how the checkpoint's tensors disagree with them.
+
+    Problems: layers outside the model or repeated, a section the planner refuses, planned tensors
+    missing or of another shape or dtype. Each names the tensors.
+    """
+    bad_layers = [i for i in fusion.layers if not 0 <= i < cfg.num_layers]
+    if bad_layers or len(set(fusion.layers)) != len(fusion.layers) or not fusion.layers:
+        return [], [f"config.json fusion.layers {fusion.layers} are not distinct layers of 0..{cfg.num_layers - 1}"]
+    try:
+        planned = plan_new_tensors(cfg, fusion)
+    except FusionSurgeryError as exc:
+        return [], [f"config.json fusion section: {exc}"]
+    problems: list[str] = []
+    missing = [t.key for t in planned if t.key not in ckpt.key_to_file]
+    if missing:
+        problems.append(f"{len(missing)} fusion tensor(s) missing: {listed(missing)}")
+    for t in planned:
+        if t.key in ckpt.key_to_file:
+            info = ckpt.info(t.key)
+            if info.shape != t.shape or info.dtype != t.dtype:
+                problems.append(f"wrong shape or dtype: {t.key} is {list(info.shape)} {info.dtype}, expected "
+                                f"{list(t.shape)} {t.dtype}")
+    return planned, problems
+
+
+def fusion_problems(ckpt: Checkpoint, cfg: ModelConfig, fusion: FusionConfig | None) -> list[str]:
+    """Every way the config's fusion section (or its absence) disagrees with the fusion tensors."""
+    family = cfg.family_obj
+    present = [k for k in ckpt.keys() if is_fusion_name(family, k)]
+    if fusion is None:
+        return [f"{len(present)} fusion tensor(s) but config.json has no 'fusion' section: {listed(present)}"] \
+            if present else []
+    planned, problems = planned_tensors(ckpt, cfg, fusion)
+    if planned:
+        expected = {t.key for t in planned}
+        unplanned = [k for k in present if k not in expected]
+        if unplanned:
+            problems.append(f"{len(unplanned)} fusion tensor(s) the config's fusion section does not imply: "
+                            f"{listed(unplanned)}")
+    return problems
+
+
+def require_consistent(ckpt: Checkpoint, cfg: ModelConfig, fusion: FusionConfig | None) -> None:
+    """Refuse (one line, exit 2) a checkpoint whose fusion section disagrees with its tensors."""
+    problems = fusion_problems(ckpt, cfg, fusion)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s); `fusionsurgery verify` lists them)" if len(problems) > 1 else ""
+        raise CheckpointError(f"{ckpt.root}: the config's fusion section disagrees with the tensors: {problems[0]}{more}")
