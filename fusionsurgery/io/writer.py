@@ -150,12 +150,20 @@ class AtomicDirectory:
             raise UsageError(f"{self.target} already exists; pass --force to replace it")
         if not self.target.parent.is_dir():
             raise UsageError(f"{self.target.parent}: output's parent directory does not exist")
-        try:
-            self.tmp.mkdir()
-        except OSError as exc:
-            raise WriteError(f"cannot create {self.tmp}: {exc.strerror}") from None
-        self._hold(self.tmp)
-        return self
+        while True:
+            try:
+                self.tmp.mkdir()
+            except OSError as exc:
+                raise WriteError(f"cannot create {self.tmp}: {exc.strerror}") from None
+            # Blocking: another run's _remove_stale may be probing the lock of this still unlocked
+            # directory; if it took it for debris and removed it, start again under a new name.
+            fd = os.open(self.tmp, os.O_RDONLY | os.O_DIRECTORY)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink > 0 and self.tmp.is_dir():
+                self._locks.append(fd)
+                return self
+            os.close(fd)
+            self.tmp = self.target.parent / f".{self.target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def _hold(self, path: Path) -> None:
         fd = _try_lock(path)
@@ -174,15 +182,19 @@ class AtomicDirectory:
         if not parent.is_dir():
             return
         for stale in parent.glob(f".{self.target.name}.tmp-*-*"):
-            if _owner_gone(stale):
+            fd = _try_lock(stale)
+            if fd is not None:  # removed while locked, so its maker cannot take it meanwhile
                 shutil.rmtree(stale, ignore_errors=True)
+                os.close(fd)
         for old in parent.glob(f".{self.target.name}.old-*-*"):
-            if not _owner_gone(old):
+            fd = _try_lock(old)
+            if fd is None:
                 continue
             if self.target.exists() or self.target.is_symlink():
                 _remove(old)
             else:
                 os.rename(old, self.target)
+            os.close(fd)
 
     def commit(self) -> None:
         """Make the finished directory durable, then move it into place (replacing the old one only
@@ -235,15 +247,6 @@ def _try_lock(path: Path) -> int | None:
         os.close(fd)
         return None
     return fd
-
-
-def _owner_gone(path: Path) -> bool:
-    """Whether the run that made ``path`` has ended: no process holds its lock any more."""
-    fd = _try_lock(path)
-    if fd is None:
-        return False
-    os.close(fd)
-    return True
 
 
 def _fsync_path(path: Path) -> None:
