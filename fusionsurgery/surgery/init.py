@@ -10,7 +10,7 @@ How the values are made, all from the generator's raw 64-bit words, with integer
 table lookups that give the same bytes on every CPU:
 
 - bf16 / fp16, normal or Xavier-uniform: drawn already rounded (``rounded_normal``: the exact
-  distribution of the rounded value, to 2^-48 (bf16) or 2^-52 (fp16) in probability);
+  distribution of the rounded value, to 2^-50 (bf16) or 2^-52 (fp16) in probability);
 - fp32 normal: an inverse-CDF table with linear interpolation (``float32_normal``);
 - fp32 Xavier-uniform: 23 random bits as the mantissa of a float in [1, 2), then
   ``(f - 1.5) * 2 * bound``: uniform on a grid of 2^23 points over [-bound, bound);
