@@ -93,7 +93,7 @@ def test_encoder_states_give_the_mllamas_logits(tmp_path):
         assert torch.allclose(model(t).logits, mllama(t).logits, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["imported", "grafted"])
+@pytest.mark.parametrize("name", ["imported", "grafted", "adapter"])
 def test_save_pretrained_keeps_the_vision_parts(made, name, tmp_path):
     model, _ = open_model(made, name)
     open_gates(model, 0.3)  # "trained"
@@ -107,15 +107,17 @@ def test_save_pretrained_keeps_the_vision_parts(made, name, tmp_path):
     manifest = read_json(out / "fusion_manifest.json")
     assert manifest["mllama"]["vision"] == read_json(source / "fusion_manifest.json")["mllama"]["vision"]
     assert ("graft" in manifest) == (name == "grafted")
-    report = verify(out)
+    base = made["text_base"] if name == "adapter" else None  # an adapter is saved as an adapter
+    assert (manifest["layout"] == "adapter") == (base is not None)
+    report = verify(out, base=base)
     assert report.ok, [c.details for c in report.checks]
     t = tokens(vocab=VOCAB)
     states = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert torch.allclose(fs.load_fused(out, dtype=torch.float32)(t, encoder_input=states),
+        assert torch.allclose(fs.load_fused(out, base=base, dtype=torch.float32)(t, encoder_input=states),
                               model.eval()(t, cross_attention_states=states).logits, atol=1e-4, rtol=0)
     # export rebuilds an MllamaForConditionalGeneration: the vision tower back in place, the new gates in it
-    back = export(out, tmp_path / "mllama", to="mllama").output
+    back = export(out, tmp_path / "mllama", to="mllama", base=base).output
     again, info = transformers.MllamaForConditionalGeneration.from_pretrained(str(back), dtype=torch.float32,
                                                                              output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
