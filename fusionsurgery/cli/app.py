@@ -26,6 +26,9 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Help texts are plain text, shown as written: rich markup would eat bracketed words such as
+    # "[default: <base>-fused beside the base]" (and so would Markdown's rules other characters).
+    rich_markup_mode=None,
 )
 
 

@@ -15,7 +15,7 @@ from .console import console, human_bytes, human_count, print_json
 
 @app.command()
 def inspect(
-    path: Annotated[Path, typer.Argument(help="A .safetensors file or a checkpoint directory (base or fused).")],
+    path: Annotated[Path, typer.Argument(metavar="PATH", help="A .safetensors file or a checkpoint directory (base or fused).")],
     base: Annotated[Optional[Path], typer.Option("--base", help="Compare keys with this checkpoint: added, removed, "
                                                  "changed shape or dtype.")] = None,
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor (name, shape, dtype, file).")] = False,

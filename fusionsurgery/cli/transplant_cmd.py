@@ -20,8 +20,8 @@ def import_(
     mllama: Annotated[Path, typer.Argument(metavar="MLLAMA_DIR", help="A Hugging Face Mllama checkpoint: "
                                            "MllamaForCausalLM, or MllamaForConditionalGeneration (Llama 3.2 Vision) "
                                            "with its vision tower and projector.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory (default: <input>-imported "
-                                                "beside the input).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory [default: <input>-imported "
+                                                "beside the input].")] = None,
     adapter_only: Annotated[bool, typer.Option("--adapter-only", help="Write only the fusion tensors and the vision "
                                                "parts, naming the imported text base by its digests (like "
                                                "fuse --adapter-only): the input of `graft`.")] = False,
@@ -66,8 +66,8 @@ def graft(
                                             "or import --adapter-only.")],
     onto: Annotated[Path, typer.Option("--onto", help="The base to attach it to: same layers, width, heads, MLP "
                                        "width and vocabulary as the adapter's own base.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory (default: <base>-grafted "
-                                                "beside the base).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory [default: <base>-grafted "
+                                                "beside the base].")] = None,
     was: Annotated[Optional[Path], typer.Option("--was", help="The adapter's own base (or the import it came from): "
                                                 "report how far BASE is from it, tensor by tensor and per layer.")] = None,
     link: Annotated[bool, typer.Option("--link", help="Hard-link BASE's shard files instead of copying them (the two "

@@ -75,7 +75,7 @@ def print_report(report) -> None:
 
 @app.command()
 def verify(
-    path: Annotated[Path, typer.Argument(help="The fused checkpoint directory.")],
+    path: Annotated[Path, typer.Argument(metavar="FUSED", help="The fused checkpoint directory.")],
     base: Annotated[Optional[Path], typer.Option("--base", help="The base checkpoint: originals are compared "
                                                  "byte for byte with it (default: the manifest's digests).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",

@@ -5,7 +5,9 @@ dtypes and shapes: the base's shards (each tensor written from the model, so an 
 keeps its exact bytes), the ``fusion-*.safetensors`` shards, the index, ``config.json`` and the
 sidecar files. ``fusion_manifest.json`` is the source's, digests unchanged: ``verify`` then finds
 the originals bit-identical (when they were frozen) and reports the fusion tensors as trained. A
-``history`` entry records the save and how many tensors changed.
+``history`` entry records the save and how many tensors changed. An ``import`` (or a graft of an
+imported adapter) keeps its ``vision/`` parts: they are copied byte for byte, so ``export --to
+mllama`` of the saved directory still rebuilds an ``MllamaForConditionalGeneration``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
 from ..io.digest import algorithm_of
 from ..io.torch_dtypes import TORCH_DTYPES, tensor_bytes
 from ..io.writer import AtomicDirectory, SafetensorsWriter, write_index, write_json
+from ..export.mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_origin
 from ..version import __version__
 
 #: Segments PEFT adds to parameter names, and what they stand for in the checkpoint.
@@ -80,7 +83,11 @@ def save_fused(model: torch.nn.Module, out: str | os.PathLike[str], *,
         if src.has_index:
             write_index(staging.tmp / INDEX_NAME, dict(src.key_to_file), sum(src.info(k).nbytes for k in src.keys()))
         write_json(staging.tmp / CONFIG_NAME, src.config or {})
-        write_json(staging.tmp / MANIFEST_NAME, _with_history(manifest, digests))
+        doc = _with_history(manifest, digests)
+        vision = copy_vision(read_origin(src), staging.tmp, algorithm)  # the import's vision parts, as they are
+        if vision is not None:
+            doc[ORIGIN_KEY] = dict(doc[ORIGIN_KEY], vision=vision)
+        write_json(staging.tmp / MANIFEST_NAME, doc)
         for sidecar in src.sidecar_files():
             shutil.copyfile(sidecar, staging.tmp / sidecar.name)
         if out_path.exists():
@@ -135,10 +142,13 @@ def _with_history(manifest: dict[str, Any], digests: dict[str, str]) -> dict[str
 
 
 def _move_into(tmp: Path, out: Path) -> None:
-    """Replace ``out``'s weight files, index, config and manifest with those in ``tmp``."""
+    """Replace ``out``'s weight files, index, vision parts, config and manifest with those in ``tmp``."""
     ours = {f.name for f in tmp.iterdir()}
     for stale in list(out.glob("*.safetensors")) + [out / INDEX_NAME]:
         if stale.name not in ours and stale.exists():
             stale.unlink()
+    vision = out / VISION_DIR
+    if vision.is_dir() and not vision.is_symlink():
+        shutil.rmtree(vision)  # an earlier save's, replaced as a whole (or gone when tmp has none)
     for name in ours:
         os.replace(tmp / name, out / name)
