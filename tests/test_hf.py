@@ -183,3 +183,12 @@ def test_save_pretrained_is_verified_and_read_by_every_command(family, tmp_path)
     assert not again.modified
     if arch in ("llama", "smollm"):  # families the exports take (Mllama refuses sliding windows, Mistral's here)
         assert export(saved, tmp_path / "out", to="mllama" if arch == "llama" else "torchtune").tensors
+
+
+def test_deep_fusion_model_refuses_a_transformers_decoder_in_one_line(tmp_path):
+    """DeepFusionModel speaks torchtune's keywords; an hf model is told how to take its encoder instead."""
+    base, _ = make_base(tmp_path, "llama")
+    model = load(fs.fuse(base, tmp_path / "fused", every=2).output)
+    with pytest.raises(TypeError, match="cross_attention_states") as info:
+        fs.DeepFusionModel(model, torch.nn.Identity())
+    assert "\n" not in str(info.value)

@@ -7,6 +7,7 @@ Works with any decoder that takes torchtune's keywords (``tokens``, ``mask``, ``
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -61,6 +62,7 @@ class DeepFusionModel(CacheMethods, nn.Module):
                  encoder_trainable: bool = False, fusion_trainable: bool = True,
                  encoder_width: int | None = None) -> None:
         super().__init__()
+        _check_decoder(decoder)
         self.decoder = decoder
         self.encoder = _fit_width(encoder, encoder_width, decoder)
         trainable: set[str] = set()
@@ -106,6 +108,15 @@ class DeepFusionModel(CacheMethods, nn.Module):
         encoder_mask = rows_for_positions(encoder_mask, input_pos, tokens.shape[1])
         return self.decoder(tokens=tokens, mask=mask, encoder_input=embeds, encoder_mask=encoder_mask,
                             input_pos=input_pos)
+
+
+def _check_decoder(decoder: nn.Module) -> None:
+    """Refuse, in one line, a decoder that speaks transformers' keywords instead of torchtune's."""
+    params = inspect.signature(decoder.forward).parameters
+    if "input_ids" in params and "tokens" not in params:
+        raise TypeError(f"{type(decoder).__name__} takes input_ids, not torchtune's tokens/encoder_input: "
+                        "call a fusionsurgery.hf model with cross_attention_states= (project_encoder fits the "
+                        "encoder's width), or pair DeepFusionModel with load_fused(path)")
 
 
 def _fit_width(encoder: nn.Module, width: int | None, decoder: nn.Module) -> nn.Module:
