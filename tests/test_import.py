@@ -120,6 +120,30 @@ def test_verify_reads_an_import(imported):
     assert report.ok, [c.details for c in report.checks]
     identity = next(c for c in report.checks if c.name == "identity")
     assert identity.figures["trained_gates"] == [1, 3]  # the Mllama's gates are open: reported, not failed
+    originals = report.check("originals")
+    assert originals.figures["vision_tensors"] > 0 and originals.figures["changed_vision_tensors"] == []
+
+
+def test_verify_checks_the_vision_parts(imported, tmp_path):
+    """A missing vision/ fails the structure check; a changed vision tensor is named (trained?), not failed."""
+    import shutil
+
+    src = imported["vision"][2].output
+    gone = tmp_path / "gone"
+    shutil.copytree(src, gone)
+    shutil.rmtree(gone / "vision")
+    report = verify(gone)
+    assert not report.ok and "vision" in " ".join(report.check("structure").details).lower()
+
+    changed = tmp_path / "changed"
+    shutil.copytree(src, changed)
+    shard = sorted((changed / "vision").glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x10  # a bit of the last tensor's last bytes
+    shard.write_bytes(bytes(data))
+    report = verify(changed)
+    assert report.ok, [c.details for c in report.failures]
+    assert len(report.check("originals").figures["changed_vision_tensors"]) == 1
 
 
 def test_adapter_only_names_the_base_a_full_import_writes(imported, tmp_path):

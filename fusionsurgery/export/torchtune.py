@@ -19,7 +19,7 @@ from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME
 from ..io.writer import AtomicDirectory
 from .common import (EXPORT_MANIFEST_NAME, ExportResult, Source, copy_sidecars, export_manifest, listed_files,
                      tensor_entries, write_json, write_source_tensors)
-from .mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_origin
+from ..arch.mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_origin
 from .rope import describe, head_permutation, rotates
 from .tensors import OutTensor, Progress, index_doc, same
 

@@ -27,7 +27,7 @@ from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
 from ..io.digest import algorithm_of
 from ..io.torch_dtypes import TORCH_DTYPES, tensor_bytes
 from ..io.writer import AtomicDirectory, SafetensorsWriter, write_index, write_json
-from ..export.mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_origin
+from ..arch.mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_origin
 from ..version import __version__
 
 #: Segments PEFT adds to parameter names, and what they stand for in the checkpoint.

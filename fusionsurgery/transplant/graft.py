@@ -29,7 +29,7 @@ from ..surgery.fuse import ProgressFn, bring_originals, check_not_fused
 from ..surgery.manifest import build_manifest, describe_base
 from ..surgery.plan import plan_new_tensors
 from ..export.common import copy_sidecars, listed_files
-from ..export.mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_origin
+from ..arch.mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_origin
 from .drift import Drift, compare
 
 #: What must agree between the adapter's base and the new one: (ModelConfig field, words), checked in order.

@@ -59,6 +59,8 @@ def check_originals(ckpt: Checkpoint, layout: Layout, base: Checkpoint | None = 
         if trained:  # new tensors changed since fusion were trained (or edited): reported, not failed
             result.notes.append(f"{len(trained)} fusion tensor(s) changed since fusion (trained?): {listed(trained)}")
         result.figures["changed_fusion_tensors"] = trained
+    if layout.origin is not None and layout.origin.vision is not None:
+        _compare_vision(layout, progress, algorithm, seen, result)
     if base is not None:
         sources.append("--base")
         _compare_with_base(ckpt, base, actual, set(layout.original_keys), result, progress, algorithm, seen)
@@ -66,6 +68,20 @@ def check_originals(ckpt: Checkpoint, layout: Layout, base: Checkpoint | None = 
     result.figures.update({"original_tensors": len(originals), "original_bytes": nbytes, "against": sources})
     return result.finish(f"{len(originals)} original tensors ({nbytes:,} bytes) bit-identical "
                          f"(checked against {' and '.join(sources)})")
+
+
+def _compare_vision(layout: Layout, progress: Progress | None, algorithm: str,
+                    seen: dict[tuple[int, ...], dict[str, str]], result: CheckResult) -> None:
+    """An import's vision parts against the digests recorded at import: part of the adapter, so a
+    change is reported (trained?), not failed; their presence is the structure check's."""
+    origin = layout.origin
+    assert origin is not None and origin.vision is not None
+    actual = checkpoint_digests(origin.vision, progress, algorithm, seen)
+    changed = sorted(k for k, d in origin.vision_digests.items() if d and actual.get(k) != d)
+    if changed:
+        result.notes.append(f"{len(changed)} vision tensor(s) changed since import (trained?): {listed(changed)}")
+    result.figures["vision_tensors"] = len(actual)
+    result.figures["changed_vision_tensors"] = changed
 
 
 def _compare_with_base(ckpt: Checkpoint, base: Checkpoint, actual: dict[str, str], originals: set[str],

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..arch.config import FusionConfig, ModelConfig, read_fusion_config, read_model_config
 from ..arch.families import FAMILIES, Family, detect_family
+from ..arch.mllama_layouts import Origin, read_origin
 from ..errors import CheckpointError, FusionSurgeryError, listed
 from ..io.checkpoint import INDEX_NAME, Checkpoint, read_json_object
 from ..io.safetensors_format import read_header
@@ -31,6 +32,7 @@ class Layout:
     manifest: dict[str, Any] | None = None
     original_keys: list[str] = field(default_factory=list)
     new_tensors: list[NewTensor] = field(default_factory=list)
+    origin: Origin | None = None  # an import's (or graft's) source and its vision parts
 
 
 # ---------------------------------------------------------------- index and shards
@@ -108,6 +110,10 @@ def check_structure(ckpt: Checkpoint, rope_defaults: str | None = None) -> tuple
             _check_manifest_fusion(manifest, layout.fusion, result)
         _check_manifest_new(manifest, layout.new_tensors, result)
         _check_totals(manifest, layout, ckpt, result)
+        try:
+            layout.origin = read_origin(ckpt)
+        except FusionSurgeryError as exc:
+            result.fail(str(exc))
     else:
         layout.original_keys = [k for k in ckpt.keys() if not is_fusion_name(family, k)]
     explained = set(layout.original_keys) | {t.key for t in layout.new_tensors}
