@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .modules.caches import caches_are_setup_of, reset_caches_of, setup_caches_of
+from .modules.caches import caches_are_setup_of, remove_caches, reset_caches_of, setup_caches_of
 
 
 def generate(model: nn.Module, tokens: torch.Tensor, *, encoder_input: Any = None,
@@ -105,15 +105,6 @@ def pick(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = 
         scores = scores.masked_fill(drop, float("-inf"))
     probs = scores.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
-def remove_caches(model: nn.Module) -> None:
-    """Free the KV caches ``setup_caches`` allocated in ``model``'s attention modules; caching is off again."""
-    for m in model.modules():
-        if hasattr(m, "kv_cache") and hasattr(m, "cache_enabled"):
-            m.kv_cache, m.cache_enabled = None, False
-        if isinstance(getattr(m, "_pos", None), int):
-            m._pos = 0
 
 
 def _ids(eos_id: int | Iterable[int] | None) -> list[int]:
