@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from parts import (MissingPart, SentenceEncoder, Split, missing_parts, prepare_minilm,  # noqa: E402
                    prepare_smollm2, split_sentences, stdlib_sentences)
 
-from fusionsurgery import DeepFusionModel, generate, get_fusion_params, load_fused  # noqa: E402
+from fusionsurgery import DeepFusionModel, generate, get_fusion_params, inspect_checkpoint, load_fused  # noqa: E402
 
 PROMPT = "Sentence:"
 DEFAULT_WORK = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fusionsurgery" / "real_parts"
@@ -48,7 +48,8 @@ class Settings:
     steps: int = 300
     batch_size: int = 16
     lr: float = 2e-3
-    gate_lr: float = 2e-2
+    gate_lr: float = 1e-2
+    warmup: int = 20  # steps of linear learning-rate warm-up
     held_out: int = 64
     max_words: int = 10
     max_tokens: int = 12
@@ -161,7 +162,7 @@ def train(model: DeepFusionModel, task: Task, sentences: list[str], s: Settings,
     gates = [p for n, p in params.items() if n.endswith("_scale.scale")]
     rest = [p for n, p in params.items() if not n.endswith("_scale.scale")]
     opt = torch.optim.AdamW([{"params": rest, "lr": s.lr}, {"params": gates, "lr": s.gate_lr}], weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 20))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, s.warmup)))
     gen = torch.Generator().manual_seed(s.seed + 1)
     losses: list[float] = []
     start = time.perf_counter()
@@ -204,7 +205,8 @@ def build(work: Path, log: Callable[[str], None] = print) -> tuple[DeepFusionMod
     if done.returncode != 0:
         raise RuntimeError(f"fusionsurgery fuse failed: {done.stderr.strip() or done.stdout.strip()}")
     times["fuse_s"] = time.perf_counter() - t
-    log(done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "fused")
+    fusion = inspect_checkpoint(fused).fusion
+    log(f"fused layers {fusion.layers}: +{fusion.fusion_params / 1e6:.1f}M parameters ({times['fuse_s']:.1f} s)")
     encoder = SentenceEncoder(minilm)
     model = DeepFusionModel(load_fused(fused, dtype=torch.float32), encoder)  # trains the fusion parameters only
     task = Task(transformers.AutoTokenizer.from_pretrained(str(smol)),
