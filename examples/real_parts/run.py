@@ -120,6 +120,7 @@ def loss_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class Scores:
     exact_match: float  # generated sentence (greedy, up to EOS) equals the reference
     token_accuracy: float  # next-token argmax right, given the reference so far (sentence tokens and EOS)
+    word_recall: float  # share of the reference's words that the generated sentence contains
     loss: float
     outputs: list[str] = field(repr=False)
 
@@ -145,7 +146,15 @@ def evaluate(model: DeepFusionModel, task: Task, sentences: list[str], use_encod
                            eos_id=task.eos, **enc)
             outputs += [task.text(row[len(task.prompt):].tolist()) for row in out]
     exact = sum(o == s for o, s in zip(outputs, sentences)) / len(sentences)
-    return Scores(exact, right / scored, loss_sum / scored, outputs)
+    recall = sum(word_recall(o, s) for o, s in zip(outputs, sentences)) / len(sentences)
+    return Scores(exact, right / scored, recall, loss_sum / scored, outputs)
+
+
+def word_recall(written: str, reference: str) -> float:
+    """The share of ``reference``'s words (lower-cased, punctuation dropped) found in ``written``."""
+    words = lambda text: [w.strip(".,;:!?'\"").lower() for w in text.split()]  # noqa: E731
+    ref, got = words(reference), set(words(written))
+    return sum(w in got for w in ref) / len(ref)
 
 
 # -- training ---------------------------------------------------------------------------------
@@ -244,9 +253,10 @@ def run(s: Settings, work: Path, log: Callable[[str], None] = print, show: int =
         log(f"  MiniLM read : {split.held_out[i]}\n    untrained : {before.outputs[i]}\n"
             f"    trained   : {after.outputs[i]}")
     rows = [("text-only (no encoder input)", text_only_after), ("fused, untrained", before), ("fused, trained", after)]
-    log(f"\n{'held out (' + str(len(split.held_out)) + ' sentences)':32s} {'exact match':>12s} {'token acc.':>11s} {'loss':>7s}")
+    log(f"\n{'held out (' + str(len(split.held_out)) + ' sentences)':32s} {'exact match':>12s} {'token acc.':>11s}"
+        f" {'word recall':>12s} {'loss':>7s}")
     for name, sc in rows:
-        log(f"{name:32s} {sc.exact_match:12.1%} {sc.token_accuracy:11.1%} {sc.loss:7.3f}")
+        log(f"{name:32s} {sc.exact_match:12.1%} {sc.token_accuracy:11.1%} {sc.word_recall:12.1%} {sc.loss:7.3f}")
     log(f"training: {s.steps} steps of {s.batch_size} in {train_s:.0f} s ({train_s / s.steps:.2f} s/step, "
         f"{torch.get_num_threads()} threads); gates |tanh| {[round(abs(g), 2) for g in gate_values(model)]}")
     figures = {name: {k: v for k, v in asdict(sc).items() if k != "outputs"} for name, sc in
