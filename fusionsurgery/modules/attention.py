@@ -31,14 +31,20 @@ class KVCache(nn.Module):
         self.size = 0
 
     def write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k``/``v`` ``[b, kv, s, d]`` at ``positions`` ``[s]``; return the whole buffers."""
+        """Store ``k``/``v`` ``[b, kv, s, d]`` at ``positions`` ``[s]`` (or ``[b, s]``, one row of
+        positions per sequence); return the whole buffers."""
         if k.shape[0] > self.k_cache.shape[0]:
             raise ValueError(f"batch {k.shape[0]} exceeds the cache's batch size {self.k_cache.shape[0]}")
         if int(positions.max()) >= self.max_seq_len:
             raise ValueError(f"position {int(positions.max())} exceeds the cache length {self.max_seq_len}")
         b = k.shape[0]
-        self.k_cache[:b, :, positions] = k.to(self.k_cache.dtype)
-        self.v_cache[:b, :, positions] = v.to(self.v_cache.dtype)
+        if positions.dim() == 2:  # advanced indices on dims 0 and 2: the slots come out as [b, s, kv, d]
+            rows = torch.arange(b, device=positions.device)[:, None]
+            self.k_cache[rows, :, positions] = k.transpose(1, 2).to(self.k_cache.dtype)
+            self.v_cache[rows, :, positions] = v.transpose(1, 2).to(self.v_cache.dtype)
+        else:
+            self.k_cache[:b, :, positions] = k.to(self.k_cache.dtype)
+            self.v_cache[:b, :, positions] = v.to(self.v_cache.dtype)
         self.size = max(self.size, int(positions.max()) + 1)
         return self.k_cache[:b], self.v_cache[:b]
 
@@ -122,11 +128,12 @@ class SelfAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None] if mask.dim() == 3 else mask,
                                                  enable_gqa=True)
         elif caching or windowed:
-            gap = positions[:, None] - key_pos[None, :]  # query position minus key position
+            gap = positions[..., :, None] - key_pos[..., None, :]  # query minus key position: [(b,) s, keys]
             mask = gap >= 0
             if windowed:
                 mask = mask & (gap < self.sliding_window)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if mask.dim() == 2 else mask[:, None],
+                                                 enable_gqa=True)
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, enable_gqa=True)
         return self.output_proj(out.transpose(1, 2).reshape(b, s, -1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -99,18 +100,22 @@ class TransformerDecoder(CacheMethods, nn.Module):
 
 
 def _to_family_hook(family: Family):
-    def hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            state_dict[prefix + family.to_family(key[len(prefix):])] = state_dict.pop(key)
+    """A state-dict post-hook renaming canonical keys to ``family``'s (picklable, like the module)."""
+    return partial(_to_family, family)
 
-    return hook
+
+def _to_family(family: Family, module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        state_dict[prefix + family.to_family(key[len(prefix):])] = state_dict.pop(key)
 
 
 def _from_family_hook(family: Family):
-    def hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            local = key[len(prefix):]
-            if family.knows(local):
-                state_dict[prefix + family.to_canonical(local)] = state_dict.pop(key)
+    """A load pre-hook renaming ``family``'s keys to the canonical ones."""
+    return partial(_from_family, family)
 
-    return hook
+
+def _from_family(family: Family, module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        local = key[len(prefix):]
+        if family.knows(local):
+            state_dict[prefix + family.to_canonical(local)] = state_dict.pop(key)

@@ -8,6 +8,7 @@ fusion keys is the base state dict. Note that ``named_parameters()`` still shows
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -132,22 +133,23 @@ def set_trainable_params(model: nn.Module, names: set[str] | dict[str, Any]) -> 
 
 
 def _strip_prefix_hook(segment: str):
-    """A state-dict post-hook removing the *leading* ``segment`` of this module's local keys."""
+    """A state-dict post-hook removing the *leading* ``segment`` of this module's local keys
+    (a partial of a module-level function, so the module still pickles)."""
+    return partial(_strip_prefix, segment)
 
-    def hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-        for key in [k for k in state_dict if k.startswith(prefix + segment)]:
-            state_dict[prefix + key[len(prefix) + len(segment):]] = state_dict.pop(key)
 
-    return hook
+def _strip_prefix(segment: str, module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + segment)]:
+        state_dict[prefix + key[len(prefix) + len(segment):]] = state_dict.pop(key)
 
 
 def _add_prefix_hook(segment: str, keep: str):
     """A load pre-hook adding ``segment`` to this module's local keys, except those under ``keep``."""
+    return partial(_add_prefix, segment, keep)
 
-    def hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            local = key[len(prefix):]
-            if not local.startswith(keep):
-                state_dict[prefix + segment + local] = state_dict.pop(key)
 
-    return hook
+def _add_prefix(segment: str, keep: str, module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        local = key[len(prefix):]
+        if not local.startswith(keep):
+            state_dict[prefix + segment + local] = state_dict.pop(key)

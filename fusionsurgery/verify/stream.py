@@ -207,12 +207,7 @@ def _decode_layer(stream: LayerStream, layer: nn.Module, i: int, lanes: dict[str
         x = lanes["decode"]
         steps = [layer(x[:, :1], positions=torch.tensor([0], device=x.device), encoder_input=probe.enc_a)]
         steps += [layer(x[:, t:t + 1], positions=torch.tensor([t], device=x.device)) for t in range(1, s)]
-        if isinstance(layer, FusionLayer):
-            layer.reset_cache()
-        else:
-            for m in layer.modules():
-                if getattr(m, "kv_cache", None) is not None:
-                    m.kv_cache.reset()
+        layer.reset_cache()
         stream._seen(module_bytes(layer))
         found = cache_problems(layer, f"layers.{i}.")
         after = layer(lanes["after"], positions=torch.arange(s, device=x.device))
