@@ -23,6 +23,7 @@ _API = {
     "inspect_checkpoint": "fusionsurgery.inspect",
     "open_model": "fusionsurgery.loading",
     "build_decoder": "fusionsurgery.builders",
+    "generate": "fusionsurgery.generation",
     "FusionLayer": "fusionsurgery.modules.fusion",
     "FusionEmbedding": "fusionsurgery.modules.fusion",
     "get_fusion_params": "fusionsurgery.modules.fusion",

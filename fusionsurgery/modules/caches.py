@@ -136,3 +136,13 @@ class AttentionCaches(CacheMethods):
 
     def _caches_are_enabled(self) -> bool:
         return self.attn.kv_cache is not None and bool(self.attn.cache_enabled)
+
+
+def remove_caches(module: nn.Module) -> None:
+    """Free every KV cache ``setup_caches`` allocated under ``module`` and turn caching off again
+    (torchtune's ``delete_kv_caches``): forward passes then run on the whole sequence as before."""
+    for m in module.modules():
+        if hasattr(m, "kv_cache") and hasattr(m, "cache_enabled"):
+            m.kv_cache, m.cache_enabled = None, False
+        if isinstance(getattr(m, "_pos", None), int):
+            m._pos = 0

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..arch.config import FusionConfig, ModelConfig
 from ..modules import FusionLayer, GatedCrossAttentionLayer
+from ..modules.caches import remove_caches as drop_caches  # noqa: F401  (plain.py and stream.py use it)
 
 #: Gate value while the fusion path is opened (tanh(1) = 0.76 of each update passes).
 OPEN_GATE = 1.0
@@ -119,13 +120,6 @@ def cache_problems(module: nn.Module, where: str = "") -> list[str]:
         if getattr(m, "has_cached_input", False):
             problems.append(f"{label}: cross-attention still sees a cached encoder input")
     return problems
-
-
-def drop_caches(module: nn.Module) -> None:
-    """Free the KV caches ``setup_cache`` allocated and turn caching off."""
-    for m in module.modules():
-        if hasattr(m, "kv_cache") and hasattr(m, "cache_enabled"):
-            m.kv_cache, m.cache_enabled = None, False
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
