@@ -81,9 +81,10 @@ class Origin:
     vision_digests: dict[str, str]
 
 
-def read_origin(ckpt: Checkpoint) -> Origin | None:
-    """The origin recorded in ``ckpt``'s manifest, with its vision parts opened (None: not an import)."""
-    manifest = ckpt.read_manifest() or {}
+def read_origin(ckpt: Checkpoint, manifest: dict[str, Any] | None = None) -> Origin | None:
+    """The origin recorded in ``ckpt``'s manifest (``manifest``, when the caller has read it already),
+    with its vision parts opened (None: not an import)."""
+    manifest = (ckpt.read_manifest() if manifest is None else manifest) or {}
     doc = manifest.get(ORIGIN_KEY)
     if doc is None:
         return None

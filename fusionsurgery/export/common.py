@@ -10,12 +10,12 @@ from typing import Any
 
 from ..arch.config import FusionConfig, ModelConfig, read_fusion_config, read_model_config
 from ..io.checkpoint import Checkpoint
-from ..io.digest import algorithm_of, new_hash, tensor_scheme
+from ..io.digest import algorithm_of, tensor_scheme
 from ..io.writer import check_output_location, copy_sidecars, default_output, write_json  # noqa: F401  (used by the exports)
 from ..surgery.consistency import require_consistent
 from ..surgery.manifest import change_notes
 from ..version import __version__
-from .tensors import OutTensor, Part, Progress, chunks, write_tensors
+from .tensors import OutTensor, Part, Progress, chunks, digest_chunks, write_tensors
 
 EXPORT_MANIFEST_NAME = "export_manifest.json"
 EXPORT_FORMAT = "fusionsurgery-export"
@@ -100,10 +100,7 @@ def source_digests(src: Source, reader: Checkpoint, tensors: list[OutTensor], wr
             out[source] = written[t.key]
     for key in sorted({p.source for t in tensors for p in t.parts if p.source in recorded} - set(out)):
         info = reader.info(key)
-        digest = new_hash(src.digest)
-        for chunk in chunks(reader, OutTensor(key, info.dtype, info.shape, [Part(key)])):
-            digest.update(chunk)
-        out[key] = digest.hexdigest()
+        out[key] = digest_chunks(chunks(reader, OutTensor(key, info.dtype, info.shape, [Part(key)])), src.digest)
     return out
 
 

@@ -234,7 +234,7 @@ def export_mllama(src: Source, out: Path, *, force: bool = False, progress: Prog
     check_supported(src)
     tensors, layer_map, notes = plan_mllama(src)
     cross = [m["mllama_layer"] for m in layer_map if m["kind"] == "cross"]
-    origin = read_origin(src.ckpt)
+    origin = read_origin(src.ckpt, src.manifest)
     config = mllama_config(src, len(layer_map), cross, notes, origin_pad(origin))
     reader = src.ckpt
     if origin is not None:

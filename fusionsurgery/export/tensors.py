@@ -182,7 +182,7 @@ def write_shards(ckpt: Checkpoint, shards: list[PlannedShard], directory: Path |
     for shard in shards:
         if directory is None:
             for t in shard.tensors:
-                digests[t.key] = _digest(chunks(ckpt, t), algorithm, progress)
+                digests[t.key] = digest_chunks(chunks(ckpt, t), algorithm, progress)
                 files[t.key] = shard.name
             continue
         writer = SafetensorsWriter(directory / shard.name, shard.entries, shard.metadata, algorithm)
@@ -197,7 +197,8 @@ def write_shards(ckpt: Checkpoint, shards: list[PlannedShard], directory: Path |
     return files, digests
 
 
-def _digest(parts: Iterator[bytes], algorithm: str, progress: Progress | None) -> str:
+def digest_chunks(parts: Iterator[bytes], algorithm: str, progress: Progress | None = None) -> str:
+    """The digest of a tensor's bytes, given as chunks."""
     h = new_hash(algorithm)
     for chunk in parts:
         h.update(chunk)

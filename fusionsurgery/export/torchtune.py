@@ -106,7 +106,7 @@ def export_family(src: Source, out: Path, target_name: str, *, force: bool = Fal
         if source_manifest is not None:
             translated = translate_fusion_manifest(source_manifest, rename, files, digests, src, target)
             if translated is not None:
-                vision = copy_vision(read_origin(src.ckpt), tmp, src.digest)
+                vision = copy_vision(read_origin(src.ckpt, src.manifest), tmp, src.digest)
                 if vision is not None:
                     translated[ORIGIN_KEY]["vision"] = vision
                     notes.append(f"the imported vision tower and projector are carried in {VISION_DIR}/ under their "

@@ -27,6 +27,7 @@ from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
 from ..io.digest import algorithm_of
 from ..io.torch_dtypes import TORCH_DTYPES, tensor_bytes
 from ..io.writer import AtomicDirectory, SafetensorsWriter, write_index, write_json
+from ..surgery.manifest import changed_since_fusion
 from ..arch.mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_origin
 from ..version import __version__
 
@@ -84,7 +85,7 @@ def save_fused(model: torch.nn.Module, out: str | os.PathLike[str], *,
             write_index(staging.tmp / INDEX_NAME, dict(src.key_to_file), sum(src.info(k).nbytes for k in src.keys()))
         write_json(staging.tmp / CONFIG_NAME, src.config or {})
         doc = _with_history(manifest, digests)
-        vision = copy_vision(read_origin(src), staging.tmp, algorithm)  # the import's vision parts, as they are
+        vision = copy_vision(read_origin(src, manifest), staging.tmp, algorithm)  # the import's vision parts, as they are
         if vision is not None:
             doc[ORIGIN_KEY] = dict(doc[ORIGIN_KEY], vision=vision)
         write_json(staging.tmp / MANIFEST_NAME, doc)
@@ -129,14 +130,12 @@ def _write_file(path: Path, header: Any, tensors: dict[str, torch.Tensor], algor
 def _with_history(manifest: dict[str, Any], digests: dict[str, str]) -> dict[str, Any]:
     """The source manifest plus a ``history`` entry saying what this save changed (digests are kept)."""
     doc = copy.deepcopy(manifest)
-    changed = {kind: sorted(e["name"] for e in doc.get(kind, []) if e["name"] in digests
-                            and digests[e["name"]] != e.get("digest"))
-               for kind in ("original_tensors", "new_tensors")}
+    originals, fusion = changed_since_fusion(doc, digests)
     doc.setdefault("history", []).append({
         "event": "save_pretrained", "tool": {"name": "fusionsurgery.hf", "version": __version__},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "changed_fusion_tensors": len(changed["new_tensors"]),
-        "changed_original_tensors": changed["original_tensors"],
+        "changed_fusion_tensors": len(fusion),
+        "changed_original_tensors": sorted(originals),
     })
     return doc
 

@@ -28,7 +28,8 @@ from ..surgery.adapter import is_adapter
 from ..surgery.fuse import ProgressFn, bring_originals, check_not_fused
 from ..surgery.manifest import build_manifest, describe_base
 from ..surgery.plan import plan_new_tensors
-from ..export.common import copy_sidecars, listed_files
+from ..export.common import listed_files
+from ..io.writer import copy_sidecars
 from ..arch.mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_origin
 from .drift import Drift, compare
 
@@ -164,7 +165,7 @@ def graft(adapter: str | os.PathLike[str], onto: str | os.PathLike[str], out: st
     base, cfg = _open_base(base_path, a, "BASE")
     check_tensors(a, cfg, f"BASE {base_path}")
     ref = _open_reference(Path(was), a, base) if was is not None else None
-    origin = read_origin(a.ckpt)
+    origin = read_origin(a.ckpt, a.manifest)
     out_path = Path(out) if out is not None else default_output(base_path, "grafted")
     for source in (base_path, Path(adapter), *([Path(was)] if was is not None else [])):
         check_output_location(source, out_path)

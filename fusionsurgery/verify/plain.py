@@ -19,7 +19,8 @@ from ..io.checkpoint import Checkpoint
 from ..loading import load_tensors
 from ..modules import TransformerDecoder, get_fusion_params, set_trainable_params
 from .outputs import GradInfo, Outputs
-from .probe import (Probe, block_sensitivity, cache_problems, captured_inputs, drop_caches, fusion_blocks,
+from ..modules.caches import remove_caches
+from .probe import (Probe, block_sensitivity, cache_problems, captured_inputs, fusion_blocks,
                     gate_values, opened_gates)
 
 
@@ -109,7 +110,7 @@ def _decode(model: TransformerDecoder, blocks: dict, probe: Probe) -> tuple[torc
             problems = cache_problems(model)
             after = model(tokens)
     finally:
-        drop_caches(model)
+        remove_caches(model)
     return torch.cat(steps, 1), problems, after
 
 

@@ -11,7 +11,6 @@ from torch import nn
 
 from ..arch.config import FusionConfig, ModelConfig
 from ..modules import FusionLayer, GatedCrossAttentionLayer
-from ..modules.caches import remove_caches as drop_caches  # noqa: F401  (plain.py and stream.py use it)
 
 #: Gate value while the fusion path is opened (tanh(1) = 0.76 of each update passes).
 OPEN_GATE = 1.0

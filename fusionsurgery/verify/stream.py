@@ -26,7 +26,8 @@ from ..io.torch_dtypes import tensor_from_bytes
 from ..modules import FusionLayer, RMSNorm, RotaryEmbedding, get_fusion_params, set_trainable_params
 from .outputs import GradInfo, Outputs
 from .plain import grad_info, module_bytes
-from .probe import (Probe, block_sensitivity, cache_problems, captured_inputs, drop_caches, fusion_blocks,
+from ..modules.caches import remove_caches
+from .probe import (Probe, block_sensitivity, cache_problems, captured_inputs, fusion_blocks,
                     gate_values, opened_gates)
 
 #: Largest slice of the output projection held on the device at once.
@@ -212,7 +213,7 @@ def _decode_layer(stream: LayerStream, layer: nn.Module, i: int, lanes: dict[str
         found = cache_problems(layer, f"layers.{i}.")
         after = layer(lanes["after"], positions=torch.arange(s, device=x.device))
     finally:
-        drop_caches(layer)
+        remove_caches(layer)
     return torch.cat(steps, 1), after, found
 
 

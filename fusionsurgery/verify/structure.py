@@ -111,7 +111,7 @@ def check_structure(ckpt: Checkpoint, rope_defaults: str | None = None) -> tuple
         _check_manifest_new(manifest, layout.new_tensors, result)
         _check_totals(manifest, layout, ckpt, result)
         try:
-            layout.origin = read_origin(ckpt)
+            layout.origin = read_origin(ckpt, manifest)
         except FusionSurgeryError as exc:
             result.fail(str(exc))
     else:
