@@ -49,8 +49,9 @@ def generate(model: nn.Module, tokens: torch.Tensor, *, encoder_input: Any = Non
         raise ValueError(f"tokens must be [batch, seq] with seq >= 1, not {list(tokens.shape)}")
     if max_new_tokens < 0 or temperature < 0:
         raise ValueError("max_new_tokens and temperature must not be negative")
-    eos = _ids(eos_id)
-    pad = pad_id if pad_id is not None else (eos[0] if eos else 0)
+    ids = _ids(eos_id)
+    pad = pad_id if pad_id is not None else (ids[0] if ids else 0)
+    eos = torch.tensor(ids, dtype=tokens.dtype, device=tokens.device)  # made once, not at every step
     b, s = tokens.shape
     total = s + max_new_tokens
     rows = _mask_rows(encoder_mask, b, total)
@@ -70,7 +71,7 @@ def generate(model: nn.Module, tokens: torch.Tensor, *, encoder_input: Any = Non
             done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
             for step in range(max_new_tokens):
                 nxt = pick(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-                out = torch.cat([out, torch.where(done, torch.full_like(nxt, pad), nxt)[:, None]], 1)
+                out = torch.cat([out, nxt.masked_fill(done, pad)[:, None]], 1)
                 done = done | _is_eos(nxt, eos)  # a finished row still feeds its picks back (never pad_id)
                 if bool(done.all()) or step == max_new_tokens - 1:
                     break
@@ -113,10 +114,8 @@ def _ids(eos_id: int | Iterable[int] | None) -> list[int]:
     return [int(eos_id)] if isinstance(eos_id, int) else [int(i) for i in eos_id]
 
 
-def _is_eos(tok: torch.Tensor, eos: list[int]) -> torch.Tensor:
-    if not eos:
-        return torch.zeros_like(tok, dtype=torch.bool)
-    return torch.isin(tok, torch.tensor(eos, device=tok.device))
+def _is_eos(tok: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    return torch.isin(tok, eos)
 
 
 def _last(logits: Any) -> torch.Tensor:
