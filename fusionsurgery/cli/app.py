@@ -16,6 +16,7 @@ except ImportError:  # pragma: no cover - older typer on real click
     import click.exceptions as _cx
 
 from ..errors import CheckFailed, FusionSurgeryError, WriteError
+from ..io.links import LinkRefused
 from ..version import __version__
 from .console import err_console
 
@@ -99,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         _error("interrupted; nothing was written")
         return 130
+    except LinkRefused as exc:  # the library names its keyword; the CLI names its flag
+        _error(exc.message("--follow-symlinks"))
+        return exc.exit_code
     except (FusionSurgeryError, CheckFailed, WriteError) as exc:
         _error(str(exc))
         return exc.exit_code

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from .app import app
 from .console import console, human_bytes, print_json
-from .options import Force, JsonOut
+from .options import FollowSymlinks, Force, JsonOut
 from .progress import byte_progress
 
 
@@ -40,6 +40,7 @@ def export(
                                                          "settings. 'llama3' is torchtune's Llama 3 (theta 500000, "
                                                          "llama3 scaling factor 8, low 1, high 4, context 8192).")] = None,
     force: Force = False,
+    follow_symlinks: FollowSymlinks = False,
     json_out: JsonOut = False,
 ) -> None:
     """Export a fused checkpoint so another stack loads it.
@@ -54,7 +55,7 @@ def export(
     total = _bytes_of(fused)
     with byte_progress(enabled=not json_out) as progress:
         result = export_api(fused, out, to=to, base=base, config=config, rope_defaults=rope_defaults, force=force,
-                            progress=lambda n: progress("export", n, total))
+                            follow_symlinks=follow_symlinks, progress=lambda n: progress("export", n, total))
     if json_out:
         print_json(result.to_dict())
         return
@@ -82,6 +83,7 @@ def unfuse(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory [default: <input>-unfused "
                                                 "beside the input].")] = None,
     force: Force = False,
+    follow_symlinks: FollowSymlinks = False,
     json_out: JsonOut = False,
 ) -> None:
     """Give back the base of a fused checkpoint: the same keys, dtypes, shapes and bytes, and its config.
@@ -94,7 +96,8 @@ def unfuse(
 
     total = _bytes_of(fused)
     with byte_progress(enabled=not json_out) as progress:
-        result = unfuse_api(fused, out, force=force, progress=lambda n: progress("copy", n, total))
+        result = unfuse_api(fused, out, force=force, follow_symlinks=follow_symlinks,
+                            progress=lambda n: progress("copy", n, total))
     if json_out:
         print_json(result.to_dict())
         return

@@ -11,7 +11,7 @@ from rich.table import Table
 from ..errors import UsageError
 from .app import app
 from .console import console, human_bytes, human_count, print_json
-from .options import Force, JsonOut
+from .options import FollowSymlinks, Force, JsonOut
 from .progress import byte_progress
 
 
@@ -53,6 +53,7 @@ def fuse(
     digest: Annotated[str, typer.Option("--digest", help="Hash of the manifest's content digests: blake3 (fast) or "
                                         "sha256.")] = "blake3",
     force: Force = False,
+    follow_symlinks: FollowSymlinks = False,
     json_out: JsonOut = False,
     verify_output: Annotated[bool, typer.Option("--verify", help="Run every `fusionsurgery verify` check on the output "
                                                 "right after fusing (against the base).")] = False,
@@ -77,7 +78,8 @@ def fuse(
         result = fuse_api(base, out, every=every, layers=layers, fusion_after=fusion_after, encoder_dim=encoder_dim,
                           fusion_vocab=fusion_vocab, init=init, init_std=init_std, seed=seed, dtype=dtype,
                           config=config, num_heads=num_heads, num_kv_heads=num_kv_heads, rope_defaults=rope_defaults,
-                          force=force, link=link, adapter_only=adapter_only, digest=digest, progress=progress)
+                          force=force, link=link, adapter_only=adapter_only, digest=digest,
+                          follow_symlinks=follow_symlinks, progress=progress)
     if not verify_output:
         print_json(result.to_dict()) if json_out else _report(result)
         return
@@ -85,7 +87,8 @@ def fuse(
 
     if not json_out:
         _report(result)
-    report = run_verify(result.output, base=base, device=device, json_out=json_out, emit=not json_out)
+    report = run_verify(result.output, base=base, device=device, json_out=json_out, emit=not json_out,
+                        follow_symlinks=follow_symlinks)
     if json_out:
         print_json(dict(result.to_dict(), verify=report.to_dict()))
     raise_if_failed(report)

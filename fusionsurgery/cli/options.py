@@ -10,3 +10,9 @@ import typer
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output (only once the new one is complete).")]
 #: ``--json``: a machine-readable summary on stdout instead of the rich report.
 JsonOut = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary instead of the report.")]
+#: ``--follow-symlinks``: follow symlinks leading outside the input directories (``io.links``).
+FollowSymlinks = Annotated[bool, typer.Option(
+    "--follow-symlinks", help="Follow symlinks in the input directories wherever they point, as cp -L does. "
+    "Without it a file that is a symlink leading outside its checkpoint's directory (or outside the hub-cache "
+    "repository a snapshot belongs to) is refused, so that no file from elsewhere on the machine lands in an "
+    "output.")]

@@ -11,7 +11,7 @@ from rich.table import Table
 from .app import app
 from .console import console, human_count, print_json
 from .export_cmd import _bytes_of, _files
-from .options import Force, JsonOut
+from .options import FollowSymlinks, Force, JsonOut
 from .progress import byte_progress
 
 
@@ -26,6 +26,7 @@ def import_(
                                                "parts, naming the imported text base by its digests (like "
                                                "fuse --adapter-only): the input of `graft`.")] = False,
     force: Force = False,
+    follow_symlinks: FollowSymlinks = False,
     json_out: JsonOut = False,
 ) -> None:
     """Import a trained deep-fusion model into the fused layout.
@@ -40,7 +41,7 @@ def import_(
 
     total = _bytes_of(mllama)
     with byte_progress(enabled=not json_out) as progress:
-        result = import_mllama(mllama, out, adapter_only=adapter_only, force=force,
+        result = import_mllama(mllama, out, adapter_only=adapter_only, force=force, follow_symlinks=follow_symlinks,
                                progress=lambda n: progress("import", n, total))
     if json_out:
         print_json(result.to_dict())
@@ -73,6 +74,7 @@ def graft(
     link: Annotated[bool, typer.Option("--link", help="Hard-link BASE's shard files instead of copying them (the two "
                                        "directories then share those files).")] = False,
     force: Force = False,
+    follow_symlinks: FollowSymlinks = False,
     json_out: JsonOut = False,
 ) -> None:
     """Attach an adapter's fusion layers (and vision parts) to another base of the same dimensions.
@@ -84,7 +86,8 @@ def graft(
     from ..transplant import graft as graft_api
 
     with byte_progress(enabled=not json_out) as progress:
-        result = graft_api(adapter, onto, out, was=was, link=link, force=force, progress=progress)
+        result = graft_api(adapter, onto, out, was=was, link=link, force=force, follow_symlinks=follow_symlinks,
+                           progress=progress)
     if json_out:
         print_json(result.to_dict())
         return

@@ -12,6 +12,7 @@ from rich.table import Table
 from ..errors import CheckFailed, UsageError
 from .app import app
 from .console import console, err_console, human_bytes, print_json
+from .options import FollowSymlinks
 
 STATUS_STYLE = {"passed": "[green]passed[/]", "failed": "[bold red]FAILED[/]", "skipped": "[yellow]skipped[/]"}
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
@@ -28,14 +29,15 @@ def parse_size(text: str) -> int:
 
 def run_verify(path: Path, *, base: Optional[Path] = None, device: str = "auto", dtype: str = "same",
                stream: bool = False, memory_limit: Optional[str] = None, seq_len: int = 16,
-               rope_defaults: Optional[str] = None, json_out: bool = False, emit: bool = True) -> Any:
+               rope_defaults: Optional[str] = None, json_out: bool = False, emit: bool = True,
+               follow_symlinks: bool = False) -> Any:
     """Run ``verify`` and print the report (JSON with ``json_out``; nothing unless ``emit``); returns the Report."""
     from ..verify import verify as verify_api
 
     notify = None if json_out else (lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False))
     report = verify_api(path, base, device=device, dtype=dtype, stream=stream,
                         memory_limit=parse_size(memory_limit) if memory_limit else None, seq_len=seq_len,
-                        rope_defaults=rope_defaults, notify=notify)
+                        rope_defaults=rope_defaults, follow_symlinks=follow_symlinks, notify=notify)
     if emit:
         print_json(report.to_dict()) if json_out else print_report(report)
     return report
@@ -89,6 +91,7 @@ def verify(
                                                          "(a torchtune base fused without one): assume these; "
                                                          "'llama3' is torchtune's Llama 3.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    follow_symlinks: FollowSymlinks = False,
 ) -> None:
     """Run every check on a fused checkpoint and report each as passed or failed, with figures.
 
@@ -97,5 +100,6 @@ def verify(
     device, memory and throughput figures. Exit 0 when all pass, 1 when one fails, 2 on bad usage.
     """
     report = run_verify(path, base=base, device=device, dtype=dtype, stream=stream, memory_limit=memory_limit,
-                        seq_len=seq_len, rope_defaults=rope_defaults, json_out=json_out)
+                        seq_len=seq_len, rope_defaults=rope_defaults, json_out=json_out,
+                        follow_symlinks=follow_symlinks)
     raise_if_failed(report)

@@ -19,6 +19,7 @@ from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, Checkpoint
 from ..io.copy import copy_and_digest
 from ..io.digest import algorithm_of
+from ..io.identity import public_config
 from ..io.writer import AtomicDirectory, SafetensorsWriter, write_index
 from ..surgery.consistency import require_consistent
 from ..surgery.manifest import changed_since_fusion
@@ -41,10 +42,11 @@ class UnfuseResult:
 
 
 def unfuse(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *, force: bool = False,
-           progress: Progress | None = None) -> UnfuseResult:
-    """Write the base of the fused checkpoint at ``path`` to ``out`` (default ``<name>-unfused``)."""
+           follow_symlinks: bool = False, progress: Progress | None = None) -> UnfuseResult:
+    """Write the base of the fused checkpoint at ``path`` to ``out`` (default ``<name>-unfused``); a
+    symlink in ``path`` leading outside it is refused unless ``follow_symlinks`` (``io.links``)."""
     src = Path(path)
-    ckpt = Checkpoint.open(src)
+    ckpt = Checkpoint.open(src, follow_symlinks=follow_symlinks)
     manifest = ckpt.read_manifest()
     if manifest is not None and manifest.get("layout") == "adapter":
         raise UsageError(f"{src} is an adapter (fuse --adapter-only): it holds no base tensors; its base is the "
@@ -96,7 +98,7 @@ def unfuse(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = No
             if INFERRED_MARK in doc:
                 result.notes.append("the base had no config.json (the fused one was inferred from shapes): none written")
             else:
-                write_json(tmp / CONFIG_NAME, doc)
+                write_json(tmp / CONFIG_NAME, public_config(doc))
         copy_sidecars(ckpt, tmp)
         result.files = listed_files(tmp)
         staging.commit()

@@ -23,6 +23,7 @@ from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
 from ..io.copy import Cancelled, copy_and_digest, link_and_digest, same_filesystem
 from ..io.digest import ALGORITHMS, DEFAULT_ALGORITHM, tensor_digests
+from ..io.identity import input_name, public_config, public_manifest
 from ..io.writer import (AtomicDirectory, SafetensorsWriter, check_output_location, copy_sidecars,
                          default_output, group_into_shards, write_index, write_json)
 from ..version import __version__
@@ -109,22 +110,23 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
          fusion_vocab: int = 0, init: str = "normal", init_std: float = 0.02, seed: int = 0, dtype: str = "same",
          config: str | os.PathLike[str] | None = None, num_heads: int | None = None,
          num_kv_heads: int | None = None, rope_defaults: str | None = None, force: bool = False, link: bool = False,
-         adapter_only: bool = False, digest: str = DEFAULT_ALGORITHM,
+         adapter_only: bool = False, digest: str = DEFAULT_ALGORITHM, follow_symlinks: bool = False,
          progress: ProgressFn | None = None) -> FuseResult:
     """Fuse gated cross-attention layers into a decoder checkpoint and write the fused directory.
 
     Every original tensor keeps its key and bytes (its shard file is copied as is, or hard-linked
     with ``link``, or left out with ``adapter_only``); the new tensors go to
     ``fusion-*.safetensors`` files; an index maps every key; ``config.json`` gains a ``fusion``
-    section; ``fusion_manifest.json`` records settings and digests (``digest``: blake3 or sha256).
-    Returns a summary.
+    section; ``fusion_manifest.json`` records settings and digests (``digest``: blake3 or sha256)
+    and names the base by its name, never its path. A symlink in the base leading outside it is
+    refused unless ``follow_symlinks`` (``io.links``). Returns a summary.
     """
     if link and adapter_only:
         raise UsageError("--link and --adapter-only exclude each other")
     if digest not in ALGORITHMS:
         raise UsageError(f"--digest must be one of {', '.join(ALGORITHMS)}, got {digest!r}")
     base_path = Path(base)
-    ckpt = Checkpoint.open(base_path, config=config)
+    ckpt = Checkpoint.open(base_path, config=config, follow_symlinks=follow_symlinks)
     check_not_fused(ckpt)
     cfg = read_model_config(ckpt, num_heads=num_heads, num_kv_heads=num_kv_heads, rope_defaults=rope_defaults)
     chosen = select_layers(cfg.num_layers, every, layers)
@@ -155,12 +157,12 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
             copy_sidecars(ckpt, tmp)
         doc = to_hf_config(cfg, ckpt.config)
         doc["fusion"] = fusion.to_dict()
-        write_json(tmp / CONFIG_NAME, doc)
-        base_desc = describe_base(ckpt, cfg, str(base_path), file_digests)
+        write_json(tmp / CONFIG_NAME, public_config(doc))
+        base_desc = describe_base(ckpt, cfg, input_name(base_path), file_digests)
         manifest = build_manifest(base_desc=base_desc, fusion=fusion, new=new, new_files=new_files,
                                   new_digests=new_digests, originals=originals, layout=layout,
                                   digest_algorithm=digest)
-        write_json(tmp / MANIFEST_NAME, manifest)
+        write_json(tmp / MANIFEST_NAME, public_manifest(manifest))
         result.files = [{"name": f.name, "bytes": f.stat().st_size, "linked": f.stat().st_nlink > 1}
                         for f in sorted(tmp.iterdir())]
         copied = [f["name"] for f in result.files if layout == "link" and f["name"] in ckpt.files and not f["linked"]]
