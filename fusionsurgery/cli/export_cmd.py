@@ -14,11 +14,11 @@ from .options import FollowSymlinks, Force, JsonOut
 from .progress import byte_progress
 
 
-def _bytes_of(path: Path) -> int:
+def _bytes_of(path: Path, follow_symlinks: bool = False) -> int:
     from ..io.checkpoint import Checkpoint
 
     try:
-        return Checkpoint.open(path).total_bytes()
+        return Checkpoint.open(path, follow_symlinks=follow_symlinks).total_bytes()
     except Exception:  # noqa: BLE001 - the command itself reports an unreadable input
         return 0
 
@@ -52,7 +52,7 @@ def export(
     """
     from ..export import export as export_api
 
-    total = _bytes_of(fused)
+    total = _bytes_of(fused, follow_symlinks)
     with byte_progress(enabled=not json_out) as progress:
         result = export_api(fused, out, to=to, base=base, config=config, rope_defaults=rope_defaults, force=force,
                             follow_symlinks=follow_symlinks, progress=lambda n: progress("export", n, total))
@@ -94,7 +94,7 @@ def unfuse(
     """
     from ..export import unfuse as unfuse_api
 
-    total = _bytes_of(fused)
+    total = _bytes_of(fused, follow_symlinks)
     with byte_progress(enabled=not json_out) as progress:
         result = unfuse_api(fused, out, force=force, follow_symlinks=follow_symlinks,
                             progress=lambda n: progress("copy", n, total))

@@ -39,7 +39,7 @@ def import_(
     """
     from ..transplant import import_mllama
 
-    total = _bytes_of(mllama)
+    total = _bytes_of(mllama, follow_symlinks)
     with byte_progress(enabled=not json_out) as progress:
         result = import_mllama(mllama, out, adapter_only=adapter_only, force=force, follow_symlinks=follow_symlinks,
                                progress=lambda n: progress("import", n, total))
