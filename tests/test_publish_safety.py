@@ -21,9 +21,9 @@ import pytest
 
 import fusionsurgery as fs
 from fusionsurgery.cli import main
-from fusionsurgery.errors import FusionSurgeryError
+from fusionsurgery.errors import FusionSurgeryError, LinkRefused
 from fusionsurgery.io.identity import input_name, public_config, public_manifest, public_text
-from fusionsurgery.io.links import LinkRefused, LinkRule
+from fusionsurgery.io.links import LinkRule
 from helpers import error_lines, read_json, run_cli
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny-llama"

@@ -15,8 +15,7 @@ try:  # typer >= 0.20 vendors its own click
 except ImportError:  # pragma: no cover - older typer on real click
     import click.exceptions as _cx
 
-from ..errors import CheckFailed, FusionSurgeryError, WriteError
-from ..io.links import LinkRefused
+from ..errors import CheckFailed, FusionSurgeryError, LinkRefused, WriteError
 from ..version import __version__
 from .console import err_console
 

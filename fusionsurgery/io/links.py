@@ -21,31 +21,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import LinkRefused
 
 #: Directory-name prefixes of the repositories in a Hugging Face hub cache (``huggingface_hub``'s layout).
 HUB_CACHE_KINDS = ("models--", "datasets--", "spaces--")
-#: The library's spelling of the option; the CLI's is ``--follow-symlinks``.
-API_OPTION = "follow_symlinks=True"
-
-
-class LinkRefused(CheckpointError):
-    """A file of a checkpoint directory is a symlink leading outside it (exit 2).
-
-    Args:
-        link (Path): the path inside the checkpoint directory.
-        target (Path): where it finally points.
-        what (str): what the file is, for the message ("sidecar file", "shard" ...).
-    """
-
-    def __init__(self, link: Path, target: Path, what: str) -> None:
-        self.link, self.target, self.what = link, target, what
-        super().__init__(self.message(API_OPTION))
-
-    def message(self, option: str) -> str:
-        """The one-line refusal, naming ``option`` as the way to follow the link anyway."""
-        return (f"{self.link}: {self.what} is a symlink to {self.target}, outside the checkpoint's directory; "
-                f"refused (pass {option} to follow it anyway)")
 
 
 def hub_cache_repo(directory: Path) -> Path | None:
@@ -111,3 +90,6 @@ class LinkRule:
         if not self.allows(path):
             raise LinkRefused(path, Path(os.path.realpath(path)), what)
         return path
+
+
+__all__ = ["HUB_CACHE_KINDS", "LinkRefused", "LinkRule", "hub_cache_repo"]
