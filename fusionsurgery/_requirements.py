@@ -13,7 +13,7 @@ from importlib import import_module, metadata
 
 #: Floors of the ``[hf]`` extra: the oldest releases the whole test suite passes with
 #: (``scripts/check_versions.sh``). They must equal pyproject.toml's; ``tests/test_versions.py`` checks it.
-HF_FLOORS: dict[str, str] = {"transformers": "5.0.0", "accelerate": "1.1.0"}
+HF_FLOORS: dict[str, str] = {"transformers": "5.0.0", "accelerate": "1.2.0"}
 
 
 class MissingDependencyError(ImportError):
@@ -90,7 +90,7 @@ def require(package: str, floor: str, *, extra: str, user: str, optional: bool =
 
 def require_hf() -> None:
     """Check the ``[hf]`` extra: transformers (needed) and accelerate (optional, but never older than its floor:
-    transformers 5.0's ``Trainer`` and ``from_pretrained(..., device_map=...)`` fail with accelerate 1.0).
+    transformers 5.0 imports ``get_module_size_with_ties``, which accelerate 1.2 added, whenever accelerate is installed).
 
     Raises:
         MissingDependencyError: transformers is missing or too old, or accelerate is too old.
