@@ -5,6 +5,7 @@
 #
 #   bash scripts/check_versions.sh              # floors, then newest (docs/install.md: ~15 min on 2 cores)
 #   bash scripts/check_versions.sh floors       # one of them
+#   bash scripts/check_versions.sh pythons      # other Pythons (3.10, 3.12, 3.13 where found): a torch-free smoke
 #   VENVS=/tmp/v PYTEST_ARGS="tests/test_hf.py" bash scripts/check_versions.sh floors
 #
 # torch cannot be tested at its floor here: older torch wheels on PyPI are CUDA builds of several
@@ -76,15 +77,39 @@ EOF
     fi
 }
 
+other_pythons() {  # Pythons other than $PYTHON: no torch wheel for them here, so only what runs without torch.
+    local v py venv log ok=0 tried=0 start=$SECONDS
+    for v in ${OTHER_PYTHONS:-3.10 3.12 3.13}; do
+        py=
+        for c in $(ls -d "$(pyenv root 2>/dev/null || echo /nonexistent)"/versions/"$v".*/bin/python 2>/dev/null) \
+                 "$(command -v "python$v")"; do
+            [ -x "$c" ] && "$c" -c 'import venv' > /dev/null 2>&1 && { py=$c; break; }  # not a pyenv shim that fails
+        done
+        [ -n "$py" ] || { echo "== python $v: not on this machine"; continue; }
+        [ "$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" ] && continue
+        tried=$((tried + 1)); venv=$VENVS/py$v; log=$VENVS/py$v.log; mkdir -p "$VENVS"
+        echo "== python $v ($py): torch-free smoke (--version, inspect, every --help)"
+        rm -rf "$venv" && "$py" -m venv "$venv" && "$venv/bin/python" -m pip install -q typer rich blake3 numpy safetensors pytest > "$log" 2>&1 \
+            && PYTHONPATH=$ROOT "$venv/bin/python" -m fusionsurgery --version >> "$log" 2>&1 \
+            && PYTHONPATH=$ROOT "$venv/bin/python" -m fusionsurgery inspect examples/tiny-llama >> "$log" 2>&1 \
+            && PYTHONPATH=$ROOT "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_cli_help.py >> "$log" 2>&1 \
+            && ok=$((ok + 1)) || { echo "   FAILED (see $log)"; tail -5 "$log"; }
+    done
+    SECONDS_TAKEN[pythons]=$((SECONDS - start))
+    RESULT[pythons]="torch-free smoke passed on $ok of $tried other Pythons (the suite needs torch: untested there)"
+    [ "$ok" -eq "$tried" ]
+}
+
 for mode in "${MODES[@]}"; do
     case $mode in
         floors|newest) run_mode "$mode" || status=1 ;;
-        *) echo "unknown mode '$mode' (floors or newest)"; exit 2 ;;
+        pythons) other_pythons || status=1 ;;
+        *) echo "unknown mode '$mode' (floors, newest or pythons)"; exit 2 ;;
     esac
 done
 
 echo
-echo "== summary (python $("$PYTHON" -c 'import platform; print(platform.python_version())'); torch pinned to $TORCH in both: its declared floor is untested)"
+echo "== summary (python $("$PYTHON" -c 'import platform; print(platform.python_version())'); floors and newest get torch==$TORCH, the CPU build: torch's declared floor is untested)"
 for mode in "${MODES[@]}"; do
     printf '%-7s %s  [%ss]\n' "$mode" "${RESULT[$mode]:-not run}" "${SECONDS_TAKEN[$mode]:-?}"
     [ -n "${VERSIONS[$mode]:-}" ] && printf '        %s\n' "${VERSIONS[$mode]}"
