@@ -15,6 +15,10 @@ try:  # typer >= 0.20 vendors its own click
 except ImportError:  # pragma: no cover - older typer on real click
     import click.exceptions as _cx
 
+#: click >= 8.2 raises this for a command run without arguments that shows its help; click 8.1 (which
+#: typer 0.15.4, the floor, installs) exits through typer.Exit instead: an empty tuple catches nothing.
+_NO_ARGS_IS_HELP = getattr(_cx, "NoArgsIsHelpError", ())
+
 from ..errors import CheckFailed, FusionSurgeryError, LinkRefused, WriteError
 from ..version import __version__
 from .console import err_console
@@ -86,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return rv if isinstance(rv, int) else 0
     except typer.Exit as exc:
         return exc.exit_code
-    except _cx.NoArgsIsHelpError as exc:
+    except _NO_ARGS_IS_HELP as exc:
         typer.echo(exc.format_message())
         return 0
     except _cx.UsageError as exc:
