@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from any_decoder import ALL_TYPES, save_tiny, type_params
+from any_decoder import ALL_TYPES, REFUSED, REQUIRED, build_model, save_tiny, type_params
 from helpers import assert_clean_failure, error_lines, read_json, run_cli, same_checkpoint
 
 from fusionsurgery.arch.model_types import ONE_PLUS_W_NORM_TYPES
@@ -32,6 +32,19 @@ FUSION_SUFFIXES = {
     "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
     "cross_attn_attn_gate", "cross_attn_mlp_gate",
 }
+
+
+def oracle_layout(model_type: str) -> tuple[str, str]:
+    """(layer prefix, embedding key) as transformers' own model says: its input embedding's name and
+    the name of the module list that holds its decoder layers (the longest list of blocks)."""
+    import torch
+
+    model = build_model(model_type)
+    embedding = model.get_input_embeddings().weight
+    embedding_key = next(n for n, p in model.named_parameters() if p is embedding)
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1]
+    prefix = max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))[0]
+    return prefix, embedding_key
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +84,13 @@ def test_fuse_inspect_verify_unfuse(model_type, bases, tmp_path, capsys):
     doc, base_doc = read_json(fused / "config.json"), read_json(base / "config.json")
     section = doc.pop("fusion")
     assert doc == base_doc
-    prefix, embedding = LAYOUT.get(model_type, LLAMA_LAYOUT)
-    assert (section["layer_prefix"], section["embedding_key"]) == (prefix, embedding)
+    prefix, embedding = LAYOUT.get(model_type, LLAMA_LAYOUT) if model_type in REQUIRED else oracle_layout(model_type)
+    on_disk = _keys(base)
+    if model_type in REQUIRED or (embedding in on_disk and any(k.startswith(prefix + ".0.") for k in on_disk)):
+        assert (section["layer_prefix"], section["embedding_key"]) == (prefix, embedding)
+    else:  # saved under other names than the modules' (transformers' checkpoint conversion)
+        prefix = section["layer_prefix"]
+        assert {int(k[len(prefix) + 1:].split(".")[0]) for k in on_disk if k.startswith(prefix + ".")} == {0, 1, 2, 3}
     assert section["layers"] == [1, 3]
     assert section["dim"] == 64 and section["num_heads"] >= 1 and section["head_dim"] >= 1
     assert section["num_heads"] % section["num_kv_heads"] == 0
@@ -86,7 +104,7 @@ def test_fuse_inspect_verify_unfuse(model_type, bases, tmp_path, capsys):
 
     code, summary = _json_cli(["inspect", str(fused), "--json"], capsys)
     assert code == 0
-    assert summary["model_type"] == model_type and summary["is_fused"]
+    assert summary["model_type"] == base_doc["model_type"] and summary["is_fused"]
     assert summary["fusion"]["layers"] == [1, 3] and summary["forward"] == "transformers"
     assert summary["layer_prefix"] == prefix and summary["num_layers"] == 4
     code, out = _json_cli(["inspect", str(base), "--json"], capsys)
@@ -111,9 +129,17 @@ def test_fuse_inspect_verify_unfuse(model_type, bases, tmp_path, capsys):
 
 
 def test_every_issue_type_is_listed():
-    from any_decoder import REQUIRED
-
     assert len(REQUIRED) == 24 and set(REQUIRED) <= set(ALL_TYPES)
+
+
+@pytest.mark.parametrize("model_type", type_params(list(REFUSED)))
+def test_types_without_one_layer_list_are_refused_clearly(model_type, tmp_path, capsys):
+    base = save_tiny(model_type, tmp_path / model_type)
+    capsys.readouterr()
+    code, err = run_cli(["fuse", str(base), "--every", "2"], capsys)
+    assert_clean_failure(code, err, tmp_path, contains="no numbered list of")
+    code, err = run_cli(["inspect", str(base)], capsys)
+    assert code == 2 and "no numbered list of" in err
 
 
 @pytest.mark.parametrize("model_type", type_params(["gemma3_text", "gpt2", "qwen3_moe"]))

@@ -20,7 +20,7 @@ from .model_types import is_native
 
 _NUMBERED = re.compile(r"^(.+?)\.(\d+)\.")
 #: Names a token embedding goes by (``<...>.<name>.weight``), most specific first.
-EMBEDDING_NAMES = ("embed_tokens", "wte", "embed_in", "word_embeddings", "tok_embeddings", "embeddings",
+EMBEDDING_NAMES = ("embed_tokens", "wte", "embed_in", "word_embeddings", "tok_embeddings", "tokens_embed", "embeddings",
                    "embedding", "embed", "emb")
 
 
