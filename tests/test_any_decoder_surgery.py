@@ -165,6 +165,12 @@ def test_adapter_only_link_and_graft(model_type, bases, tmp_path, capsys):
     code, report = _json_cli(["verify", str(adapter), "--base", str(base), "--json"], capsys)
     assert code == 0, report
 
+    from fusionsurgery.transplant.graft import graft
+
+    drift = graft(adapter, base, tmp_path / "again", was=base).drift
+    assert {t.layer for t in drift.tensors} == {None, 0, 1, 2, 3}  # every layer's tensors found, whatever named
+    assert all(t.identical for t in drift.tensors)
+
 
 def test_graft_refuses_another_shape(bases, tmp_path, capsys):
     adapter = tmp_path / "adapter"
