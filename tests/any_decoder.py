@@ -8,7 +8,7 @@ random with a fixed seed; norms and biases are perturbed away from their init so
 norm convention or a dropped bias shows in the logits.
 
 Example:
-    >>> from tests.any_decoder import save_tiny
+    >>> from any_decoder import save_tiny   # (tests/ is on sys.path under pytest)
     >>> path = save_tiny("gemma3_text", tmp_path / "g3")   # config.json + model.safetensors
 """
 

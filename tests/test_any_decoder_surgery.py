@@ -363,3 +363,21 @@ def test_import_refuses_extra_vision_tensors(mllama_vision, tmp_path, capsys):
     _rewrite_without(mllama_vision, set(), {extra: torch.zeros(3)})
     code, err = run_cli(["import", str(mllama_vision), "-o", str(tmp_path / "imported")], capsys)
     assert code == 2 and "does not account for" in err and extra in err
+
+
+def test_sharded_base_round_trip(tmp_path, capsys):
+    """A base in several shards (an index): shards copied as they are, unfuse gives them back."""
+    from any_decoder import build_model
+
+    base = tmp_path / "sharded"
+    build_model("gpt2").save_pretrained(str(base), max_shard_size="200KB")
+    assert (base / "model.safetensors.index.json").exists()
+    capsys.readouterr()
+    fused, back = tmp_path / "fused", tmp_path / "back"
+    assert run_cli(["fuse", str(base), "--every", "2", "-o", str(fused)], capsys)[0] == 0
+    for shard in base.glob("model-*.safetensors"):
+        assert (fused / shard.name).read_bytes() == shard.read_bytes()
+    code, report = _json_cli(["verify", str(fused), "--json"], capsys)
+    assert code == 0
+    assert run_cli(["unfuse", str(fused), "-o", str(back)], capsys)[0] == 0
+    same_checkpoint(base, back)
