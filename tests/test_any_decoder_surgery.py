@@ -381,3 +381,80 @@ def test_sharded_base_round_trip(tmp_path, capsys):
     assert code == 0
     assert run_cli(["unfuse", str(fused), "-o", str(back)], capsys)[0] == 0
     same_checkpoint(base, back)
+
+
+# ------------------------------------------------------------------ reading by meaning (no transformers)
+def _hand_made(path: Path, config: dict, names: dict[str, tuple[int, ...]]) -> Path:
+    """A checkpoint written by hand: ``names`` -> shape (random fp32), ``config`` as config.json."""
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    save_file({k: torch.randn(*s, generator=g) for k, s in names.items()}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def _nested_vl(path: Path) -> Path:
+    """A multimodal wrapper's layout: the decoder under model.language_model, sizes in text_config,
+    a vision tower with its own numbered layers, per-layer head sizes as a list."""
+    names = {"model.language_model.embed_tokens.weight": (50, 32), "model.language_model.norm.weight": (32,),
+             "lm_head.weight": (50, 32), "model.vision_tower.patch.weight": (16, 12)}
+    for i in range(3):
+        names.update({f"model.language_model.layers.{i}.attn.wqkv.weight": (96, 32),
+                      f"model.language_model.layers.{i}.ffn.weight": (32, 32)})
+    for i in range(2):
+        names[f"model.vision_tower.blocks.{i}.weight"] = (12, 12)
+    config = {"model_type": "made_up_vl", "text_config": {"hidden_size": 32, "num_hidden_layers": 3,
+                                                          "num_attention_heads": [4, 4, 2], "head_dim": 8,
+                                                          "hidden_act": "gelu_new", "vocab_size": 50}}
+    return _hand_made(path, config, names)
+
+
+def test_any_layout_a_config_describes(tmp_path, capsys):
+    base = _nested_vl(tmp_path / "vl")
+    fused = tmp_path / "fused"
+    assert run_cli(["fuse", str(base), "--every", "3", "--fusion-vocab", "2", "-o", str(fused)], capsys)[0] == 0
+    section = read_json(fused / "config.json")["fusion"]
+    assert section["layer_prefix"] == "model.language_model.layers"
+    assert section["embedding_key"] == "model.language_model.embed_tokens.weight"
+    assert (section["num_heads"], section["head_dim"], section["intermediate_dim"]) == (4, 8, 128)  # first layer's; 4 x width
+    assert section["activation"] == "gelu_pytorch_tanh" and section["norm_offset"] == 0.0
+    ckpt = Checkpoint.open(fused)
+    assert ckpt.info("model.language_model.layers.2.fusion_layer.cross_attn.q_proj.weight").shape == (32, 32)
+    assert ckpt.info("model.language_model.embed_tokens.fusion_embedding.weight").shape == (2, 32)
+    assert run_cli(["unfuse", str(fused), "-o", str(tmp_path / "back")], capsys)[0] == 0
+    same_checkpoint(base, tmp_path / "back")
+
+
+def test_reading_by_meaning():
+    from fusionsurgery.arch.discovery import find_embedding_key, find_layer_prefix
+    from fusionsurgery.arch.fields import ConfigFields
+    from fusionsurgery.errors import CheckpointError
+
+    fields = ConfigFields({"n_embd": 48, "n_layer": 2, "text_config": {"num_key_value_heads": [2, 1]}})
+    assert (fields.int_of("dim"), fields.int_of("num_layers"), fields.int_of("num_kv_heads")) == (48, 2, 2)
+    with pytest.raises(CheckpointError, match="no attention head count .*num_attention_heads, n_head"):
+        fields.int_of("num_heads", required=True)
+    with pytest.raises(CheckpointError, match="n_layer is 0"):
+        ConfigFields({"n_layer": 0}).int_of("num_layers")
+
+    keys = [f"transformer.h.{i}.attn.weight" for i in range(3)] + ["transformer.h.0.mlp.experts.5.weight",
+                                                                   "vision.blocks.0.w", "vision.blocks.1.w"]
+    assert find_layer_prefix(keys, 3) == "transformer.h"
+    assert find_layer_prefix(keys, 2) == "vision.blocks"
+    with pytest.raises(CheckpointError, match="no numbered list of 5 decoder layers.*transformer.h"):
+        find_layer_prefix(keys, 5)
+    shapes = {"transformer.wte.weight": (10, 8), "transformer.wpe.weight": (16, 8),
+              "transformer.h.0.embed_tokens.weight": (10, 8), "lm_head.weight": (10, 8)}
+    assert find_embedding_key(shapes, "transformer.h", 8) == "transformer.wte.weight"
+    with pytest.raises(CheckpointError, match="no token embedding of width 4"):
+        find_embedding_key(shapes, "transformer.h", 4)
+
+
+def test_without_a_config_only_the_llama_recipe_is_read(tmp_path, capsys):
+    base = _nested_vl(tmp_path / "vl")
+    (base / "config.json").unlink()
+    code, err = run_cli(["fuse", str(base), "--every", "3"], capsys)
+    assert_clean_failure(code, err, tmp_path, contains="any other decoder needs its config.json")
