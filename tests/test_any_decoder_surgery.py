@@ -121,6 +121,8 @@ def test_fuse_inspect_verify_unfuse(model_type, bases, tmp_path, capsys):
     assert checks["structure"]["status"] == "passed" and checks["originals"]["status"] == "passed"
     assert report["settings"]["engine"] in ("hf", "skip")
     assert all(checks[n]["status"] == "skipped" for n in ("identity", "live", "backward", "kv_cache"))
+    assert checks["gates"]["status"] == "passed" and checks["gates"]["figures"] == {"gates": 4, "open": 0,
+                                                                                    "max_abs_tanh": 0.0}
 
     code, err = run_cli(["unfuse", str(fused), "-o", str(back)], capsys)
     assert code == 0, err
@@ -458,3 +460,21 @@ def test_without_a_config_only_the_llama_recipe_is_read(tmp_path, capsys):
     (base / "config.json").unlink()
     code, err = run_cli(["fuse", str(base), "--every", "3"], capsys)
     assert_clean_failure(code, err, tmp_path, contains="any other decoder needs its config.json")
+
+
+def test_verify_reads_opened_gates(bases, tmp_path, capsys):
+    """A trained (opened) gate is reported from the files, as a note, not a failure."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    fused = tmp_path / "fused"
+    assert run_cli(["fuse", str(bases("gpt2")), "--every", "2", "-o", str(fused)], capsys)[0] == 0
+    shard = fused / "fusion-00001-of-00001.safetensors"
+    tensors = load_file(str(shard))
+    tensors["transformer.h.3.fusion_layer.cross_attn_mlp_gate"] = torch.tensor([0.5])
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    code, report = _json_cli(["verify", str(fused), "--json"], capsys)
+    assert code == 0
+    gates = {c["name"]: c for c in report["checks"]}["gates"]
+    assert gates["figures"]["open"] == 1 and abs(gates["figures"]["max_abs_tanh"] - 0.46211715726) < 1e-6
+    assert "1 of 4 gate(s) open" in gates["notes"][0]

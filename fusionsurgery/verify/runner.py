@@ -14,7 +14,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.torch_dtypes import TORCH_DTYPES, parse_dtype
 from ..loading import resolve_device
 from ..surgery.adapter import attach_base, is_adapter
-from . import memory, numerics, originals, plain, structure
+from . import gates, memory, numerics, originals, plain, structure
 from .engine import Engine, forward_engine
 from .outputs import Outputs
 from .probe import make_probe
@@ -92,7 +92,7 @@ def verify(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = N
         report.checks += [skipped(n, t, "structure check failed") for n, t in MODEL_CHECKS]
         return report
     if engine.kind != "native":
-        return _forward_elsewhere(report, engine, layout, say)
+        return _forward_elsewhere(report, engine, ckpt, layout, say)
     say(f"running the model checks on {dev} ({report.settings['dtype']}{', streamed' if stream else ''})")
     probe = make_probe(layout.cfg, layout.fusion, dev, torch_dtype, batch=batch, seq_len=seq_len,
                        encoder_len=encoder_len, seed=seed)
@@ -103,9 +103,12 @@ def verify(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = N
     return report
 
 
-def _forward_elsewhere(report: Report, engine: Engine, layout: structure.Layout, say: Notify) -> Report:
-    """The forward checks of a type without native modules: transformers' (``engine.kind == "hf"``) or
-    skipped with the install hint. The hook where ``fusionsurgery.hf`` runs them."""
+def _forward_elsewhere(report: Report, engine: Engine, ckpt: Checkpoint, layout: structure.Layout,
+                       say: Notify) -> Report:
+    """The checks of a type without native modules: the gates read from the files, then the forward
+    checks, transformers' (``engine.kind == "hf"``) or skipped with the install hint. The hook where
+    ``fusionsurgery.hf`` runs them."""
+    report.checks.append(gates.check_gates(ckpt, layout))
     if engine.kind == "skip":
         say(engine.reason)
         report.checks += [skipped(n, t, engine.reason) for n, t in MODEL_CHECKS]
