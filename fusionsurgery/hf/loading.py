@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..arch.config import MODEL_TYPES, read_fusion_config, read_model_config
+from ..arch.config import INFERRED_MARK, read_fusion_config
 from ..errors import UsageError
 from ..io.checkpoint import INDEX_NAME, Checkpoint
 from ..io.writer import write_index
@@ -26,20 +26,41 @@ class FusionSource:
 
 
 def model_class(ckpt: Checkpoint) -> type:
-    """The fused transformers class for a fused checkpoint (``FusedQwen2ForCausalLM`` ...)."""
-    import transformers
+    """The fused transformers class for a fused checkpoint (``FusedQwen2ForCausalLM``, ``FusedGPT2LMHeadModel`` ...).
 
-    cfg = read_model_config(ckpt)
-    if cfg.family != "hf":
+    Raises:
+        UsageError: torchtune names, no fusion section, unknown RoPE settings, or a model type
+            transformers has no causal-LM class for.
+    """
+    doc = ckpt.config
+    if "tok_embeddings.weight" in ckpt.key_to_file or doc is None:
         raise UsageError(f"{ckpt.root} has torchtune tensor names; `fusionsurgery export {ckpt.root} --to hf` "
                          "gives the Hugging Face names (and RoPE layout) that transformers reads")
-    if read_fusion_config(ckpt.config) is None:
+    if read_fusion_config(doc) is None:
         raise UsageError(f"{ckpt.root} is not a fused checkpoint (no 'fusion' section in config.json); "
                          "`fusionsurgery fuse` makes one")
-    if cfg.rope_theta is None:
+    if INFERRED_MARK in doc and not any(k in doc for k in ("rope_theta", "rope_parameters", "rope_scaling")):
         raise UsageError(f"{ckpt.root}: RoPE settings are unknown (the config was inferred from tensor shapes); "
                          "fuse again with --config PATH or --rope-defaults NAME")
-    return fused_class(getattr(transformers, MODEL_TYPES[cfg.model_type].architecture))
+    return fused_class(base_class(doc, ckpt.root))
+
+
+def base_class(doc: dict[str, Any], where: Any = "config.json") -> type:
+    """transformers' causal-LM class for a config.json: by its ``model_type``, else its ``architectures``.
+
+    Raises:
+        UsageError: when the installed transformers has no such class.
+    """
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = doc.get("model_type")
+    names = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)] + list(doc.get("architectures") or [])
+    for name in names:
+        if isinstance(name, str) and hasattr(transformers, name):
+            return getattr(transformers, name)
+    raise UsageError(f"{where}: transformers {transformers.__version__} has no causal-LM class for model_type "
+                     f"{model_type!r} (architectures {doc.get('architectures')}); a newer transformers may")
 
 
 def from_pretrained(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, **kwargs: Any) -> Any:
@@ -91,4 +112,4 @@ def _relink(target: Path, link: Path) -> None:
     os.symlink(target.resolve(), link)
 
 
-__all__ = ["FusionSource", "from_pretrained", "model_class"]
+__all__ = ["FusionSource", "base_class", "from_pretrained", "model_class"]

@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from ..modules.fusion import get_fusion_params, set_trainable_params
+from .model import decoder_layer_list
 
 #: PEFT ``target_modules`` (a regular expression) for the base's self-attention projections only,
 #: never the fusion blocks' cross-attention (whose projections share the names q_proj ... o_proj).
@@ -36,7 +37,7 @@ def make_fusion_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder layers (fused or not) of a fused model, or of a PEFT model wrapping one."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return list(inner.get_decoder().layers)
+    return list(decoder_layer_list(inner))
 
 
 def shard_with_fsdp2(model: nn.Module, **fully_shard_kwargs: Any) -> nn.Module:
