@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..arch.config import FusionConfig, ModelConfig, read_model_config, to_hf_config
-from ..arch.families import detect_family, is_fusion_key
+from ..arch.discovery import family_of_checkpoint
+from ..arch.families import is_fusion_key
 from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
 from ..io.copy import Cancelled, copy_and_digest, link_and_digest, same_filesystem
@@ -28,7 +29,7 @@ from ..io.writer import (AtomicDirectory, SafetensorsWriter, check_output_locati
 from ..version import __version__
 from .init import chunk_stream, num_chunks
 from .manifest import build_manifest, describe_base
-from .plan import INIT_CHOICES, NewTensor, plan_new_tensors
+from .plan import INIT_CHOICES, NewTensor, check_copy_sources, plan_new_tensors
 from .selection import select_layers
 
 #: progress(stage, bytes_done_increment, stage_total_bytes)
@@ -68,6 +69,9 @@ class FuseResult:
             "layout": self.layout,
             "family": self.config.family,
             "model_type": self.config.model_type,
+            "native": self.config.native,
+            "layer_prefix": self.fusion.layer_prefix,
+            "embedding_key": self.fusion.embedding_key,
             "num_layers": self.config.num_layers,
             "inferred": self.config.inferred,
             "fused_layers": self.fusion.layers,
@@ -88,7 +92,7 @@ class FuseResult:
 
 def fused_layers_of(ckpt: Checkpoint) -> list[int]:
     """Layer indices that hold fusion tensors."""
-    family = detect_family(ckpt.keys())
+    family = family_of_checkpoint(ckpt)
     canon = (family.to_canonical(k) for k in ckpt.keys())
     return sorted({int(c.split(".")[1]) for c in canon if is_fusion_key(c) and c.startswith("layers.")})
 
@@ -130,6 +134,7 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
     chosen = select_layers(cfg.num_layers, every, layers)
     fusion = _fusion_config(cfg, ckpt, chosen, fusion_after, encoder_dim, fusion_vocab, init, init_std, seed, dtype)
     new = plan_new_tensors(cfg, fusion)
+    check_copy_sources(ckpt, cfg, new)
     out_path = Path(out) if out is not None else default_output(base_path, "fused")
     check_output_location(base_path, out_path)
     layout = "adapter" if adapter_only else "link" if link else "copy"
@@ -190,7 +195,7 @@ def _fusion_config(cfg: ModelConfig, ckpt: Checkpoint, chosen: list[int], fusion
         layers=chosen, fusion_first=not fusion_after, encoder_dim=encoder_dim or cfg.dim, fusion_vocab=fusion_vocab,
         init=init, init_std=init_std, seed=seed, dtype=DTYPE_CHOICES[dtype] or base_dtype,
         qk_norm_eps=1e-5, norm_eps=cfg.norm_eps, tool_version=__version__,
-    )
+    ).block(cfg)
 
 
 def bring_originals(ckpt: Checkpoint, tmp: Path, layout: str, algorithm: str, progress: ProgressFn | None,
