@@ -18,19 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch.config import FusionConfig
+from ..arch.config import FusionConfig, fusion_activation, norm_offset_of
 from ..modules.mlp import ACTIVATIONS
 from ..modules.norm import rms_norm
 
 #: Attribute of a transformers ``Cache`` holding the encoder keys/values: {layer index: (k, v)}.
 ENCODER_KV_ATTR = "fusion_encoder_kv"
-
-
-#: Model types whose RMSNorm stores ``w`` for a scale of ``1 + w`` (computed in fp32): Gemma's convention.
-GEMMA_NORM_PREFIXES = ("gemma", "vaultgemma", "recurrent_gemma", "paligemma", "shieldgemma")
-#: Activation names of transformers configs that are one of the fusion MLP's (``modules.mlp.ACTIVATIONS``).
-ACTIVATION_ALIASES = {"gelu_new": "gelu_pytorch_tanh", "gelu_fast": "gelu_pytorch_tanh", "swish": "silu",
-                      "gelu_python": "gelu"}
 
 
 def _first(obj: Any, *names: str) -> Any:
@@ -46,17 +39,6 @@ def _first(obj: Any, *names: str) -> Any:
         if value is not None and not isinstance(value, bool):
             return value
     return None
-
-
-def fusion_activation(name: str | None) -> str:
-    """The fusion MLP's activation for a base's activation name: its own where the MLP implements it, else silu."""
-    name = ACTIVATION_ALIASES.get(str(name), str(name)) if name else "silu"
-    return name if name in ACTIVATIONS else "silu"
-
-
-def default_norm_offset(model_type: str) -> float:
-    """1.0 for Gemma-family types (scale ``1 + w``), else 0.0 (plain RMSNorm ``x * w``)."""
-    return 1.0 if model_type.startswith(GEMMA_NORM_PREFIXES) else 0.0
 
 
 @dataclass(frozen=True)
@@ -98,7 +80,7 @@ class BlockSpec:
             _first(base, "hidden_activation", "hidden_act", "activation_function"))
         offset = _first(section, "norm_offset")
         if offset is None:
-            offset = default_norm_offset(str(_first(base, "model_type") or _first(config, "model_type") or ""))
+            offset = norm_offset_of(str(_first(base, "model_type") or _first(config, "model_type") or ""))
         if activation not in ACTIVATIONS:
             raise ValueError(f"fusion.activation {activation!r} is not one the fusion block implements "
                              f"({', '.join(ACTIVATIONS)})")
