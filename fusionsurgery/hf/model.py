@@ -202,6 +202,14 @@ class FusedCausalLMMixin:
     def fusion(self) -> FusionConfig:
         return fusion_config_of(self.config)
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """The base class's answer: transformers treats "custom code" differently when it initialises
+        buffers the checkpoint does not hold (Falcon-H1's ``mup_vector`` stayed uninitialised) and when
+        it looks up key conversions; a fused class is the base's own code plus fusion blocks."""
+        base = next(c for c in cls.__mro__[1:] if not issubclass(c, FusedCausalLMMixin))
+        return base.is_custom_code()
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, FusionBlock):
@@ -270,7 +278,21 @@ def fused_class(base_cls: type) -> type:
         forward.__doc__ = FusedCausalLMMixin.forward.__doc__
         forward.__signature__ = _forward_signature(base_cls.forward)  # type: ignore[attr-defined]
         cls.forward = forward
+        _share_conversion_mapping(base_cls, cls)
     return cls
+
+
+def _share_conversion_mapping(base_cls: type, cls: type) -> None:
+    """Give ``cls`` the checkpoint key conversions transformers keeps under ``base_cls``'s name (GPT-NeoX
+    stores its head as ``embed_out``), so loading and saving rename keys as for the base class."""
+    try:
+        from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
+                                                     register_checkpoint_conversion_mapping)
+    except ImportError:  # older transformers: no key conversions
+        return
+    mapping = get_checkpoint_conversion_mapping(base_cls.__name__)
+    if mapping is not None and get_checkpoint_conversion_mapping(cls.__name__) is None:
+        register_checkpoint_conversion_mapping(cls.__name__, mapping)
 
 
 def _forward_signature(base_forward: Any) -> inspect.Signature:
