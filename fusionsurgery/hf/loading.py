@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..arch.config import INFERRED_MARK, read_fusion_config
+from ..arch.config import INFERRED_MARK, family_of_checkpoint, read_fusion_config
 from ..errors import UsageError
 from ..io.checkpoint import INDEX_NAME, Checkpoint
 from ..io.writer import write_index
 from ..surgery.adapter import attach_base, is_adapter
-from .model import fused_class
+from ..surgery.consistency import is_fusion_name
+from .model import FusedCausalLMMixin, fused_class
 
 
 @dataclass(frozen=True)
@@ -75,22 +76,41 @@ def from_pretrained(path: str | os.PathLike[str], base: str | os.PathLike[str] |
         raise UsageError(f"{path} holds only the fusion tensors (fuse --adapter-only): give its base (base=...)")
     base_ckpt = Checkpoint.open(base) if base is not None else None
     combined = attach_base(ckpt, base_ckpt)
-    cls = model_class(combined)
-    with _loadable_dir(combined, [base_ckpt.root] if base_ckpt is not None else []) as directory:
-        loaded = cls.from_pretrained(str(directory), **kwargs)
+    loaded = load_checkpoint(combined, [base_ckpt.root] if base_ckpt is not None else [], **kwargs)
     model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
     model.fusion_source = FusionSource(Path(path).resolve(), Path(base).resolve() if base is not None else None)
     model.name_or_path = model.config._name_or_path = str(path)  # not the temporary directory it was read through
     return loaded
 
 
+def load_checkpoint(ckpt: Checkpoint, extra_roots: list[Path] | None = None, *, fused: bool = True,
+                    **kwargs: Any) -> Any:
+    """Load an opened fused checkpoint (an adapter already attached to its base, whose directory is
+    in ``extra_roots``) with transformers' ``from_pretrained``; ``kwargs`` go to it.
+
+    Args:
+        ckpt (Checkpoint): the fused checkpoint.
+        extra_roots (list[Path] | None): directories whose config and sidecar files come first (an adapter's base).
+        fused (bool): the fused class (default), or the base's own class reading the original tensors
+            alone (what ``verify`` compares against).
+
+    Returns:
+        The model, or ``(model, loading info)`` with ``output_loading_info=True``.
+    """
+    cls = model_class(ckpt)
+    if not fused:
+        cls = next(c for c in cls.__mro__[1:] if not issubclass(c, FusedCausalLMMixin))
+    with _loadable_dir(ckpt, list(extra_roots or []), originals_only=not fused) as directory:
+        return cls.from_pretrained(str(directory), **kwargs)
+
+
 @contextmanager
-def _loadable_dir(ckpt: Checkpoint, extra_roots: list[Path]) -> Iterator[Path]:
+def _loadable_dir(ckpt: Checkpoint, extra_roots: list[Path], originals_only: bool = False) -> Iterator[Path]:
     """A temporary directory that transformers' loader reads as one sharded checkpoint: links to every
     shard under one index, and to the config and sidecar files (an adapter's base's first).
 
     A fused directory itself will not do: transformers prefers a ``model.safetensors`` to the index,
-    and that file holds only the base's tensors.
+    and that file holds only the base's tensors. ``originals_only``: the index names the base's tensors alone.
     """
     with tempfile.TemporaryDirectory(prefix="fusion-view-") as tmp:
         view = Path(tmp)
@@ -101,8 +121,10 @@ def _loadable_dir(ckpt: Checkpoint, extra_roots: list[Path]) -> Iterator[Path]:
         names = {name: f"shard-{i:05d}-of-{len(ckpt.files):05d}.safetensors" for i, name in enumerate(ckpt.files, 1)}
         for name, link in names.items():
             os.symlink(ckpt.path_of(name).resolve(), view / link)
-        weight_map = {k: names[f] for k, f in ckpt.key_to_file.items()}
-        write_index(view / INDEX_NAME, weight_map, sum(ckpt.info(k).nbytes for k in ckpt.keys()))
+        family = family_of_checkpoint(ckpt) if originals_only else None
+        weight_map = {k: names[f] for k, f in ckpt.key_to_file.items()
+                      if family is None or not is_fusion_name(family, k)}
+        write_index(view / INDEX_NAME, weight_map, sum(ckpt.info(k).nbytes for k in weight_map))
         yield view
 
 
@@ -112,4 +134,4 @@ def _relink(target: Path, link: Path) -> None:
     os.symlink(target.resolve(), link)
 
 
-__all__ = ["FusionSource", "base_class", "from_pretrained", "model_class"]
+__all__ = ["FusionSource", "base_class", "from_pretrained", "load_checkpoint", "model_class"]
