@@ -10,6 +10,7 @@ linear attention, state space), and forward throughput.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -126,6 +127,8 @@ def _decode(model: torch.nn.Module, blocks: dict, probe: Probe) -> tuple[torch.T
 
     tokens = probe.tokens
     problems: list[str] = []
+    # transformers 5 renames ``past_key_values`` to ``cache`` (the old name is deprecated where the new exists)
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with opened_gates(blocks), torch.no_grad():
         out = model(tokens[:, :1], cross_attention_states=probe.enc_a, use_cache=True)
         cache, steps = out.past_key_values, [out.logits]
@@ -136,7 +139,7 @@ def _decode(model: torch.nn.Module, blocks: dict, probe: Probe) -> tuple[torch.T
         if missing:
             problems.append(f"the cache holds no encoder keys/values for fusion layer(s) {missing}")
         for t in range(1, tokens.shape[1]):
-            out = model(tokens[:, t:t + 1], past_key_values=cache, use_cache=True)
+            out = model(tokens[:, t:t + 1], use_cache=True, **{cache_kw: cache})
             cache = out.past_key_values
             steps.append(out.logits)
         fresh = model(tokens, use_cache=True)
