@@ -18,10 +18,10 @@ from .blocks import BlockSpec, FusionBlock
 from .loading import FusionSource, from_pretrained, model_class
 from .model import fused_class
 from .saving import save_fused
-from .training import (SELF_ATTENTION_TARGETS, decoder_layers, freeze_all_but_fusion, make_fusion_trainable,
+from .training import (SELF_ATTENTION_TARGETS, attention_targets, decoder_layers, freeze_all_but_fusion, make_fusion_trainable,
                        shard_with_fsdp2)
 
 __all__ = [
-    "BlockSpec", "FusionBlock", "FusionSource", "SELF_ATTENTION_TARGETS", "decoder_layers", "freeze_all_but_fusion",
+    "BlockSpec", "FusionBlock", "FusionSource", "SELF_ATTENTION_TARGETS", "attention_targets", "decoder_layers", "freeze_all_but_fusion",
     "from_pretrained", "fused_class", "make_fusion_trainable", "model_class", "save_fused", "shard_with_fsdp2",
 ]
