@@ -57,6 +57,10 @@ def open_model(path: str | os.PathLike[str] | Checkpoint, *, dtype: torch.dtype 
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path, config=config)
     ckpt = attach_base(ckpt, Checkpoint.open(base) if base is not None else None)
     cfg = read_model_config(ckpt, num_heads=num_heads, num_kv_heads=num_kv_heads, rope_defaults=rope_defaults)
+    if not cfg.native:
+        raise UsageError(f"model type {cfg.model_type!r} has no native modules; its forward is transformers': "
+                         "fusionsurgery.hf.from_pretrained(path) opens it as its own class with the fusion blocks "
+                         '(pip install "fusionsurgery[hf]")')
     fusion = read_fusion_config(ckpt.config)
     require_consistent(ckpt, cfg, fusion)
     if isinstance(dtype, str):

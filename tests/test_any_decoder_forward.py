@@ -158,3 +158,21 @@ def test_forward_chain(model_type, tmp_path, caplog):
 def test_the_suite_covers_every_required_type():
     """Every type issue 20 names is in the parametrisation (a type transformers lacks is skipped with a reason)."""
     assert {"gemma3_text", "gpt2", "gpt_neox", "mixtral", "qwen3_5_text", "falcon_h1"} <= set(ALL_TYPES)
+
+
+def test_load_fused_points_a_non_native_type_to_fusionsurgery_hf(tmp_path):
+    from fusionsurgery.errors import UsageError
+
+    base = save_tiny("gpt2", tmp_path / "base")
+    fs.fuse(base, tmp_path / "fused", every=2)
+    with pytest.raises(UsageError, match=r"fusionsurgery\.hf\.from_pretrained"):
+        fs.load_fused(tmp_path / "fused")
+
+
+def test_verify_streams_only_native_types_and_says_so(tmp_path):
+    base = save_tiny("gemma3_text", tmp_path / "base")
+    fs.fuse(base, tmp_path / "fused", every=2)
+    said = []
+    report = verify(tmp_path / "fused", device="cpu", dtype="fp32", stream=True, notify=said.append)
+    assert report.ok and report.settings["stream"] is False and report.settings["engine"] == "hf"
+    assert any("--stream needs native modules" in line for line in said)
