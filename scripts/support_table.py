@@ -8,7 +8,7 @@ Sources, all from runs on this machine's transformers:
   which steps of the full chain passed (fuse, open as the base's class, identity, verify, generate,
   train, save_pretrained -> verify --base, unfuse). ``--results PATH`` reads such a file instead.
 - ``--probe`` builds every other type tiny (``tests/any_decoder.py``'s sizes, no per-type overrides),
-  saves it, fuses it (``--every 2``) and checks that ``fusionsurgery.hf`` opens it with the closed
+  runs and saves it, fuses it (``--every 2``) and checks that ``fusionsurgery.hf`` opens it with the closed
   gates giving the base's logits exactly; a type that cannot be built that small, or that ``fuse``
   refuses, is listed with the first line of the reason.
 
@@ -60,6 +60,9 @@ def probe(model_type: str, tmp: Path) -> dict[str, str]:
             config = transformers.AutoConfig.for_model(model_type, **TINY)
             torch.manual_seed(0)
             model = transformers.AutoModelForCausalLM.from_config(config).eval()
+            ids = torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                base_logits = model(ids).logits  # the tiny base itself runs (else: not ours to judge)
             model.save_pretrained(str(tmp / "base"))
     except Exception as exc:  # noqa: BLE001 - the table reports why
         return {"build": _first_line(exc)}
@@ -71,10 +74,9 @@ def probe(model_type: str, tmp: Path) -> dict[str, str]:
         return out
     try:
         fused = hf.from_pretrained(tmp / "fused", dtype=torch.float32).eval()
-        ids = torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(0))
         states = torch.randn(1, 4, fused.fusion.encoder_dim)
         with torch.no_grad():
-            same = torch.equal(fused(ids, cross_attention_states=states).logits, model(ids).logits)
+            same = torch.equal(fused(ids, cross_attention_states=states).logits, base_logits)
         out["load"] = "ok"
         out["identity"] = "ok" if same else "closed gates differ from the base's logits"
     except Exception as exc:  # noqa: BLE001
