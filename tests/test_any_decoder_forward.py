@@ -176,3 +176,19 @@ def test_verify_streams_only_native_types_and_says_so(tmp_path):
     report = verify(tmp_path / "fused", device="cpu", dtype="fp32", stream=True, notify=said.append)
     assert report.ok and report.settings["stream"] is False and report.settings["engine"] == "hf"
     assert any("--stream needs native modules" in line for line in said)
+
+
+@pytest.mark.parametrize("model_type", type_params(["gemma3_text", "gpt2", "llama4_text"]))
+def test_a_fused_class_built_fresh_starts_at_the_identity(model_type):
+    """Built from a config (no checkpoint): closed gates, and every fusion norm at an effective scale of
+    one in the recorded convention, whatever the base's own init does to norms."""
+    from any_decoder import build_config
+
+    config = build_config(model_type)
+    config.fusion = {"layers": [1, 3], "norm_offset": 1.0 if model_type == "gemma3_text" else 0.0}
+    model = hf.fused_class(type(transformers.AutoModelForCausalLM.from_config(build_config(model_type))))(config)
+    for name, p in fs.get_fusion_params(model).items():
+        if name.endswith(("layernorm.weight", "q_norm.weight", "k_norm.weight")):
+            assert torch.all(p == 1.0 - config.fusion["norm_offset"]), name
+        elif name.endswith("_gate"):
+            assert torch.all(p == 0), name

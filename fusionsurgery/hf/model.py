@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..arch.config import FusionConfig
-from .blocks import ENCODER_KV_ATTR, BlockSpec, FusionBlock, check_mask
+from .blocks import ENCODER_KV_ATTR, BlockSpec, FusionBlock, FusionRMSNorm, check_mask
 
 _CLASSES: dict[type, type] = {}
 
@@ -214,6 +214,9 @@ class FusedCausalLMMixin:
         super()._init_weights(module)
         if isinstance(module, FusionBlock):
             module.reset_gates()  # closed gates: a new block computes the identity
+        elif isinstance(module, FusionRMSNorm):  # the base's init knows its own norms' convention, not ours
+            with torch.no_grad():
+                module.weight.fill_(1.0 - module.offset)
 
     def forward(self, *args: Any, cross_attention_states: torch.Tensor | None = None,
                 cross_attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
