@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -153,6 +154,7 @@ def render(data: dict[str, Any], native: set[str], mapping: dict[str, str], vers
             why = r.get(where, "")
             if where == "build":
                 where = "tiny build"
+        why = re.sub(r"\S*/probe-[^/\s]+/(base|fused)/", "", why)  # the probe's temporary directory
         lines.append(f"| `{t}` | `{mapping[t]}` | {where} | {why.replace('|', '/')} |")
     lines.append("")
     return "\n".join(lines)
