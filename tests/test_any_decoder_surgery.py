@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from any_decoder import ALL_TYPES, save_tiny, type_params
+from any_decoder import ALL_TYPES, REFUSED, REQUIRED, build_model, save_tiny, type_params
 from helpers import assert_clean_failure, error_lines, read_json, run_cli, same_checkpoint
 
 from fusionsurgery.arch.model_types import ONE_PLUS_W_NORM_TYPES
@@ -32,6 +32,19 @@ FUSION_SUFFIXES = {
     "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
     "cross_attn_attn_gate", "cross_attn_mlp_gate",
 }
+
+
+def oracle_layout(model_type: str) -> tuple[str, str]:
+    """(layer prefix, embedding key) as transformers' own model says: its input embedding's name and
+    the name of the module list that holds its decoder layers (the longest list of blocks)."""
+    import torch
+
+    model = build_model(model_type)
+    embedding = model.get_input_embeddings().weight
+    embedding_key = next(n for n, p in model.named_parameters() if p is embedding)
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1]
+    prefix = max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))[0]
+    return prefix, embedding_key
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +89,13 @@ def test_fuse_inspect_verify_unfuse(model_type, bases, tmp_path, capsys, monkeyp
     doc, base_doc = read_json(fused / "config.json"), read_json(base / "config.json")
     section = doc.pop("fusion")
     assert doc == base_doc
-    prefix, embedding = LAYOUT.get(model_type, LLAMA_LAYOUT)
-    assert (section["layer_prefix"], section["embedding_key"]) == (prefix, embedding)
+    prefix, embedding = LAYOUT.get(model_type, LLAMA_LAYOUT) if model_type in REQUIRED else oracle_layout(model_type)
+    on_disk = _keys(base)
+    if model_type in REQUIRED or (embedding in on_disk and any(k.startswith(prefix + ".0.") for k in on_disk)):
+        assert (section["layer_prefix"], section["embedding_key"]) == (prefix, embedding)
+    else:  # saved under other names than the modules' (transformers' checkpoint conversion)
+        prefix = section["layer_prefix"]
+        assert {int(k[len(prefix) + 1:].split(".")[0]) for k in on_disk if k.startswith(prefix + ".")} == {0, 1, 2, 3}
     assert section["layers"] == [1, 3]
     assert section["dim"] == 64 and section["num_heads"] >= 1 and section["head_dim"] >= 1
     assert section["num_heads"] % section["num_kv_heads"] == 0
@@ -91,7 +109,7 @@ def test_fuse_inspect_verify_unfuse(model_type, bases, tmp_path, capsys, monkeyp
 
     code, summary = _json_cli(["inspect", str(fused), "--json"], capsys)
     assert code == 0
-    assert summary["model_type"] == model_type and summary["is_fused"]
+    assert summary["model_type"] == base_doc["model_type"] and summary["is_fused"]
     assert summary["fusion"]["layers"] == [1, 3] and summary["forward"] == "transformers"
     assert summary["layer_prefix"] == prefix and summary["num_layers"] == 4
     code, out = _json_cli(["inspect", str(base), "--json"], capsys)
@@ -108,6 +126,8 @@ def test_fuse_inspect_verify_unfuse(model_type, bases, tmp_path, capsys, monkeyp
     assert checks["structure"]["status"] == "passed" and checks["originals"]["status"] == "passed"
     assert report["settings"]["engine"] == "skip"
     assert all(checks[n]["status"] == "skipped" for n in ("identity", "live", "backward", "kv_cache"))
+    assert checks["gates"]["status"] == "passed" and checks["gates"]["figures"] == {"gates": 4, "open": 0,
+                                                                                    "max_abs_tanh": 0.0}
 
     code, err = run_cli(["unfuse", str(fused), "-o", str(back)], capsys)
     assert code == 0, err
@@ -116,9 +136,17 @@ def test_fuse_inspect_verify_unfuse(model_type, bases, tmp_path, capsys, monkeyp
 
 
 def test_every_issue_type_is_listed():
-    from any_decoder import REQUIRED
-
     assert len(REQUIRED) == 24 and set(REQUIRED) <= set(ALL_TYPES)
+
+
+@pytest.mark.parametrize("model_type", type_params(list(REFUSED)))
+def test_types_without_one_layer_list_are_refused_clearly(model_type, tmp_path, capsys):
+    base = save_tiny(model_type, tmp_path / model_type)
+    capsys.readouterr()
+    code, err = run_cli(["fuse", str(base), "--every", "2"], capsys)
+    assert_clean_failure(code, err, tmp_path, contains="no numbered list of")
+    code, err = run_cli(["inspect", str(base)], capsys)
+    assert code == 2 and "no numbered list of" in err
 
 
 @pytest.mark.parametrize("model_type", type_params(["gemma3_text", "gpt2", "qwen3_moe"]))
@@ -143,6 +171,12 @@ def test_adapter_only_link_and_graft(model_type, bases, tmp_path, capsys):
     assert code == 0 and {c["name"]: c["status"] for c in report["checks"]}["structure"] == "passed"
     code, report = _json_cli(["verify", str(adapter), "--base", str(base), "--json"], capsys)
     assert code == 0, report
+
+    from fusionsurgery.transplant.graft import graft
+
+    drift = graft(adapter, base, tmp_path / "again", was=base).drift
+    assert {t.layer for t in drift.tensors} == {None, 0, 1, 2, 3}  # every layer's tensors found, whatever named
+    assert all(t.identical for t in drift.tensors)
 
 
 def test_graft_refuses_another_shape(bases, tmp_path, capsys):
@@ -336,3 +370,116 @@ def test_import_refuses_extra_vision_tensors(mllama_vision, tmp_path, capsys):
     _rewrite_without(mllama_vision, set(), {extra: torch.zeros(3)})
     code, err = run_cli(["import", str(mllama_vision), "-o", str(tmp_path / "imported")], capsys)
     assert code == 2 and "does not account for" in err and extra in err
+
+
+def test_sharded_base_round_trip(tmp_path, capsys):
+    """A base in several shards (an index): shards copied as they are, unfuse gives them back."""
+    from any_decoder import build_model
+
+    base = tmp_path / "sharded"
+    build_model("gpt2").save_pretrained(str(base), max_shard_size="200KB")
+    assert (base / "model.safetensors.index.json").exists()
+    capsys.readouterr()
+    fused, back = tmp_path / "fused", tmp_path / "back"
+    assert run_cli(["fuse", str(base), "--every", "2", "-o", str(fused)], capsys)[0] == 0
+    for shard in base.glob("model-*.safetensors"):
+        assert (fused / shard.name).read_bytes() == shard.read_bytes()
+    code, report = _json_cli(["verify", str(fused), "--json"], capsys)
+    assert code == 0
+    assert run_cli(["unfuse", str(fused), "-o", str(back)], capsys)[0] == 0
+    same_checkpoint(base, back)
+
+
+# ------------------------------------------------------------------ reading by meaning (no transformers)
+def _hand_made(path: Path, config: dict, names: dict[str, tuple[int, ...]]) -> Path:
+    """A checkpoint written by hand: ``names`` -> shape (random fp32), ``config`` as config.json."""
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    save_file({k: torch.randn(*s, generator=g) for k, s in names.items()}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def _nested_vl(path: Path) -> Path:
+    """A multimodal wrapper's layout: the decoder under model.language_model, sizes in text_config,
+    a vision tower with its own numbered layers, per-layer head sizes as a list."""
+    names = {"model.language_model.embed_tokens.weight": (50, 32), "model.language_model.norm.weight": (32,),
+             "lm_head.weight": (50, 32), "model.vision_tower.patch.weight": (16, 12)}
+    for i in range(3):
+        names.update({f"model.language_model.layers.{i}.attn.wqkv.weight": (96, 32),
+                      f"model.language_model.layers.{i}.ffn.weight": (32, 32)})
+    for i in range(2):
+        names[f"model.vision_tower.blocks.{i}.weight"] = (12, 12)
+    config = {"model_type": "made_up_vl", "text_config": {"hidden_size": 32, "num_hidden_layers": 3,
+                                                          "num_attention_heads": [4, 4, 2], "head_dim": 8,
+                                                          "hidden_act": "gelu_new", "vocab_size": 50}}
+    return _hand_made(path, config, names)
+
+
+def test_any_layout_a_config_describes(tmp_path, capsys):
+    base = _nested_vl(tmp_path / "vl")
+    fused = tmp_path / "fused"
+    assert run_cli(["fuse", str(base), "--every", "3", "--fusion-vocab", "2", "-o", str(fused)], capsys)[0] == 0
+    section = read_json(fused / "config.json")["fusion"]
+    assert section["layer_prefix"] == "model.language_model.layers"
+    assert section["embedding_key"] == "model.language_model.embed_tokens.weight"
+    assert (section["num_heads"], section["head_dim"], section["intermediate_dim"]) == (4, 8, 128)  # first layer's; 4 x width
+    assert section["activation"] == "gelu_pytorch_tanh" and section["norm_offset"] == 0.0
+    ckpt = Checkpoint.open(fused)
+    assert ckpt.info("model.language_model.layers.2.fusion_layer.cross_attn.q_proj.weight").shape == (32, 32)
+    assert ckpt.info("model.language_model.embed_tokens.fusion_embedding.weight").shape == (2, 32)
+    assert run_cli(["unfuse", str(fused), "-o", str(tmp_path / "back")], capsys)[0] == 0
+    same_checkpoint(base, tmp_path / "back")
+
+
+def test_reading_by_meaning():
+    from fusionsurgery.arch.discovery import find_embedding_key, find_layer_prefix
+    from fusionsurgery.arch.fields import ConfigFields
+    from fusionsurgery.errors import CheckpointError
+
+    fields = ConfigFields({"n_embd": 48, "n_layer": 2, "text_config": {"num_key_value_heads": [2, 1]}})
+    assert (fields.int_of("dim"), fields.int_of("num_layers"), fields.int_of("num_kv_heads")) == (48, 2, 2)
+    with pytest.raises(CheckpointError, match="no attention head count .*num_attention_heads, n_head"):
+        fields.int_of("num_heads", required=True)
+    with pytest.raises(CheckpointError, match="n_layer is 0"):
+        ConfigFields({"n_layer": 0}).int_of("num_layers")
+
+    keys = [f"transformer.h.{i}.attn.weight" for i in range(3)] + ["transformer.h.0.mlp.experts.5.weight",
+                                                                   "vision.blocks.0.w", "vision.blocks.1.w"]
+    assert find_layer_prefix(keys, 3) == "transformer.h"
+    assert find_layer_prefix(keys, 2) == "vision.blocks"
+    with pytest.raises(CheckpointError, match="no numbered list of 5 decoder layers.*transformer.h"):
+        find_layer_prefix(keys, 5)
+    shapes = {"transformer.wte.weight": (10, 8), "transformer.wpe.weight": (16, 8),
+              "transformer.h.0.embed_tokens.weight": (10, 8), "lm_head.weight": (10, 8)}
+    assert find_embedding_key(shapes, "transformer.h", 8) == "transformer.wte.weight"
+    with pytest.raises(CheckpointError, match="no token embedding of width 4"):
+        find_embedding_key(shapes, "transformer.h", 4)
+
+
+def test_without_a_config_only_the_llama_recipe_is_read(tmp_path, capsys):
+    base = _nested_vl(tmp_path / "vl")
+    (base / "config.json").unlink()
+    code, err = run_cli(["fuse", str(base), "--every", "3"], capsys)
+    assert_clean_failure(code, err, tmp_path, contains="any other decoder needs its config.json")
+
+
+def test_verify_reads_opened_gates(bases, tmp_path, capsys):
+    """A trained (opened) gate is reported from the files, as a note, not a failure."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    fused = tmp_path / "fused"
+    assert run_cli(["fuse", str(bases("gpt2")), "--every", "2", "-o", str(fused)], capsys)[0] == 0
+    shard = fused / "fusion-00001-of-00001.safetensors"
+    tensors = load_file(str(shard))
+    tensors["transformer.h.3.fusion_layer.cross_attn_mlp_gate"] = torch.tensor([0.5])
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    code, report = _json_cli(["verify", str(fused), "--json"], capsys)
+    assert code == 0
+    gates = {c["name"]: c for c in report["checks"]}["gates"]
+    assert gates["figures"]["open"] == 1 and abs(gates["figures"]["max_abs_tanh"] - 0.46211715726) < 1e-6
+    assert "1 of 4 gate(s) open" in gates["notes"][0]

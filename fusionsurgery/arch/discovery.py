@@ -20,7 +20,7 @@ from .model_types import is_native
 
 _NUMBERED = re.compile(r"^(.+?)\.(\d+)\.")
 #: Names a token embedding goes by (``<...>.<name>.weight``), most specific first.
-EMBEDDING_NAMES = ("embed_tokens", "wte", "embed_in", "word_embeddings", "tok_embeddings", "embeddings",
+EMBEDDING_NAMES = ("embed_tokens", "wte", "embed_in", "word_embeddings", "tok_embeddings", "tokens_embed", "embeddings",
                    "embedding", "embed", "emb")
 
 
@@ -80,7 +80,13 @@ def family_of_checkpoint(ckpt: Checkpoint) -> Family:
     (recorded in the fusion section of a fused checkpoint, found from the tensors otherwise)."""
     doc = ckpt.config
     model_type = doc.get("model_type") if isinstance(doc, dict) else None
-    if doc is None or not isinstance(model_type, str) or is_native(model_type):
+    if doc is None:
+        try:
+            return detect_family(ckpt.keys())
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}; without a config.json only Llama-recipe checkpoints are read: any other "
+                                  "decoder needs its config.json (beside the weights, or --config PATH)") from None
+    if not isinstance(model_type, str) or is_native(model_type):
         return detect_family(ckpt.keys())
     fusion = doc.get("fusion")
     if isinstance(fusion, dict) and isinstance(fusion.get("layer_prefix"), str) and fusion.get("layer_prefix") \

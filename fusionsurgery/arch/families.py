@@ -114,6 +114,15 @@ class Family:
     def _matches(self, key: str) -> bool:
         return any(p.fullmatch(key) for p, _ in self._to_canonical)
 
+    @cached_property
+    def _layer_pattern(self) -> re.Pattern[str]:
+        return re.compile(re.escape(self.layer_prefix).replace(r"\{i\}", r"(\d+)"))
+
+    def layer_of(self, key: str) -> int | None:
+        """The index of the decoder layer ``key`` belongs to (its own tensor or its fusion layer's), else None."""
+        m = self._layer_pattern.match(key)
+        return int(m.group(1)) if m else None
+
     def fusion_key(self, layer: int, canonical_suffix: str) -> str:
         """The family name of a fusion-layer tensor, e.g. (3, "ca_scale.scale")."""
         return self.to_family(f"layers.{layer}.{FUSION_SEGMENT}.{canonical_suffix}")

@@ -15,9 +15,9 @@ from ..errors import CheckpointError
 
 #: Spellings of each fact, first found wins.
 SPELLINGS: dict[str, tuple[str, ...]] = {
-    "num_layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+    "num_layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers"),
     "dim": ("hidden_size", "n_embd", "d_model", "dim", "model_dim"),
-    "num_heads": ("num_attention_heads", "n_head", "num_heads", "n_heads"),
+    "num_heads": ("num_attention_heads", "n_head", "num_heads", "n_heads", "attention_heads", "decoder_attention_heads"),
     "num_kv_heads": ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num"),
     "head_dim": ("head_dim", "attention_head_dim", "kv_channels"),
     "intermediate_dim": ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "intermediate_size_mlp",

@@ -20,7 +20,7 @@ from .model_types import MODEL_TYPES, SUPPORTED_ACTIVATIONS, ModelType
 from .options import ROPE_DEFAULTS, check_options
 from .rope_config import read_rope
 from .shape_checks import check_shapes
-from .shape_inference import _check_fusedness, _heads, _structure, _type_switches, infer_from_shapes
+from .shape_inference import check_fusedness, heads_from_shapes, infer_from_shapes, structure_of, type_switches
 
 
 def read_model_config(
@@ -103,21 +103,21 @@ def _sliding_window(doc: dict[str, Any], mt: ModelType) -> int | None:
 def _from_hf_config(
     doc: dict[str, Any], family: Family, shapes: dict[str, tuple[int, ...]], num_heads: int | None, num_kv_heads: int | None
 ) -> ModelConfig:
-    s = _structure(shapes)
+    s = structure_of(shapes)
     model_type = doc.get("model_type", "llama")
     if model_type not in MODEL_TYPES:
         raise CheckpointError(
             f"config.json: model_type {model_type!r} is not supported (supported: {', '.join(MODEL_TYPES)})"
         )
     mt = MODEL_TYPES[model_type]
-    _check_fusedness(model_type, s)
+    check_fusedness(model_type, s)
     try:
         heads = int(doc.get("num_attention_heads") or num_heads or 0) or None
         kv = int(doc.get("num_key_value_heads") or num_kv_heads or heads or 0) or None
         head_dim = doc.get("head_dim")
         if head_dim is None and heads:
             head_dim = int(doc.get("hidden_size", s["dim"])) // heads
-        heads, kv, head_dim = _heads(s, heads, kv, int(head_dim) if head_dim else None)
+        heads, kv, head_dim = heads_from_shapes(s, heads, kv, int(head_dim) if head_dim else None)
         theta, scaling = read_rope(doc, mt.default_theta)
         norm_eps = float(doc.get("rms_norm_eps", mt.default_norm_eps))
         max_seq = int(doc.get("max_position_embeddings", 4096))
@@ -137,5 +137,5 @@ def _from_hf_config(
         vocab_size=s["vocab_size"], norm_eps=norm_eps, rope_theta=theta, rope_scaling=scaling,
         tie_embeddings=tie, attn_bias=s["attn_bias"], qk_norm=s["qk_norm"], max_seq_len=max_seq,
         activation=_activation(doc, mt), fused_qkv=s["fused_qkv"], fused_gate_up=s["fused_gate_up"],
-        sliding_window=window, **_type_switches(mt, s["dim"]),
+        sliding_window=window, **type_switches(mt, s["dim"]),
     )

@@ -27,7 +27,7 @@ def _layer_count(shapes: dict[str, tuple[int, ...]]) -> int:
     return n
 
 
-def _structure(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+def structure_of(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     """What the tensors alone decide. A fused ``qkv_proj`` leaves q/k widths to the head count."""
     vocab, dim = _shape(shapes, "tok_embeddings.weight")
     fused_qkv = "layers.0.attn.qkv_proj.weight" in shapes
@@ -64,7 +64,7 @@ def _structure(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     }
 
 
-def _heads(s: dict[str, Any], num_heads: int | None, num_kv_heads: int | None, head_dim: int | None) -> tuple[int, int, int]:
+def heads_from_shapes(s: dict[str, Any], num_heads: int | None, num_kv_heads: int | None, head_dim: int | None) -> tuple[int, int, int]:
     if head_dim is None:
         head_dim = s["qk_head_dim"]
     if head_dim is None:
@@ -105,7 +105,7 @@ def _heads(s: dict[str, Any], num_heads: int | None, num_kv_heads: int | None, h
     return heads, kv, head_dim
 
 
-def _type_switches(mt: ModelType, dim: int) -> dict[str, Any]:
+def type_switches(mt: ModelType, dim: int) -> dict[str, Any]:
     return {
         "norm_offset": mt.norm_offset,
         "norm_fp32_scale": mt.norm_fp32_scale,
@@ -113,7 +113,7 @@ def _type_switches(mt: ModelType, dim: int) -> dict[str, Any]:
     }
 
 
-def _check_fusedness(model_type: str, s: dict[str, Any]) -> None:
+def check_fusedness(model_type: str, s: dict[str, Any]) -> None:
     mt = MODEL_TYPES[model_type]
     for flag, what in (("fused_qkv", "one fused self_attn.qkv_proj"), ("fused_gate_up", "one fused mlp.gate_up_proj")):
         if getattr(mt, flag) != s[flag]:
@@ -125,13 +125,13 @@ def _check_fusedness(model_type: str, s: dict[str, Any]) -> None:
 
 
 def infer_from_shapes(family: Family, shapes: dict[str, tuple[int, ...]], num_heads: int | None, num_kv_heads: int | None) -> ModelConfig:
-    s = _structure(shapes)
-    heads, kv, head_dim = _heads(s, num_heads, num_kv_heads, None)
+    s = structure_of(shapes)
+    heads, kv, head_dim = heads_from_shapes(s, num_heads, num_kv_heads, None)
     if s["fused_qkv"] and s["fused_gate_up"]:
         model_type = "phi3"
     else:
         model_type = "qwen3" if s["qk_norm"] else "qwen2" if s["attn_bias"] else "llama"
-    _check_fusedness(model_type, s)
+    check_fusedness(model_type, s)
     inferred = ["num_layers", "dim", "num_heads", "num_kv_heads", "head_dim", "intermediate_dim", "vocab_size",
                 "tie_embeddings", "model_type"]
     mt = MODEL_TYPES[model_type]
@@ -140,5 +140,5 @@ def infer_from_shapes(family: Family, shapes: dict[str, tuple[int, ...]], num_he
         num_heads=heads, num_kv_heads=kv, head_dim=head_dim, intermediate_dim=s["intermediate_dim"],
         vocab_size=s["vocab_size"], norm_eps=1e-5, tie_embeddings=s["tie_embeddings"], attn_bias=s["attn_bias"],
         qk_norm=s["qk_norm"], rope_theta=None, inferred=inferred, activation=mt.default_activation,
-        fused_qkv=s["fused_qkv"], fused_gate_up=s["fused_gate_up"], **_type_switches(mt, s["dim"]),
+        fused_qkv=s["fused_qkv"], fused_gate_up=s["fused_gate_up"], **type_switches(mt, s["dim"]),
     )

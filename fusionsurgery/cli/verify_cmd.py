@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import CheckFailed, UsageError
@@ -32,7 +33,7 @@ def run_verify(path: Path, *, base: Optional[Path] = None, device: str = "auto",
     """Run ``verify`` and print the report (JSON with ``json_out``; nothing unless ``emit``); returns the Report."""
     from ..verify import verify as verify_api
 
-    notify = None if json_out else (lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False))
+    notify = None if json_out else (lambda msg: err_console.print(f"[dim]{escape(msg)}[/]", highlight=False))
     report = verify_api(path, base, device=device, dtype=dtype, stream=stream,
                         memory_limit=parse_size(memory_limit) if memory_limit else None, seq_len=seq_len,
                         rope_defaults=rope_defaults, notify=notify)
@@ -57,7 +58,7 @@ def print_report(report) -> None:
     table.add_column("status")
     table.add_column("result")
     for c in report.checks:
-        table.add_row(c.title.split(":")[0], STATUS_STYLE.get(c.status, c.status), c.summary)
+        table.add_row(c.title.split(":")[0], STATUS_STYLE.get(c.status, c.status), escape(c.summary))
     console.print(table)
     for c in report.checks:
         for d in c.details:

@@ -139,6 +139,10 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
     check_output_location(base_path, out_path)
     layout = "adapter" if adapter_only else "link" if link else "copy"
     result = FuseResult(out_path, cfg, fusion, new, layout, base_params=sum(ckpt.info(k).numel for k in ckpt.keys()))
+    if not cfg.native:
+        result.notes.append(f"model type {cfg.model_type} (layers under {fusion.layer_prefix}.N.) has no native "
+                            "modules: its forward (verify's model checks, loading, generation, training) runs "
+                            "through transformers' own class (pip install \"fusionsurgery[hf]\")")
     if layout == "link" and out_path.parent.exists() and not same_filesystem(ckpt.root, out_path.parent):
         result.layout = layout = "copy"
         result.notes.append("--link: the base and the output are on different filesystems, so the shards were copied")

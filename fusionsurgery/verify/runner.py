@@ -14,7 +14,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.torch_dtypes import TORCH_DTYPES, parse_dtype
 from ..loading import resolve_device
 from ..surgery.adapter import attach_base, is_adapter
-from . import memory, numerics, originals, plain, structure
+from . import gates, memory, numerics, originals, plain, structure
 from .engine import Engine, forward_engine
 from .outputs import Outputs
 from .probe import make_probe
@@ -92,6 +92,8 @@ def verify(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = N
     if check.failed:
         report.checks += [skipped(n, t, "structure check failed") for n, t in MODEL_CHECKS]
         return report
+    if engine.kind != "native":
+        report.checks.append(gates.check_gates(ckpt, layout))  # read from the files, whichever forward follows
     if engine.kind == "skip":
         return _forward_elsewhere(report, engine, layout, say)
     if engine.kind == "hf" and stream:
