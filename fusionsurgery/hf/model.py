@@ -239,14 +239,14 @@ class FusedCausalLMMixin:
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)
         cache = inputs.get("cache", inputs.get("past_key_values"))
         if first is None:
-            first = cache is None or cache.get_seq_length() == 0
+            first = cache is None or _cached_length(cache, inputs) == 0
         if not first and cache is not None and getattr(cache, ENCODER_KV_ATTR, None):
             inputs["cross_attention_states"] = None
         mask = inputs.get("cross_attention_mask")
         if mask is not None and mask.dim() == 3:
             ids = inputs.get("input_ids")
             new = (ids if ids is not None else inputs["inputs_embeds"]).shape[1]
-            start = cache.get_seq_length() if cache is not None else 0
+            start = _cached_length(cache, inputs) if cache is not None else 0
             if start == 0 and new == mask.shape[1]:
                 return inputs
             rows = torch.arange(start, start + new, device=mask.device).clamp(max=mask.shape[1] - 1)
@@ -262,6 +262,16 @@ class FusedCausalLMMixin:
             raise ValueError("push_to_hub is not supported: save, then upload the directory")
         if is_main_process:
             save_fused(self, save_directory, state_dict=state_dict)
+
+
+def _cached_length(cache: Any, inputs: dict[str, Any]) -> int:
+    """Tokens a generation cache has seen; a cache of state-space layers alone (Mamba) keeps no length,
+    so the position of the step's first token stands for it."""
+    try:
+        return int(cache.get_seq_length())
+    except (ValueError, AttributeError, NotImplementedError):
+        position = inputs.get("cache_position")
+        return int(position.reshape(-1)[0]) if isinstance(position, torch.Tensor) and position.numel() else 0
 
 
 def fused_class(base_cls: type) -> type:

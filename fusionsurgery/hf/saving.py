@@ -57,7 +57,28 @@ def checkpoint_tensors(model: torch.nn.Module, state_dict: dict[str, torch.Tenso
     if keys is None or set(out) <= keys:
         return out
     own = {k: t for k, t in out.items() if k in keys}
-    return dict(own, **_checkpoint_names(inner, {k: t for k, t in out.items() if k not in keys}))
+    # fusion tensors: the checkpoint's key with the same layer and name (the base's key conversions
+    # would rename inside the fusion block too: Exaone's input_layernorm is ln_1 on disk)
+    on_disk = {_fusion_part(k): k for k in keys if _fusion_part(k) is not None}
+    rest = {}
+    for key, tensor in out.items():
+        if key in own:
+            continue
+        part = _fusion_part(key)
+        if part is not None and part in on_disk:
+            own[on_disk[part]] = tensor
+        else:
+            rest[key] = tensor
+    return dict(own, **_checkpoint_names(inner, rest))
+
+
+def _fusion_part(key: str) -> tuple[str | None, str] | None:
+    """(layer index, name from the fusion segment on) of a fusion tensor's key; None for other keys."""
+    for marker in (".fusion_layer.", ".fusion_embedding."):
+        if marker in key:
+            head, tail = key.split(marker, 1)
+            return (head.rsplit(".", 1)[-1] if marker == ".fusion_layer." else None), marker + tail
+    return None
 
 
 def _checkpoint_names(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
