@@ -100,6 +100,9 @@ def test_from_backbone_probes_the_shape_and_freezes_the_backbone():
     by_method = ImageEncoder(backbone.forward, encoder.tokens)
     assert torch.equal(by_method(images=x), out)
     assert set(by_method.state_dict()) == {"tokens.projection.weight", "tokens.projection.bias", "tokens.position"}
+    fresh = conv_backbone(seed=3).train()
+    ImageEncoder(fresh.forward, ImageTokens(6, 12, 4))
+    assert not fresh.training and not any(p.requires_grad for p in fresh.parameters())  # its owner is frozen
     # a trainable backbone follows train() and gets gradients
     trainable = ImageEncoder.from_backbone(conv_backbone(), 12, 16, backbone_trainable=True)
     trainable.train()

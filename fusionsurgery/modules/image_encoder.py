@@ -119,8 +119,10 @@ class ImageEncoder(nn.Module):
     Args:
         backbone (Callable[[torch.Tensor], torch.Tensor] | None): images -> feature maps
             ``[b, c, h, w]``. An ``nn.Module`` is registered as a submodule (its parameters appear
-            under ``backbone.``); any other callable (``model.extract_features``) is kept as an
-            attribute. None: the encoder reads ``features=`` only.
+            under ``backbone.``); any other callable is kept as an attribute, outside the state
+            dict (a bound method such as ``model.extract_features``: unless ``backbone_trainable``,
+            ``model`` is frozen and put in eval mode once, here). None: the encoder reads
+            ``features=`` only.
         tokens (ImageTokens): the adapter.
         backbone_trainable (bool): let gradients reach the backbone and let it follow
             ``train()``/``eval()``. Default False.
@@ -143,6 +145,10 @@ class ImageEncoder(nn.Module):
         else:
             self.backbone = None
             self._backbone_fn = backbone
+            owner = getattr(backbone, "__self__", None)  # a bound method such as model.extract_features
+            if isinstance(owner, nn.Module) and not backbone_trainable:
+                owner.requires_grad_(False)
+                owner.eval()
         self.tokens = tokens
 
     @classmethod
