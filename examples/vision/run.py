@@ -113,7 +113,7 @@ def cached_features(backbone: LiteFeatures, items: list[Scene], size: int, work:
                     log: Callable[[str], None] = print, chunk: int = 32) -> torch.Tensor:
     """The frozen encoder's feature maps ``[n, 1280, h, w]`` of the scenes' pictures, cached in ``work``."""
     key = hashlib.sha256(json.dumps([size, [asdict(x) for x in items]]).encode()).hexdigest()[:16]
-    path = work / "features" / f"lite0-{size}px-{len(items)}-{key}.pt"
+    path = work / "features" / f"lite0{'-stages' if backbone.stages else ''}-{size}px-{len(items)}-{key}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
     out = []

@@ -71,17 +71,35 @@ def efficientnet_lite0() -> nn.Module:
 
 
 class LiteFeatures(nn.Module):
-    """EfficientNet-Lite0's last feature map ``[b, 1280, H/32, W/32]`` for RGB images ``[b, 3, H, W]`` in 0..255.
+    """EfficientNet-Lite0's feature maps for RGB images ``[b, 3, H, W]`` in 0..255: ``[b, C, H/32, W/32]``.
 
-    The input is scaled ``(x - 127) / 128``, as the TF-Lite original was trained.
+    The input is scaled ``(x - 127) / 128``, as the TF-Lite original was trained. With ``stages``
+    False it is the last feature map alone (``C = 1280``). By default the outputs of the stride-8
+    (40 channels) and stride-16 (112 channels) stages are max-pooled to the same grid and
+    concatenated (``C = 1432``): ImageNet training makes the last map nearly blind to colour,
+    earlier stages still see it.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, stages: bool = True) -> None:
         super().__init__()
         self.net = model
+        self.stages = stages
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net.extract_features((images - 127.0) / 128.0)
+        x = (images - 127.0) / 128.0
+        if not self.stages:
+            return self.net.extract_features(x)
+        net = self.net
+        side = x.shape[-1]
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        early: dict[int, torch.Tensor] = {}
+        for block in net._blocks:
+            x = block(x)
+            early[side // x.shape[-1]] = x  # the last output at each stride
+        last = net._swish(net._bn1(net._conv_head(x)))
+        grid = last.shape[-2:]
+        pooled = [torch.nn.functional.adaptive_max_pool2d(early[k], grid) for k in (8, 16)]
+        return torch.cat([last, *pooled], dim=1)
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """ImageNet class probabilities ``[b, 1000]``."""
