@@ -93,6 +93,14 @@ def overrides(model_type: str) -> dict[str, Any]:
     return dict(TINY, **extra)
 
 
+#: Types whose tiny models fail this suite with transformers 5.0.0, the declared floor (measured 2026-11-30 in
+#: ``scripts/check_versions.sh floors``: the forward chain, verify or an adapter round trip differ), and pass with
+#: 5.24.0, the newest tested; the releases between were not bisected. docs/install.md says so.
+NEEDS_NEWER_TRANSFORMERS: dict[str, str] = {
+    t: "5.24.0" for t in ("apertus", "falcon_h1", "gpt2", "gpt_oss", "phimoe", "qwen3_moe", "recurrent_gemma", "stablelm")
+}
+
+
 def missing_reason(model_type: str) -> str | None:
     """Why ``model_type`` cannot be built here (transformers missing or too old), else None."""
     try:
@@ -104,6 +112,13 @@ def missing_reason(model_type: str) -> str | None:
 
     if model_type not in CONFIG_MAPPING_NAMES or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return f"transformers {transformers.__version__} has no causal LM for model type {model_type!r}"
+    needed = NEEDS_NEWER_TRANSFORMERS.get(model_type)
+    if needed is not None:
+        from packaging.version import Version
+
+        if Version(transformers.__version__) < Version(needed):
+            return (f"{model_type} was measured failing with transformers 5.0.0 and passing with {needed}: "
+                    f"transformers {transformers.__version__} is older (docs/install.md)")
     return None
 
 
@@ -172,6 +187,9 @@ def save_tiny(model_type: str, path: Path, seed: int = 0, dtype: torch.dtype = t
     Returns:
         Path: ``path``.
     """
+    reason = missing_reason(model_type)
+    if reason is not None:
+        pytest.skip(reason)
     model = build_model(model_type, seed=seed, **extra)
     model.to(dtype).save_pretrained(str(path))
     return path

@@ -377,7 +377,7 @@ def test_sharded_base_round_trip(tmp_path, capsys):
     from any_decoder import build_model
 
     base = tmp_path / "sharded"
-    build_model("gpt2").save_pretrained(str(base), max_shard_size="200KB")
+    build_model("gemma3_text").save_pretrained(str(base), max_shard_size="200KB")
     assert (base / "model.safetensors.index.json").exists()
     capsys.readouterr()
     fused, back = tmp_path / "fused", tmp_path / "back"
