@@ -15,7 +15,7 @@ def test_verify_and_export_stay_callable_after_their_subpackages_are_imported(tm
     base, _ = make_base(tmp_path)
     code = f"""
 import fusionsurgery as fs
-import fusionsurgery.verify, fusionsurgery.export  # binds the package attributes to the subpackages
+import fusionsurgery.verification, fusionsurgery.exporting  # binds the package attributes to the subpackages
 fused = fs.fuse({str(base)!r}, every=2).output
 report = fs.verify(fused, device="cpu")
 assert report.ok, report.failures

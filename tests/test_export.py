@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import fusionsurgery as fs
 from fusionsurgery.cli import main
 from fusionsurgery.errors import UsageError
-from fusionsurgery.export import export
+from fusionsurgery.exporting import export
 from fusionsurgery.io.checkpoint import Checkpoint
 from helpers import make_base, read_json, tokens
 

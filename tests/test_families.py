@@ -178,9 +178,9 @@ def test_config_that_contradicts_the_tensors_is_refused(tmp_path):
 
 def test_streamed_verification_computes_the_reference_logits(fused):
     """verify --stream builds its layers, norms and embeddings the architecture's way."""
-    from fusionsurgery.verify import structure
-    from fusionsurgery.verify.probe import make_probe
-    from fusionsurgery.verify.stream import LayerStream, run_stream
+    from fusionsurgery.verification import structure
+    from fusionsurgery.verification.probe import make_probe
+    from fusionsurgery.verification.stream import LayerStream, run_stream
 
     _, _, ref, out = fused
     ckpt = Checkpoint.open(out)

@@ -8,9 +8,9 @@ import torch
 
 import fusionsurgery as fs
 from fusionsurgery.errors import UsageError
-from fusionsurgery.export import export
+from fusionsurgery.exporting import export
 from fusionsurgery.io.checkpoint import Checkpoint
-from fusionsurgery.verify import verify
+from fusionsurgery.verification import verify
 from helpers import make_base, open_gates
 
 transformers = pytest.importorskip("transformers")

@@ -153,7 +153,7 @@ def test_sha256_digests_are_checked_like_blake3_ones(outputs, tmp_path, capsys):
 
 def test_verify_reads_a_file_shared_with_the_base_once(outputs, monkeypatch):
     """An adapter's base and a --link output's shards are the base's own files: digested once, not twice."""
-    from fusionsurgery.verify import originals
+    from fusionsurgery.verification import originals
 
     real, calls = originals.tensor_digests, []
 

@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 import fusionsurgery as fs
 from fusionsurgery.arch.config import FusionConfig, read_model_config
 from fusionsurgery.arch.families import FAMILIES
-from fusionsurgery.builders import build_decoder
+from fusionsurgery.native.builders import build_decoder
 from fusionsurgery.cli import main
 from fusionsurgery.errors import UsageError
-from fusionsurgery.export import export
+from fusionsurgery.exporting import export
 from fusionsurgery.io.checkpoint import Checkpoint
 from helpers import make_base, read_json, tokens
 from test_export import mllama, set_gates

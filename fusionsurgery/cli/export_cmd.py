@@ -49,7 +49,7 @@ def export(
     in, a tied lm_head written out. export_manifest.json names each such tensor and how; every
     tensor's digest is recorded. Tokenizer, generation and chat-template files are carried along.
     """
-    from ..export import export as export_api
+    from ..exporting import export as export_api
 
     total = _bytes_of(fused)
     with byte_progress(enabled=not json_out) as progress:
@@ -90,7 +90,7 @@ def unfuse(
     config's fusion section are dropped. Original tensors whose digests differ from those recorded
     at fusion (trained since) are reported.
     """
-    from ..export import unfuse as unfuse_api
+    from ..exporting import unfuse as unfuse_api
 
     total = _bytes_of(fused)
     with byte_progress(enabled=not json_out) as progress:

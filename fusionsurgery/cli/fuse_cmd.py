@@ -68,7 +68,7 @@ def fuse(
     from ..surgery.fuse import fuse as fuse_api
 
     if verify_output:
-        from ..loading import resolve_device
+        from ..native.loading import resolve_device
 
         resolve_device(device)  # an unusable --device fails before anything is written
     elif device != "auto":

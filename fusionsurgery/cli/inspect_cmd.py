@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..inspect import Inspection, inspect_checkpoint
+from ..inspection import Inspection, inspect_checkpoint
 from .app import app
 from .console import console, human_bytes, human_count, print_json
 

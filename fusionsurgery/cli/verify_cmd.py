@@ -30,7 +30,7 @@ def run_verify(path: Path, *, base: Optional[Path] = None, device: str = "auto",
                stream: bool = False, memory_limit: Optional[str] = None, seq_len: int = 16,
                rope_defaults: Optional[str] = None, json_out: bool = False, emit: bool = True) -> Any:
     """Run ``verify`` and print the report (JSON with ``json_out``; nothing unless ``emit``); returns the Report."""
-    from ..verify import verify as verify_api
+    from ..verification import verify as verify_api
 
     notify = None if json_out else (lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False))
     report = verify_api(path, base, device=device, dtype=dtype, stream=stream,

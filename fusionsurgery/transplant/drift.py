@@ -22,7 +22,7 @@ from ..errors import UsageError
 from ..io.checkpoint import Checkpoint
 from ..io.digest import DEFAULT_ALGORITHM, new_hash
 from ..io.float_bits import FLOAT_DTYPES, to_float32
-from ..export.tensors import OutTensor, Part, chunks
+from ..exporting.tensors import OutTensor, Part, chunks
 
 #: Bytes of one tensor read at a time (per checkpoint).
 BLOCK_BYTES = 8 * 1024 * 1024

@@ -28,7 +28,7 @@ from ..surgery.adapter import is_adapter
 from ..surgery.fuse import ProgressFn, bring_originals, check_not_fused
 from ..surgery.manifest import build_manifest, describe_base
 from ..surgery.plan import plan_new_tensors
-from ..export.common import listed_files
+from ..exporting.common import listed_files
 from ..io.writer import copy_sidecars
 from ..arch.mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_origin
 from .drift import Drift, compare

@@ -27,10 +27,10 @@ from ..io.writer import AtomicDirectory, check_output_location, default_output, 
 from ..surgery.manifest import build_manifest, describe_base
 from ..surgery.plan import plan_new_tensors
 from ..version import __version__
-from ..export.common import listed_files
+from ..exporting.common import listed_files
 from ..io.writer import copy_sidecars
 from ..arch.mllama_layouts import ORIGIN_KEY, VISION_DIR, MllamaLayout, detect_layout, text_config_of
-from ..export.tensors import OutTensor, Part, PlannedShard, Progress, plan_shards, same, write_shards
+from ..exporting.tensors import OutTensor, Part, PlannedShard, Progress, plan_shards, same, write_shards
 
 HF = FAMILIES["hf"]
 #: Text-config fields the imported base's (Llama) config.json keeps as they are.

@@ -10,12 +10,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .arch.config import ModelConfig, read_fusion_config, read_model_config
-from .arch.families import FAMILIES, FUSION_SEGMENT, Family, detect_family, is_fusion_key
-from .errors import CheckpointError, UsageError
-from .io.checkpoint import Checkpoint
-from .surgery.adapter import attach_base, is_adapter
-from .surgery.consistency import fusion_problems
+from ..arch.config import ModelConfig, read_fusion_config, read_model_config
+from ..arch.families import FAMILIES, FUSION_SEGMENT, Family, detect_family, is_fusion_key
+from ..errors import CheckpointError, UsageError
+from ..io.checkpoint import Checkpoint
+from ..surgery.adapter import attach_base, is_adapter
+from ..surgery.consistency import fusion_problems
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch.config import FusionConfig, ModelConfig
-from ..builders import build_fusion_layer, build_norm, build_rope, build_self_attention_layer
+from ..native.builders import build_fusion_layer, build_norm, build_rope, build_self_attention_layer
 from ..errors import CheckpointError, UsageError
 from ..io.checkpoint import Checkpoint
 from ..io.safetensors_format import read_exact

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from ..arch.config import FusionConfig, ModelConfig
-from ..builders import build_empty
+from ..native.builders import build_empty
 from ..errors import CheckpointError
 from ..io.checkpoint import Checkpoint
-from ..loading import load_tensors
+from ..native.loading import load_tensors
 from ..modules import TransformerDecoder, get_fusion_params, set_trainable_params
 from .outputs import GradInfo, Outputs
 from ..modules.caches import remove_caches

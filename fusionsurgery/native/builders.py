@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .arch.config import FusionConfig, ModelConfig
-from .errors import UsageError
-from .modules import (CrossAttention, DecoderLayer, FeedForward, FusionEmbedding, FusionLayer,
+from ..arch.config import FusionConfig, ModelConfig
+from ..errors import UsageError
+from ..modules import (CrossAttention, DecoderLayer, FeedForward, FusionEmbedding, FusionLayer,
                       GatedCrossAttentionLayer, RMSNorm, RotaryEmbedding, SelfAttention, TransformerDecoder)
 
 

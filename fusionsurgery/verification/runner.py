@@ -12,7 +12,7 @@ from ..arch.config import check_options
 from ..errors import CheckpointError, UsageError
 from ..io.checkpoint import Checkpoint
 from ..io.torch_dtypes import TORCH_DTYPES, parse_dtype
-from ..loading import resolve_device
+from ..native.loading import resolve_device
 from ..surgery.adapter import attach_base, is_adapter
 from . import memory, numerics, originals, plain, structure
 from .outputs import Outputs

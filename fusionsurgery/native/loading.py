@@ -7,14 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .arch.config import FusionConfig, ModelConfig, read_fusion_config, read_model_config
+from ..arch.config import FusionConfig, ModelConfig, read_fusion_config, read_model_config
 from .builders import build_empty
-from .errors import CheckpointError, UsageError
-from .io.checkpoint import Checkpoint
-from .io.torch_dtypes import TORCH_DTYPES, parse_dtype
-from .modules import TransformerDecoder
-from .surgery.adapter import attach_base
-from .surgery.consistency import require_consistent
+from ..errors import CheckpointError, UsageError
+from ..io.checkpoint import Checkpoint
+from ..io.torch_dtypes import TORCH_DTYPES, parse_dtype
+from ..modules import TransformerDecoder
+from ..surgery.adapter import attach_base
+from ..surgery.consistency import require_consistent
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .modules.caches import caches_are_setup_of, remove_caches, reset_caches_of, setup_caches_of
+from ..modules.caches import caches_are_setup_of, remove_caches, reset_caches_of, setup_caches_of
 
 
 def generate(model: nn.Module, tokens: torch.Tensor, *, encoder_input: Any = None,
