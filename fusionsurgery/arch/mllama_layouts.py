@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..io.checkpoint import Checkpoint
-from ..io.copy import copy_checkpoint_files
+from ..io.copying import copy_checkpoint_files
 
 #: The manifest section an import writes (and a graft carries): the source and its vision parts.
 ORIGIN_KEY = "mllama"

@@ -17,7 +17,7 @@ from ..arch.config import INFERRED_MARK, read_fusion_config, read_model_config
 from ..arch.families import detect_family, is_fusion_key
 from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, Checkpoint
-from ..io.copy import copy_and_digest
+from ..io.copying import copy_and_digest
 from ..io.digest import algorithm_of
 from ..io.writer import AtomicDirectory, SafetensorsWriter, write_index
 from ..surgery.consistency import require_consistent

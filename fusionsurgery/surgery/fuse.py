@@ -21,7 +21,7 @@ from ..arch.config import FusionConfig, ModelConfig, read_model_config, to_hf_co
 from ..arch.families import detect_family, is_fusion_key
 from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
-from ..io.copy import Cancelled, copy_and_digest, link_and_digest, same_filesystem
+from ..io.copying import Cancelled, copy_and_digest, link_and_digest, same_filesystem
 from ..io.digest import ALGORITHMS, DEFAULT_ALGORITHM, tensor_digests
 from ..io.writer import (AtomicDirectory, SafetensorsWriter, check_output_location, copy_sidecars,
                          default_output, group_into_shards, write_index, write_json)

@@ -21,7 +21,7 @@ from ..arch.config import FusionConfig, ModelConfig, read_fusion_config, read_mo
 from ..arch.families import is_fusion_key
 from ..errors import CheckpointError, UsageError
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
-from ..io.copy import copy_checkpoint_files, same_filesystem
+from ..io.copying import copy_checkpoint_files, same_filesystem
 from ..io.digest import algorithm_of, file_digest
 from ..io.writer import AtomicDirectory, check_output_location, default_output, write_index, write_json
 from ..surgery.adapter import is_adapter
