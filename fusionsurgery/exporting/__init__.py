@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .._callable import make_callable
 from ..errors import UsageError
 from .common import EXPORT_MANIFEST_NAME, ExportResult, check_output_location, default_output, open_source
 from .mllama import export_mllama
@@ -45,5 +44,3 @@ def export(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = No
     if to == "mllama":
         return export_mllama(src, out_path, force=force, progress=progress)
     return export_family(src, out_path, to, force=force, progress=progress)
-
-make_callable(__name__)  # fusionsurgery.verify / .export: the function even once the package is imported

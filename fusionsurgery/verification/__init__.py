@@ -4,10 +4,7 @@ forward/backward, KV cache and figures, on CPU or GPU, whole or streamed one lay
 ``verify(path, base=None, device="auto", dtype="same", stream=False) -> Report``.
 """
 
-from .._callable import make_callable
 from .report import CheckResult, Report
 from .runner import verify
 
 __all__ = ["CheckResult", "Report", "verify"]
-
-make_callable(__name__)  # fusionsurgery.verify / .export: the function even once the package is imported
