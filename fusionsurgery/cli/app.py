@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from importlib import import_module
 
 import typer
 
@@ -45,15 +46,25 @@ def _root(
     """fusionsurgery: deep-fusion model surgery."""
 
 
-def _register() -> None:
-    from . import fuse_cmd  # noqa: F401  (commands register themselves on `app`)
+#: Every command, in the order ``--help`` lists them: (command name, module of ``fusionsurgery.cli``,
+#: function). This is the one place commands are registered; command modules never import ``app``.
+COMMANDS = (
+    ("fuse", "fuse_cmd", "fuse"),
+    ("inspect", "inspect_cmd", "inspect"),
+    ("verify", "verify_cmd", "verify"),
+    ("export", "export_cmd", "export"),
+    ("unfuse", "export_cmd", "unfuse"),
+    ("import", "transplant_cmd", "import_"),
+    ("graft", "transplant_cmd", "graft"),
+)
 
-    for optional in ("inspect_cmd", "verify_cmd", "export_cmd", "transplant_cmd"):
-        try:
-            __import__(f"{__package__}.{optional}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{optional}":
-                raise
+
+def _register() -> None:
+    """Add every command of ``COMMANDS`` to ``app`` (once; the modules are imported here, not at start-up)."""
+    if app.registered_commands:
+        return
+    for name, module, function in COMMANDS:
+        app.command(name)(getattr(import_module(f"{__package__}.{module}"), function))
 
 
 _interrupted: list[int] = []

@@ -8,22 +8,12 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import app
-from .console import console, human_bytes, print_json
-from .options import Force, JsonOut
+from .console import console, print_json
+from .options import Force, JsonOut, RopeDefaults
 from .progress import byte_progress
+from .reports import checkpoint_bytes, print_files
 
 
-def _bytes_of(path: Path) -> int:
-    from ..io.checkpoint import Checkpoint
-
-    try:
-        return Checkpoint.open(path).total_bytes()
-    except Exception:  # noqa: BLE001 - the command itself reports an unreadable input
-        return 0
-
-
-@app.command()
 def export(
     fused: Annotated[Path, typer.Argument(metavar="FUSED", help="A fused checkpoint directory (a plain base works "
                                           "for --to torchtune and --to hf).")],
@@ -36,9 +26,7 @@ def export(
                                                  "(fuse --adapter-only).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="config.json to use instead of the one beside "
                                                    "the weights.")] = None,
-    rope_defaults: Annotated[Optional[str], typer.Option("--rope-defaults", help="With no config: assume these RoPE "
-                                                         "settings. 'llama3' is torchtune's Llama 3 (theta 500000, "
-                                                         "llama3 scaling factor 8, low 1, high 4, context 8192).")] = None,
+    rope_defaults: RopeDefaults = None,
     force: Force = False,
     json_out: JsonOut = False,
 ) -> None:
@@ -51,7 +39,7 @@ def export(
     """
     from ..exporting import export as export_api
 
-    total = _bytes_of(fused)
+    total = checkpoint_bytes(fused)
     with byte_progress(enabled=not json_out) as progress:
         result = export_api(fused, out, to=to, base=base, config=config, rope_defaults=rope_defaults, force=force,
                             progress=lambda n: progress("export", n, total))
@@ -73,10 +61,9 @@ def export(
         console.print(table)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
-    _files(result.output, result.files)
+    print_files(result.output, result.files)
 
 
-@app.command()
 def unfuse(
     fused: Annotated[Path, typer.Argument(metavar="FUSED", help="A fused checkpoint directory.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory [default: <input>-unfused "
@@ -92,7 +79,7 @@ def unfuse(
     """
     from ..exporting import unfuse as unfuse_api
 
-    total = _bytes_of(fused)
+    total = checkpoint_bytes(fused)
     with byte_progress(enabled=not json_out) as progress:
         result = unfuse_api(fused, out, force=force, progress=lambda n: progress("copy", n, total))
     if json_out:
@@ -101,13 +88,4 @@ def unfuse(
     console.print(f"removed {len(result.removed)} fusion tensor(s); kept {result.kept} original tensor(s)")
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
-    _files(result.output, result.files)
-
-
-def _files(output: Path, files: list[dict]) -> None:
-    table = Table(title=f"Wrote {output}", title_justify="left")
-    table.add_column("file")
-    table.add_column("size", justify="right")
-    for f in files:
-        table.add_row(f["name"], human_bytes(f["bytes"]))
-    console.print(table)
+    print_files(result.output, result.files)

@@ -9,13 +9,12 @@ import typer
 from rich.table import Table
 
 from ..errors import UsageError
-from .app import app
-from .console import console, human_bytes, human_count, print_json
-from .options import Force, JsonOut
+from .console import console, human_count, print_json
+from .options import Force, JsonOut, RopeDefaults
 from .progress import byte_progress
+from .reports import print_files, print_verify_report, verify_notifier
 
 
-@app.command()
 def fuse(
     base: Annotated[Path, typer.Argument(metavar="BASE", help="Base checkpoint: a .safetensors file, or a directory with "
                                           "model.safetensors or shards and model.safetensors.index.json.")],
@@ -40,9 +39,7 @@ def fuse(
                                                      "shapes cannot tell.")] = None,
     num_kv_heads: Annotated[Optional[int], typer.Option("--num-kv-heads", help="Key/value heads (grouped-query attention), "
                                                         "when there is no config.")] = None,
-    rope_defaults: Annotated[Optional[str], typer.Option("--rope-defaults", help="With no config.json: write these RoPE "
-                                                         "settings into the output's config ('llama3' is torchtune's "
-                                                         "Llama 3: theta 500000, llama3 scaling factor 8).")] = None,
+    rope_defaults: RopeDefaults = None,
     link: Annotated[bool, typer.Option("--link", help="Hard-link the base's shard files into the output instead of copying "
                                        "them: only the new weights cost time and disk. The two directories then SHARE those "
                                        "files: editing one in place edits both. Needs one filesystem (else the shards are "
@@ -81,14 +78,13 @@ def fuse(
     if not verify_output:
         print_json(result.to_dict()) if json_out else _report(result)
         return
-    from .verify_cmd import raise_if_failed, run_verify
+    from ..verification import verify as verify_api
 
     if not json_out:
         _report(result)
-    report = run_verify(result.output, base=base, device=device, json_out=json_out, emit=not json_out)
-    if json_out:
-        print_json(dict(result.to_dict(), verify=report.to_dict()))
-    raise_if_failed(report)
+    report = verify_api(result.output, base, device=device, notify=verify_notifier(json_out))
+    print_json(dict(result.to_dict(), verify=report.to_dict())) if json_out else print_verify_report(report)
+    report.raise_if_failed()
 
 
 def _report(result) -> None:
@@ -117,9 +113,4 @@ def _report(result) -> None:
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
     layout = {"copy": "", "link": " (base shards hard-linked)", "adapter": " (adapter only: new tensors and manifest)"}
-    files = Table(title=f"Wrote {result.output}{layout[result.layout]}", title_justify="left")
-    files.add_column("file")
-    files.add_column("size", justify="right")
-    for f in result.files:
-        files.add_row(f["name"] + (" (link)" if f.get("linked") else ""), human_bytes(f["bytes"]))
-    console.print(files)
+    print_files(result.output, result.files, layout[result.layout])

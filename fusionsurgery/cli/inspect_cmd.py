@@ -9,11 +9,9 @@ import typer
 from rich.table import Table
 
 from ..inspection import Inspection, inspect_checkpoint
-from .app import app
 from .console import console, human_bytes, human_count, print_json
 
 
-@app.command()
 def inspect(
     path: Annotated[Path, typer.Argument(metavar="PATH", help="A .safetensors file or a checkpoint directory (base or fused).")],
     base: Annotated[Optional[Path], typer.Option("--base", help="Compare keys with this checkpoint: added, removed, "

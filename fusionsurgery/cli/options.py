@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -10,3 +10,9 @@ import typer
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output (only once the new one is complete).")]
 #: ``--json``: a machine-readable summary on stdout instead of the rich report.
 JsonOut = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary instead of the report.")]
+#: ``--rope-defaults``: RoPE settings for a checkpoint whose config has none (fuse, verify, export).
+RopeDefaults = Annotated[Optional[str], typer.Option("--rope-defaults", help="With no RoPE settings in a config (a "
+                                                     "torchtune checkpoint without config.json): assume these, and "
+                                                     "fuse writes them into the output's config. 'llama3' is "
+                                                     "torchtune's Llama 3: theta 500000, llama3 scaling factor 8, "
+                                                     "low 1, high 4, context 8192.")]

@@ -8,14 +8,12 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import app
 from .console import console, human_count, print_json
-from .export_cmd import _bytes_of, _files
 from .options import Force, JsonOut
 from .progress import byte_progress
+from .reports import checkpoint_bytes, print_files
 
 
-@app.command("import")
 def import_(
     mllama: Annotated[Path, typer.Argument(metavar="MLLAMA_DIR", help="A Hugging Face Mllama checkpoint: "
                                            "MllamaForCausalLM, or MllamaForConditionalGeneration (Llama 3.2 Vision) "
@@ -38,7 +36,7 @@ def import_(
     """
     from ..transplant import import_mllama
 
-    total = _bytes_of(mllama)
+    total = checkpoint_bytes(mllama)
     with byte_progress(enabled=not json_out) as progress:
         result = import_mllama(mllama, out, adapter_only=adapter_only, force=force,
                                progress=lambda n: progress("import", n, total))
@@ -57,10 +55,9 @@ def import_(
     console.print(f"{parts} ({kept})")
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
-    _files(result.output, result.files)
+    print_files(result.output, result.files)
 
 
-@app.command()
 def graft(
     adapter: Annotated[Path, typer.Argument(metavar="ADAPTER", help="An adapter: the output of fuse --adapter-only "
                                             "or import --adapter-only.")],
@@ -97,7 +94,7 @@ def graft(
         _drift(result.drift)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
-    _files(result.output, result.files)
+    print_files(result.output, result.files)
 
 
 def _drift(drift) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..errors import CheckFailed
+
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 
 
@@ -61,6 +63,16 @@ class Report:
             if c.name == name:
                 return c
         raise KeyError(name)
+
+    def raise_if_failed(self) -> None:
+        """Raise ``CheckFailed`` naming the failed checks, if any.
+
+        Raises:
+            CheckFailed: when a check failed (the CLI exits 1).
+        """
+        if not self.ok:
+            names = ", ".join(c.name for c in self.failures)
+            raise CheckFailed(f"{self.path}: {len(self.failures)} check(s) failed: {names}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "base": self.base, "ok": self.ok, "settings": self.settings,
