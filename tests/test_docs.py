@@ -1,0 +1,169 @@
+"""The documentation cannot rot: every link resolves, and every command it shows runs.
+
+- Links: every relative link and image in README.md, ARCHITECTURE.md, docs/**.md and
+  benchmarks/README.md points at a file inside the repository, and an anchor (``page.md#part``)
+  at a heading of that page.
+- Commands: every ``fusionsurgery ...`` command in a ```bash block of those pages is run, page by
+  page and in order, in a sandbox: a temporary directory holding a copy of ``examples/tiny-llama``,
+  where ``/tmp/`` means the sandbox's own ``tmp/`` and the few stand-in model names the guides use
+  (``FIXTURES``) are tiny models of the same kind, built by transformers. Each must exit 0.
+  Python blocks listed in ``PYTHON_BLOCKS`` run too, in the same sandbox and order. A command that
+  cannot run here is listed in ``NOT_RUN`` with the reason (none today).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = sorted([ROOT / "README.md", ROOT / "ARCHITECTURE.md", ROOT / "benchmarks" / "README.md",
+                *(ROOT / "docs").rglob("*.md")])
+
+#: Python blocks that run with the page's commands, by page and by index among its python blocks
+#: (the others are fragments: ``my_encoder``, a LoRA run elided with ``...``, an 8B torchtune model).
+PYTHON_BLOCKS = {"README.md": [0], "docs/guides/training.md": [0], "docs/transformers.md": [0]}
+
+#: Commands shown but not run here, each with the reason: (page, start of the command) -> why.
+NOT_RUN: dict[tuple[str, str], str] = {}
+
+_FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
+_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _rel(page: Path) -> str:
+    return page.relative_to(ROOT).as_posix()
+
+
+def _blocks(page: Path) -> list[tuple[str, str]]:
+    """The fenced code blocks of ``page``: (language, text), in order."""
+    return [(m.group(1), m.group(2)) for m in _FENCE.finditer(page.read_text())]
+
+
+def _commands(script: str) -> list[str]:
+    """The ``fusionsurgery ...`` commands of a bash block (``a && b`` chains split, comments dropped)."""
+    joined = re.sub(r"\\\n\s*", " ", script)
+    found = []
+    for line in joined.splitlines():
+        line = line.split(" #", 1)[0].strip()
+        if line.startswith("#"):
+            continue
+        found += [part.strip() for part in line.split("&&") if part.strip().startswith("fusionsurgery ")]
+    return found
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    text = _FENCE.sub("", page.read_text())
+    return {_slug(m.group(1)) for m in re.finditer(r"^#+\s+(.*)$", text, re.M)}
+
+
+def test_the_pages_exist() -> None:
+    from fusionsurgery.cli.app import COMMANDS
+
+    for name, _, _ in COMMANDS:
+        assert (ROOT / "docs" / "cli" / f"{name}.md").is_file(), f"no docs/cli/{name}.md for the {name} command"
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 200, "README.md is the front door: keep it short"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_rel)
+def test_links_resolve_inside_the_repository(page: Path) -> None:
+    broken = []
+    text = _FENCE.sub("", page.read_text())
+    assert "shared/DESIGN.md" not in text, f"{_rel(page)} links to DESIGN.md, which users do not have"
+    for target in _LINK.findall(text):
+        if re.match(r"[a-z]+:", target):
+            continue  # https:, mailto:
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        if not dest.is_relative_to(ROOT) or not dest.exists():
+            broken.append(f"{target} (no such file in the repository)")
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+            broken.append(f"{target} (no heading #{anchor} in {_rel(dest)})")
+    assert not broken, f"{_rel(page)}: {broken}"
+
+
+def _runnable_pages() -> list[Path]:
+    return [p for p in PAGES if any(lang == "bash" and _commands(code) for lang, code in _blocks(p))
+            or _rel(p) in PYTHON_BLOCKS]
+
+
+def test_not_run_lists_only_commands_the_docs_show() -> None:
+    shown = {(_rel(p), c) for p in PAGES for lang, code in _blocks(p) if lang == "bash" for c in _commands(code)}
+    for page, start in NOT_RUN:
+        assert any(p == page and c.startswith(start) for p, c in shown), (page, start)
+
+
+# ---- the sandbox --------------------------------------------------------------------------------
+
+def _mllama(path: Path) -> None:
+    from helpers import mllama_model
+
+    mllama_model(True).save_pretrained(str(path))
+    (path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "MllamaImageProcessor"}))
+
+
+def _finetune(path: Path) -> None:
+    from helpers import hf_model, save_sharded
+
+    save_sharded(hf_model("llama", seed=3), path)  # the dimensions of _mllama's text model
+    (path / "tokenizer.json").write_text('{"version": "1.0"}')
+
+
+#: Stand-in model names the guides use -> how the sandbox makes a tiny model of that kind.
+FIXTURES = {"Llama-3.2-11B-Vision-Instruct": _mllama, "my-llama-3.1-8b-finetune": _finetune}
+
+
+def _sandbox(tmp: Path) -> Path:
+    shutil.copytree(ROOT / "examples" / "tiny-llama", tmp / "examples" / "tiny-llama")
+    (tmp / "tmp").mkdir()
+    return tmp
+
+
+def _localise(text: str, box: Path) -> str:
+    return text.replace("/tmp/", f"{box}/tmp/")
+
+
+def _run_command(command: str, box: Path, page: str) -> None:
+    from fusionsurgery.cli import main
+
+    argv = shlex.split(_localise(command, box))[1:]
+    for word in argv:
+        if word in FIXTURES and not (box / word).exists():
+            FIXTURES[word](box / word)
+    code = main(argv)
+    assert code == 0, f"{page}: `{command}` exited {code}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", _runnable_pages(), ids=_rel)
+def test_documented_commands_run(page: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    box = _sandbox(tmp_path)
+    monkeypatch.chdir(box)
+    rel = _rel(page)
+    python_index = 0
+    ran = 0
+    for lang, code in _blocks(page):
+        if lang == "bash":
+            for command in _commands(code):
+                if any(rel == p and command.startswith(s) for p, s in NOT_RUN):
+                    continue
+                _run_command(command, box, rel)
+                ran += 1
+        elif lang == "python":
+            if python_index in PYTHON_BLOCKS.get(rel, []):
+                exec(compile(_localise(code, box), f"{rel} python block {python_index}", "exec"), {})
+                ran += 1
+            python_index += 1
+    capsys.readouterr()
+    assert ran, f"{rel}: nothing ran"
