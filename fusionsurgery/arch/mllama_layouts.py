@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, listed
 from ..io.checkpoint import Checkpoint
 from ..io.copying import copy_checkpoint_files
+from ..io.manifest_schema import is_int
 
 #: The manifest section an import writes (and a graft carries): the source and its vision parts.
 ORIGIN_KEY = "mllama"
@@ -94,16 +95,16 @@ def read_origin(ckpt: Checkpoint, manifest: dict[str, Any] | None = None) -> Ori
     vision_doc = doc.get("vision")
     vision, digests = None, {}
     if vision_doc:
-        listed = {t.get("name"): t.get("digest") for t in vision_doc.get("tensors", []) if isinstance(t, dict)}
+        named = {t.get("name"): t.get("digest") for t in vision_doc.get("tensors", []) if isinstance(t, dict)}
         directory = ckpt.root / VISION_DIR
         if not directory.is_dir():
-            raise CheckpointError(f"{ckpt.root}: the manifest names {len(listed)} vision tensor(s) in {VISION_DIR}/, "
+            raise CheckpointError(f"{ckpt.root}: the manifest names {len(named)} vision tensor(s) in {VISION_DIR}/, "
                                   "which is missing")
         vision = Checkpoint.open(directory)
-        if set(vision.keys()) != set(listed):
-            odd = sorted(set(vision.keys()) ^ set(listed))
-            raise CheckpointError(f"{directory}: holds other tensors than the manifest names ({', '.join(odd[:3])})")
-        digests = listed
+        if set(vision.keys()) != set(named):
+            odd = sorted(set(vision.keys()) ^ set(named))
+            raise CheckpointError(f"{directory}: holds other tensors than the manifest names ({listed(odd, 3)})")
+        digests = named
     return Origin(LAYOUTS[doc["layout"]], doc["config"], vision, digests)
 
 
@@ -136,7 +137,7 @@ def origin_pad(origin: Origin | None) -> int | None:
     if origin is None:
         return None
     pad = text_config_of(origin.config).get("pad_token_id")
-    return pad if isinstance(pad, int) and not isinstance(pad, bool) else None
+    return pad if is_int(pad) else None
 
 
 def copy_vision(origin: Origin | None, root: Path, algorithm: str,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..arch.families import FAMILIES, FUSION_SEGMENT
-from ..errors import UsageError
+from ..errors import UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
 from ..io.writer import AtomicDirectory
 from .common import (EXPORT_MANIFEST_NAME, ExportResult, Source, copy_sidecars, export_manifest, listed_files,
@@ -156,7 +156,7 @@ def plan_mllama(src: Source) -> tuple[list[OutTensor], list[dict[str, Any]], lis
     used = {s for t in out for s in t.sources}
     left = sorted(set(ckpt.keys()) - used)
     if left:
-        raise UsageError(f"tensor(s) with no place in Mllama's layout: {', '.join(left[:3])}")
+        raise UsageError(f"tensor(s) with no place in Mllama's layout: {listed(left, 3)}")
     if moved:
         notes.append("self-attention q/k rows permuted per head from torchtune's interleaved RoPE layout to "
                      "Hugging Face's half layout")
@@ -254,7 +254,7 @@ def export_mllama(src: Source, out: Path, *, force: bool = False, progress: Prog
             changed = sorted(k for k, d in origin.vision_digests.items() if d and digests.get(k) != d)
             if changed:
                 notes.append(f"{len(changed)} vision tensor(s) differ from the digests recorded at import "
-                             f"(trained since?): {', '.join(changed[:3])}")
+                             f"(trained since?): {listed(changed, 3)}")
         if len(set(files.values())) > 1:
             write_json(tmp / INDEX_NAME, index_doc(files, tensors))
         write_json(tmp / CONFIG_NAME, config)

@@ -8,7 +8,7 @@ it differs. Nothing holds more than one chunk of one tensor in memory.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +20,10 @@ from ..io.safetensors_format import DTYPE_SIZES, SafetensorsHeader, build_header
 from ..io.writer import MAX_SHARD_BYTES, SafetensorsWriter, group_into_shards
 from ..version import __version__
 from .rope import permute_heads
+from ..io.progress import Progress
 
 #: Bytes read per chunk.
 CHUNK_BYTES = 64 * 1024 * 1024
-Progress = Callable[[int], None]
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from ..io.writer import AtomicDirectory, SafetensorsWriter, write_index, write_j
 from ..surgery.manifest import changed_since_fusion
 from ..arch.mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_origin
 from ..version import __version__
+from .training import unwrap_peft
 
 #: Segments PEFT adds to parameter names, and what they stand for in the checkpoint.
 _PEFT_PREFIX = "base_model.model."
@@ -42,7 +43,7 @@ def checkpoint_tensors(model: torch.nn.Module, state_dict: dict[str, torch.Tenso
     save); a ``modules_to_save`` copy stands for the module it copies.
     """
     if state_dict is None:
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner = unwrap_peft(model)
         state_dict = inner.state_dict()
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
@@ -62,7 +63,7 @@ def save_fused(model: torch.nn.Module, out: str | os.PathLike[str], *,
     ``out`` may exist (transformers' ``Trainer`` creates it first): the files written replace theirs
     and stale weight files are removed; other files stay.
     """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap_peft(model)
     source = getattr(inner, "fusion_source", None)
     if source is None:
         raise UsageError("this model was not loaded from a fused checkpoint (fusionsurgery.hf.from_pretrained): "

@@ -17,6 +17,18 @@ from ..modules.fusion import get_fusion_params, set_trainable_params
 SELF_ATTENTION_TARGETS = r".*\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj|qkv_proj)"
 
 
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The model a PEFT wrapper holds (``get_base_model()``), or ``model`` itself when it is not wrapped.
+
+    Args:
+        model: a fused transformers model, or a PEFT model wrapping one.
+
+    Returns:
+        The fused transformers model.
+    """
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def freeze_all_but_fusion(model: nn.Module) -> dict[str, nn.Parameter]:
     """Freeze every parameter except those fusion added; returns ``{name: parameter}`` of the trainable ones."""
     params = get_fusion_params(model)
@@ -35,8 +47,7 @@ def make_fusion_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder layers (fused or not) of a fused model, or of a PEFT model wrapping one."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return list(inner.get_decoder().layers)
+    return list(unwrap_peft(model).get_decoder().layers)
 
 
 def shard_with_fsdp2(model: nn.Module, **fully_shard_kwargs: Any) -> nn.Module:

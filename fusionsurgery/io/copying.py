@@ -6,7 +6,6 @@ import errno
 import mmap
 import os
 import threading
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,12 +14,12 @@ from ..errors import WriteError
 from .digest import DEFAULT_ALGORITHM, FileDigester, tensor_digests
 from .direct import USE_DIRECT, DirectFile
 from .safetensors_format import SafetensorsHeader, read_header
+from .progress import Progress
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
 
 COPY_CHUNK = 16 * 1024 * 1024
-Progress = Callable[[int], None]
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
 
 

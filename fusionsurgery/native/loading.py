@@ -9,7 +9,7 @@ import torch
 
 from ..arch.config import FusionConfig, ModelConfig, read_fusion_config, read_model_config
 from .builders import build_empty
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import Checkpoint
 from ..io.torch_dtypes import TORCH_DTYPES, parse_dtype
 from ..modules import TransformerDecoder
@@ -80,9 +80,9 @@ def load_tensors(model: torch.nn.Module, ckpt: Checkpoint) -> None:
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing {', '.join(missing[:3])}" + (f" (+{len(missing) - 3})" if len(missing) > 3 else ""))
+            parts.append(f"missing {listed(missing, 3)}")
         if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:3])}" + (f" (+{len(unexpected) - 3})" if len(unexpected) > 3 else ""))
+            parts.append(f"unexpected {listed(unexpected, 3)}")
         raise CheckpointError(f"{ckpt.root}: tensors do not match the model its config describes: {'; '.join(parts)}")
     with torch.no_grad():
         for key, target in targets.items():

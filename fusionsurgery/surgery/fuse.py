@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
@@ -23,6 +22,7 @@ from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
 from ..io.copying import Cancelled, copy_and_digest, link_and_digest, same_filesystem
 from ..io.digest import ALGORITHMS, DEFAULT_ALGORITHM, tensor_digests
+from ..io.progress import StageProgress
 from ..io.writer import (AtomicDirectory, SafetensorsWriter, check_output_location, copy_sidecars,
                          default_output, group_into_shards, write_index, write_json)
 from ..version import __version__
@@ -31,8 +31,6 @@ from .manifest import build_manifest, describe_base
 from .plan import INIT_CHOICES, NewTensor, plan_new_tensors
 from .selection import select_layers
 
-#: progress(stage, bytes_done_increment, stage_total_bytes)
-ProgressFn = Callable[[str, int, int], None]
 #: Threads creating new-weight chunks (numpy fills arrays without the GIL).
 GENERATOR_THREADS = max(1, min(4, os.cpu_count() or 1))
 DTYPE_CHOICES = {"same": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
@@ -110,7 +108,7 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
          config: str | os.PathLike[str] | None = None, num_heads: int | None = None,
          num_kv_heads: int | None = None, rope_defaults: str | None = None, force: bool = False, link: bool = False,
          adapter_only: bool = False, digest: str = DEFAULT_ALGORITHM,
-         progress: ProgressFn | None = None) -> FuseResult:
+         progress: StageProgress | None = None) -> FuseResult:
     """Fuse gated cross-attention layers into a decoder checkpoint and write the fused directory.
 
     Every original tensor keeps its key and bytes (its shard file is copied as is, or hard-linked
@@ -193,7 +191,7 @@ def _fusion_config(cfg: ModelConfig, ckpt: Checkpoint, chosen: list[int], fusion
     )
 
 
-def bring_originals(ckpt: Checkpoint, tmp: Path, layout: str, algorithm: str, progress: ProgressFn | None,
+def bring_originals(ckpt: Checkpoint, tmp: Path, layout: str, algorithm: str, progress: StageProgress | None,
                      cancel: threading.Event) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Copy (or link, or only digest) every base shard; digests describe the bytes in the output."""
     total = ckpt.total_bytes()
@@ -221,7 +219,7 @@ def bring_originals(ckpt: Checkpoint, tmp: Path, layout: str, algorithm: str, pr
 
 
 def _write_new(ckpt: Checkpoint, new: list[NewTensor], seed: int, tmp: Path, algorithm: str,
-               progress: ProgressFn | None, pool: ThreadPoolExecutor) -> tuple[dict[str, str], dict[str, str]]:
+               progress: StageProgress | None, pool: ThreadPoolExecutor) -> tuple[dict[str, str], dict[str, str]]:
     """Write the new tensors into ``fusion-XXXXX-of-YYYYY.safetensors``, one tensor at a time."""
     shards = group_into_shards(new)
     total = sum(t.nbytes for t in new)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,12 +23,12 @@ from ..io.checkpoint import Checkpoint
 from ..io.digest import DEFAULT_ALGORITHM, new_hash
 from ..io.float_bits import FLOAT_DTYPES, to_float32
 from ..exporting.tensors import OutTensor, Part, chunks
+from ..io.progress import Progress
 
 #: Bytes of one tensor read at a time (per checkpoint).
 BLOCK_BYTES = 8 * 1024 * 1024
 #: Layers listed as having moved most.
 TOP_LAYERS = 5
-Progress = Callable[[int], None]
 
 
 @dataclass

@@ -19,13 +19,14 @@ from typing import Any
 
 from ..arch.config import FusionConfig, ModelConfig, read_fusion_config, read_model_config, to_hf_config
 from ..arch.families import is_fusion_key
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
 from ..io.copying import copy_checkpoint_files, same_filesystem
 from ..io.digest import algorithm_of, file_digest
+from ..io.progress import StageProgress
 from ..io.writer import AtomicDirectory, check_output_location, default_output, write_index, write_json
 from ..surgery.adapter import is_adapter
-from ..surgery.fuse import ProgressFn, bring_originals, check_not_fused
+from ..surgery.fuse import bring_originals, check_not_fused
 from ..surgery.manifest import build_manifest, describe_base
 from ..surgery.plan import plan_new_tensors
 from ..exporting.common import listed_files
@@ -124,7 +125,7 @@ def check_tensors(adapter: Adapter, cfg: ModelConfig, what: str) -> None:
     extra = sorted(set(adapter.ckpt.keys()) - {p.key for p in planned})
     if extra:
         raise UsageError(f"cannot graft {adapter.path}: tensor(s) its fusion section does not explain: "
-                         f"{', '.join(extra[:3])}")
+                         f"{listed(extra, 3)}")
 
 
 def _open_base(path: Path, adapter: Adapter, what: str, *, fused_ok: bool = False) -> tuple[Checkpoint, ModelConfig]:
@@ -156,7 +157,7 @@ def _open_reference(path: Path, adapter: Adapter, base: Checkpoint) -> Checkpoin
 
 def graft(adapter: str | os.PathLike[str], onto: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
           *, was: str | os.PathLike[str] | None = None, link: bool = False, force: bool = False,
-          progress: ProgressFn | None = None) -> GraftResult:
+          progress: StageProgress | None = None) -> GraftResult:
     """Attach the adapter at ``adapter`` to the base at ``onto``; write the fused checkpoint at ``out``
     (default ``<base name>-grafted``). ``was``: the adapter's own base (a plain base, or a fused
     checkpoint whose originals are it), to report how far ``onto`` is from it."""
@@ -218,7 +219,7 @@ def graft(adapter: str | os.PathLike[str], onto: str | os.PathLike[str], out: st
 
 
 def _copy_files(ckpt: Checkpoint, directory: Path, algorithm: str,
-                progress: ProgressFn | None) -> tuple[dict[str, str], list[dict[str, Any]]]:
+                progress: StageProgress | None) -> tuple[dict[str, str], list[dict[str, Any]]]:
     """Copy every weight file of ``ckpt`` into ``directory``; (tensor digests, [{name, bytes, digest}])."""
     total = ckpt.total_bytes()
     step = (lambda n: progress("copy adapter", n, total)) if progress else None

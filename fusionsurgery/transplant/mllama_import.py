@@ -20,9 +20,10 @@ from typing import Any
 
 from ..arch.config import FusionConfig, ModelConfig, config_from_shapes
 from ..arch.families import FAMILIES, FUSION_SEGMENT, is_fusion_key
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
 from ..io.digest import ALGORITHMS, DEFAULT_ALGORITHM, file_digest
+from ..io.manifest_schema import is_int
 from ..io.writer import AtomicDirectory, check_output_location, default_output, write_index, write_json
 from ..surgery.manifest import build_manifest, describe_base
 from ..surgery.plan import plan_new_tensors
@@ -86,7 +87,7 @@ class ImportResult:
 # ---------------------------------------------------------------------- planning
 def _int_field(doc: dict[str, Any], name: str, where: str) -> int:
     value = doc.get(name)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    if not is_int(value) or value <= 0:
         raise CheckpointError(f"{where}: text config needs a positive integer {name!r}, got {value!r}")
     return value
 
@@ -213,7 +214,7 @@ def _check_fusion_tensors(cfg: ModelConfig, fusion: FusionConfig, new: dict[str,
         ordered.append(t)
     extra = sorted(set(new) - {p.key for p in planned})
     if extra:
-        raise CheckpointError(f"{source}: tensor(s) no fusion layer has: {', '.join(new[k].sources[0] for k in extra[:3])}")
+        raise CheckpointError(f"{source}: tensor(s) no fusion layer has: {listed([new[k].sources[0] for k in extra], 3)}")
     return ordered
 
 

@@ -6,7 +6,6 @@ Hashes each file once, sequentially (per tensor, with the manifest's algorithm).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 from ..io.checkpoint import Checkpoint
 from ..io.digest import DEFAULT_ALGORITHM, algorithm_of, tensor_digests
@@ -14,9 +13,9 @@ from ..surgery.manifest import changed_since_fusion
 from .report import CheckResult
 from ..errors import listed
 from .structure import Layout
+from ..io.progress import Progress
 
 NAME, TITLE = "originals", "Originals intact: every original tensor bit-identical"
-Progress = Callable[[int], None]
 
 
 def checkpoint_digests(ckpt: Checkpoint, progress: Progress | None = None, algorithm: str = DEFAULT_ALGORITHM,
