@@ -26,13 +26,24 @@ __all__ = ["EXPORT_MANIFEST_NAME", "ExportResult", "TARGETS", "UnfuseResult", "e
 def export(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *, to: str,
            base: str | os.PathLike[str] | None = None, config: str | os.PathLike[str] | None = None,
            rope_defaults: str | None = None, force: bool = False, progress: Progress | None = None) -> ExportResult:
-    """Export the checkpoint at ``path`` to ``to`` (one of ``TARGETS``) at ``out`` (default ``<name>-<to>``).
+    """Export the checkpoint at ``path`` so another stack loads it.
 
     Args:
+        path: a fused checkpoint (a plain base works for ``torchtune`` and ``hf``).
+        out: the output directory (default ``<name>-<to>`` beside ``path``).
+        to: one of ``TARGETS``: ``mllama``, ``torchtune`` or ``hf``.
         base: the base checkpoint, when ``path`` is an adapter (``fuse --adapter-only``).
         config: a config.json to use instead of the one beside the weights.
         rope_defaults: ``"llama3"`` to assume torchtune's Llama 3 RoPE settings when no config gives them.
         force: replace an existing output (only once the new one is complete).
+        progress: told how many bytes were written.
+
+    Returns:
+        ExportResult: the output, every tensor with its sources, digest and transform, notes and files.
+
+    Raises:
+        UsageError: an unknown target, or an output inside the input.
+        CheckpointError: an unreadable input, or one the target cannot express (named).
     """
     if to not in TARGETS:
         raise UsageError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")

@@ -42,7 +42,21 @@ class UnfuseResult:
 
 def unfuse(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *, force: bool = False,
            progress: Progress | None = None) -> UnfuseResult:
-    """Write the base of the fused checkpoint at ``path`` to ``out`` (default ``<name>-unfused``)."""
+    """Write the base of the fused checkpoint at ``path``: the same keys, dtypes, shapes and bytes.
+
+    Args:
+        path: the fused checkpoint directory.
+        out: the output directory (default ``<name>-unfused`` beside ``path``).
+        force: replace an existing output (only once the new one is complete).
+        progress: told how many bytes were copied.
+
+    Returns:
+        UnfuseResult: the output, the removed fusion tensors, the kept count, notes and files.
+
+    Raises:
+        CheckpointError: not a fused checkpoint, an adapter, or an unreadable or inconsistent one.
+        UsageError: an output inside the input, or an existing output without ``force``.
+    """
     src = Path(path)
     ckpt = Checkpoint.open(src)
     manifest = ckpt.read_manifest()

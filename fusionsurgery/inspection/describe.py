@@ -104,9 +104,21 @@ class Inspection:
 
 def inspect_checkpoint(path: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None,
                        tensors: bool = False) -> Inspection:
-    """Describe the checkpoint at ``path`` (file or directory) from headers only.
+    """Describe the checkpoint at ``path`` from its safetensors headers and JSON files only.
 
-    ``base`` adds a key diff against another checkpoint; ``tensors`` lists every tensor.
+    Args:
+        path: a ``.safetensors`` file or a checkpoint directory (base, fused or adapter).
+        base: another checkpoint to diff keys against (added, removed, changed shape or dtype); for
+            an adapter, the base it is described with.
+        tensors: list every tensor (name, shape, dtype, file).
+
+    Returns:
+        Inspection: architecture, dtypes, sizes, files and, for a fused checkpoint, what fusion
+        added (``.fusion``); ``.to_dict()`` is the ``--json`` document.
+
+    Raises:
+        CheckpointError: an unreadable or unsupported checkpoint, or an adapter whose base does not
+            match its digests.
     """
     ckpt = Checkpoint.open(path)
     manifest = ckpt.read_manifest()

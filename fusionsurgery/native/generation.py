@@ -42,8 +42,15 @@ def generate(model: nn.Module, tokens: torch.Tensor, *, encoder_input: Any = Non
             length (a tensor's dim 1, or the longest dim 1 of a dict's tensors). Give it when the
             encoder returns a different number of positions than it reads (image patches).
 
-    Returns ``[b, s + n]``: the prompts and ``n <= max_new_tokens`` new tokens. The model's caches are
-    set up for the call and removed afterwards (left set up, and reset, when they already were).
+    Returns:
+        torch.Tensor: ``[b, s + n]``, the prompts and ``n <= max_new_tokens`` new tokens. The model's
+        caches are set up for the call and removed afterwards (left set up, and reset, when they
+        already were).
+
+    Raises:
+        ValueError: tokens not ``[b, s]`` with ``s >= 1``; a negative ``max_new_tokens`` or
+            ``temperature``; ``top_k < 1`` or ``top_p`` outside (0, 1]; a mask of the wrong shape;
+            an encoder length that cannot be told.
     """
     if tokens.dim() != 2 or tokens.shape[1] == 0:
         raise ValueError(f"tokens must be [batch, seq] with seq >= 1, not {list(tokens.shape)}")

@@ -50,9 +50,27 @@ def open_model(path: str | os.PathLike[str] | Checkpoint, *, dtype: torch.dtype 
                rope_defaults: str | None = None) -> LoadedModel:
     """Build the model described by ``path`` and load its tensors one at a time.
 
-    ``base`` is the base checkpoint of an adapter output (``fuse --adapter-only``); it is refused
-    unless its digests match the adapter's manifest. ``rope_defaults`` (e.g. ``"llama3"``) names the
-    RoPE settings to assume when no config gives them (torchtune checkpoints often come without one).
+    Args:
+        path: a checkpoint file or directory (fused or plain), or an opened ``Checkpoint``.
+        dtype: torch dtype, ``"bf16"``/``"fp16"``/``"fp32"`` or ``"same"``; default: the checkpoint's
+            embedding dtype.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        config: a config.json to use instead of the one beside the weights.
+        rope_theta: RoPE base when no config gives it.
+        num_heads: attention heads, when there is no config and shapes cannot tell.
+        num_kv_heads: key/value heads, likewise.
+        base: the base checkpoint of an adapter output (``fuse --adapter-only``); refused unless its
+            digests match the adapter's manifest.
+        rope_defaults: the RoPE settings to assume when no config gives them (``"llama3"``: torchtune's
+            Llama 3); torchtune checkpoints often come without a config.
+
+    Returns:
+        LoadedModel: the model (in eval mode), its ``ModelConfig``, its ``FusionConfig`` (None for a
+        plain base) and the ``Checkpoint`` it was read from.
+
+    Raises:
+        CheckpointError: an unreadable or inconsistent checkpoint, a wrong base, an unusable device.
+        UsageError: an unknown dtype or option.
     """
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path, config=config)
     ckpt = attach_base(ckpt, Checkpoint.open(base) if base is not None else None)
@@ -73,7 +91,15 @@ def open_model(path: str | os.PathLike[str] | Checkpoint, *, dtype: torch.dtype 
 
 
 def load_tensors(model: torch.nn.Module, ckpt: Checkpoint) -> None:
-    """Copy every tensor of ``ckpt`` into ``model``; every state-dict key must be covered exactly."""
+    """Copy every tensor of ``ckpt`` into ``model``, one at a time.
+
+    Args:
+        model: a module whose state-dict keys are exactly the checkpoint's keys.
+        ckpt: the checkpoint to read.
+
+    Raises:
+        CheckpointError: a key missing on either side, or a shape that differs (both named).
+    """
     targets = model.state_dict(keep_vars=True)
     missing = sorted(set(targets) - set(ckpt.keys()))
     unexpected = sorted(set(ckpt.keys()) - set(targets))
@@ -107,6 +133,14 @@ def load_fused(path: str | os.PathLike[str], dtype: torch.dtype | str | None = N
         base: the base checkpoint, when ``path`` is an adapter (``fuse --adapter-only``).
         rope_defaults: ``"llama3"`` assumes torchtune's Llama 3 RoPE (theta 500000, llama3 scaling
             factor 8, low 1, high 4, original context 8192) when no config gives RoPE settings.
+
+    Returns:
+        TransformerDecoder: in eval mode; ``model(tokens [b, s], encoder_input=[b, e, encoder_dim])``
+        gives logits ``[b, s, vocab]``.
+
+    Raises:
+        CheckpointError: an unreadable or inconsistent checkpoint, a wrong base, an unusable device.
+        UsageError: an unknown dtype or option.
     """
     return open_model(path, dtype=dtype, device=device, config=config, rope_theta=rope_theta, base=base,
                       rope_defaults=rope_defaults).model

@@ -158,9 +158,28 @@ def _open_reference(path: Path, adapter: Adapter, base: Checkpoint) -> Checkpoin
 def graft(adapter: str | os.PathLike[str], onto: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
           *, was: str | os.PathLike[str] | None = None, link: bool = False, force: bool = False,
           progress: StageProgress | None = None) -> GraftResult:
-    """Attach the adapter at ``adapter`` to the base at ``onto``; write the fused checkpoint at ``out``
-    (default ``<base name>-grafted``). ``was``: the adapter's own base (a plain base, or a fused
-    checkpoint whose originals are it), to report how far ``onto`` is from it."""
+    """Attach the adapter at ``adapter`` to the base at ``onto``, writing a fused checkpoint of ``onto``.
+
+    Args:
+        adapter: an adapter (``fuse --adapter-only`` or ``import --adapter-only``).
+        onto: the base to attach it to: same layers, width, heads, MLP width and vocabulary as the
+            adapter's own base.
+        out: the output directory (default ``<base name>-grafted`` beside ``onto``).
+        was: the adapter's own base (a plain base, or a fused checkpoint whose originals are it),
+            to report how far ``onto`` is from it (``result.drift``).
+        link: hard-link the base's shard files instead of copying them.
+        force: replace an existing output (only once the new one is complete).
+        progress: told ``(stage, bytes, total)`` as the base is copied or digested.
+
+    Returns:
+        GraftResult: the output, its config and fusion settings, tensor counts, the adapter's
+        digest, the drift report (with ``was``), notes and files.
+
+    Raises:
+        UsageError: a base whose dimensions differ from the adapter's base (the first difference
+            named), or an input that is not an adapter.
+        CheckpointError: an unreadable input.
+    """
     a = open_adapter(Path(adapter))
     base_path = Path(onto)
     base, cfg = _open_base(base_path, a, "BASE")

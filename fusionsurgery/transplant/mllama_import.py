@@ -244,10 +244,25 @@ def _base_config(text: dict[str, Any], doc: dict[str, Any], num_layers: int, voc
 def import_mllama(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
                   adapter_only: bool = False, force: bool = False, digest: str = DEFAULT_ALGORITHM,
                   progress: Progress | None = None) -> ImportResult:
-    """Import the Mllama checkpoint at ``path`` into the fused layout at ``out`` (default ``<name>-imported``).
+    """Import the Mllama checkpoint at ``path`` into the fused layout.
 
-    With ``adapter_only`` only the fusion tensors (and the vision parts) are written, and the text
-    base is named by the digests of the files a full import writes (which ``unfuse`` of it gives back).
+    Args:
+        path: a Hugging Face ``MllamaForCausalLM`` or ``MllamaForConditionalGeneration`` directory.
+        out: the output directory (default ``<name>-imported`` beside ``path``).
+        adapter_only: write only the fusion tensors (and the vision parts); the text base is named
+            by the digests of the files a full import writes (which ``unfuse`` of it gives back).
+        force: replace an existing output (only once the new one is complete).
+        digest: ``blake3`` or ``sha256``, for the manifest's digests.
+        progress: told how many bytes were written.
+
+    Returns:
+        ImportResult: the output, the source's architecture and layout, the fused and
+        cross-attention layers, notes and files.
+
+    Raises:
+        CheckpointError: not an Mllama, no config.json, tensors with no place in a Llama decoder,
+            or cross-attention layers no FusionLayer can express.
+        UsageError: an unknown digest, or an output inside the input.
     """
     if digest not in ALGORITHMS:
         raise UsageError(f"--digest must be one of {', '.join(ALGORITHMS)}, got {digest!r}")

@@ -45,9 +45,29 @@ def verify(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = N
            notify: Notify | None = None) -> Report:
     """Check that the fused checkpoint at ``path`` is sound; every check is run and reported.
 
-    Raises ``FusionSurgeryError`` (exit 2) for bad usage or unreadable input, including a device
-    without enough memory for the run (``memory_limit`` caps what the device is taken to have).
-    A failed check does not raise: see ``Report.ok`` and ``Report.failures``.
+    Args:
+        path: the fused checkpoint directory (or an adapter, with ``base``).
+        base: the base checkpoint: originals are compared byte for byte with it (default: the
+            manifest's digests); required for an adapter.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+        dtype: ``same`` (the checkpoint's), ``bf16``, ``fp16``, ``fp32`` or a torch dtype.
+        stream: load one decoder layer at a time (models larger than the device's memory).
+        memory_limit: bytes the device is taken to have at most.
+        batch: probe batch size.
+        seq_len: probe sequence length (random tokens, ``[batch, seq_len]``).
+        encoder_len: probe encoder positions (random states, ``[batch, encoder_len, encoder_dim]``).
+        bench_len: tokens per pass of the throughput figure (default: a few times ``seq_len``).
+        seed: seed of the random probe.
+        rope_defaults: RoPE settings to assume when the config has none (``"llama3"``).
+        notify: called with a line of text as each stage starts.
+
+    Returns:
+        Report: every check's status, summary, details and figures (``report.ok``,
+        ``report.failures``, ``report.raise_if_failed()``). A failed check does not raise.
+
+    Raises:
+        FusionSurgeryError: bad usage or unreadable input (the CLI exits 2), including a device
+            without enough memory for the run.
     """
     say = notify or (lambda _msg: None)
     if batch < 1 or seq_len < 2 or encoder_len < 1:
