@@ -68,7 +68,7 @@ def test_all_layouts_load_to_the_same_logits(outputs):
 
 
 def test_adapter_refuses_a_missing_or_different_base(outputs, tmp_path):
-    with pytest.raises(UsageError, match="--base"):
+    with pytest.raises(UsageError, match="`base` BASE"):
         fs.load_fused(outputs / "adapter")
     other = tmp_path / "other"
     save_sharded(hf_model("llama", seed=1), other, "200KB")

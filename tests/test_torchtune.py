@@ -147,9 +147,9 @@ def test_without_config_rope_needs_config_or_defaults(setup):
     fused = tmp / "bare-fused"
     fs.fuse(bare, fused, every=2, seed=1, num_heads=HEADS)
     assert "rope_theta" not in read_json(fused / "config.json")
-    with pytest.raises(UsageError, match="--config PATH .* or --rope-defaults llama3"):
+    with pytest.raises(UsageError, match="`config` PATH .* or `rope_defaults` llama3"):
         fs.load_fused(fused, dtype=torch.float32)
-    with pytest.raises(UsageError, match="--config PATH"):
+    with pytest.raises(UsageError, match="`config` PATH"):
         export(fused, tmp / "bare-m", to="mllama")
     model = fs.load_fused(fused, dtype=torch.float32, rope_defaults="llama3")
     t = tokens(vocab=128)
@@ -166,7 +166,7 @@ def test_without_config_rope_needs_config_or_defaults(setup):
 
 def test_bad_rope_defaults_and_unsupported_architecture(tmp_path):
     qwen, _ = make_base(tmp_path, "qwen2")
-    with pytest.raises(UsageError, match="--to torchtune supports llama, mistral"):
+    with pytest.raises(UsageError, match="`to` torchtune supports llama, mistral"):
         export(qwen, tmp_path / "q", to="torchtune")
     with pytest.raises(UsageError, match="--rope-defaults must be one of llama3"):
         fs.load_fused(qwen, rope_defaults="llama9")

@@ -314,7 +314,7 @@ def test_streaming_fits_where_the_whole_model_does_not(fused: Path) -> None:
     whole, streamed = memory.estimate(*args, stream=False, **sizes), memory.estimate(*args, stream=True, **sizes)
     assert streamed.total < whole.total
     limit = (streamed.total + whole.total) // 2
-    with pytest.raises(UsageError, match="--stream needs"):
+    with pytest.raises(UsageError, match="`stream` needs"):
         verify(fused, device="cpu", memory_limit=limit)
     assert verify(fused, device="cpu", memory_limit=limit, stream=True).ok
 

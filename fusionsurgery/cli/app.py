@@ -16,7 +16,7 @@ try:  # typer >= 0.20 vendors its own click
 except ImportError:  # pragma: no cover - older typer on real click
     import click.exceptions as _cx
 
-from ..errors import CheckFailed, FusionSurgeryError, WriteError
+from ..errors import CheckFailed, FusionSurgeryError, WriteError, in_flag_terms
 from ..version import __version__
 from .console import err_console
 
@@ -76,6 +76,13 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _flags() -> set[str]:
+    """Every long option of every command, as a Python keyword (``--encoder-dim`` -> ``encoder_dim``)."""
+    group = typer.main.get_command(app)
+    return {opt[2:].replace("-", "_") for command in getattr(group, "commands", {}).values()
+            for param in command.params for opt in param.opts if opt.startswith("--")}
+
+
 def _error(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
 
@@ -111,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error("interrupted; nothing was written")
         return 130
     except (FusionSurgeryError, CheckFailed, WriteError) as exc:
-        _error(str(exc))
+        _error(in_flag_terms(str(exc), _flags()))
         return exc.exit_code
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):

@@ -46,7 +46,7 @@ def export(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = No
         CheckpointError: an unreadable input, or one the target cannot express (named).
     """
     if to not in TARGETS:
-        raise UsageError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
+        raise UsageError(f"`to` must be one of {', '.join(TARGETS)}, got {to!r}")
     src = open_source(path, base=base, config=config, rope_defaults=rope_defaults)
     out_path = Path(out) if out is not None else default_output(Path(path), to)
     check_output_location(Path(path), out_path)

@@ -37,8 +37,8 @@ def check_supported(src: Source) -> None:
                          "layers; run `fusionsurgery fuse` first")
     if fusion.encoder_dim and fusion.encoder_dim != cfg.dim:
         raise UsageError(
-            f"this checkpoint was fused with --encoder-dim {fusion.encoder_dim}, but Mllama's cross-attention reads "
-            f"states as wide as the decoder ({cfg.dim}); fuse again without --encoder-dim (project the encoder "
+            f"this checkpoint was fused with `encoder_dim` {fusion.encoder_dim}, but Mllama's cross-attention reads "
+            f"states as wide as the decoder ({cfg.dim}); fuse again without `encoder_dim` (project the encoder "
             f"states to {cfg.dim} first) to export to Mllama"
         )
     problems = []
@@ -66,7 +66,7 @@ def check_supported(src: Source) -> None:
     if cfg.rope_theta is None:
         raise UsageError(
             "RoPE theta and scaling are unknown (no config.json), and Mllama's defaults differ from most bases: "
-            "pass --config PATH with the base's config, or --rope-defaults llama3 for torchtune's Llama 3 settings"
+            "pass `config` PATH with the base's config, or `rope_defaults` llama3 for torchtune's Llama 3 settings"
         )
 
 

@@ -78,7 +78,7 @@ def export_family(src: Source, out: Path, target_name: str, *, force: bool = Fal
     cfg = src.cfg
     if target_name == "torchtune" and cfg.model_type not in TORCHTUNE_MODEL_TYPES:
         raise UsageError(
-            f"--to torchtune supports {', '.join(TORCHTUNE_MODEL_TYPES)} checkpoints (torchtune's Llama builders, "
+            f"`to` torchtune supports {', '.join(TORCHTUNE_MODEL_TYPES)} checkpoints (torchtune's Llama builders, "
             f"interleaved RoPE); this one is {cfg.model_type}, whose torchtune builders name and rotate "
             "differently"
         )

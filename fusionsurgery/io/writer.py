@@ -147,7 +147,7 @@ class AtomicDirectory:
     def __enter__(self) -> "AtomicDirectory":
         self._remove_stale()
         if self.target.exists() and not self.force:
-            raise UsageError(f"{self.target} already exists; pass --force to replace it")
+            raise UsageError(f"{self.target} already exists; pass `force` to replace it")
         if not self.target.parent.is_dir():
             raise UsageError(f"{self.target.parent}: output's parent directory does not exist")
         while True:

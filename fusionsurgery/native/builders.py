@@ -25,8 +25,8 @@ def build_rope(cfg: ModelConfig, *, rope_layout: str | None = None, rope_theta: 
     theta = rope_theta if rope_theta is not None else cfg.rope_theta
     if theta is None:
         raise UsageError(
-            "RoPE theta is unknown (no config.json gave it and tensors cannot tell): pass --config PATH with "
-            "the base's config, or --rope-defaults llama3 to assume torchtune's Llama 3 settings "
+            "RoPE theta is unknown (no config.json gave it and tensors cannot tell): pass `config` PATH with "
+            "the base's config, or `rope_defaults` llama3 to assume torchtune's Llama 3 settings "
             "(theta 500000, llama3 scaling factor 8)"
         )
     return RotaryEmbedding(cfg.head_dim, theta, cfg.rope_scaling, rope_layout or cfg.family_obj.rope_layout)

@@ -34,10 +34,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
-        raise UsageError(f"--device {device!s}: not a device; use auto, cpu, cuda or cuda:N") from None
+        raise UsageError(f"`device` {device!s}: not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise CheckpointError(f"device {device!s}: CUDA is not available on this machine (try --device cpu)")
+            raise CheckpointError(f"device {device!s}: CUDA is not available on this machine (try `device` cpu)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise CheckpointError(f"device {device!s}: only {torch.cuda.device_count()} CUDA device(s) here")
     return dev

@@ -41,7 +41,7 @@ def attach_base(adapter: Checkpoint, base: Checkpoint | None, *, check: bool = T
         return adapter
     if base is None:
         raise UsageError(f"{adapter.root} holds only the fusion tensors (fuse --adapter-only): give its base "
-                         "(--base BASE, or base=...)")
+                         "(`base` BASE)")
     if check:
         check_base(base, manifest)
     return Checkpoint.combine(base, adapter)

@@ -108,7 +108,7 @@ def _blocks(ckpt: Checkpoint, key: str) -> Iterator[bytes]:
 
 def _floats(raw: bytes, dtype: str, key: str) -> np.ndarray:
     if dtype not in FLOAT_DTYPES:
-        raise UsageError(f"--was: {key} is {dtype}; only float tensors can be compared")
+        raise UsageError(f"`was`: {key} is {dtype}; only float tensors can be compared")
     return to_float32(raw, dtype)
 
 

@@ -149,9 +149,9 @@ def _open_reference(path: Path, adapter: Adapter, base: Checkpoint) -> Checkpoin
     theirs = {k for k in ref.keys() if not is_fusion_key(family.to_canonical(k))}
     for key in base.keys():
         if key not in theirs:
-            raise UsageError(f"--was {path} has no tensor {key}, which BASE has")
+            raise UsageError(f"`was` {path} has no tensor {key}, which BASE has")
         if ref.info(key).shape != base.info(key).shape:
-            raise UsageError(f"--was {path}: {key} is {list(ref.info(key).shape)}, BASE's is {list(base.info(key).shape)}")
+            raise UsageError(f"`was` {path}: {key} is {list(ref.info(key).shape)}, BASE's is {list(base.info(key).shape)}")
     return ref
 
 

@@ -265,7 +265,7 @@ def import_mllama(path: str | os.PathLike[str], out: str | os.PathLike[str] | No
         UsageError: an unknown digest, or an output inside the input.
     """
     if digest not in ALGORITHMS:
-        raise UsageError(f"--digest must be one of {', '.join(ALGORITHMS)}, got {digest!r}")
+        raise UsageError(f"`digest` must be one of {', '.join(ALGORITHMS)}, got {digest!r}")
     source = Path(path)
     ckpt = Checkpoint.open(source)
     plan = plan_import(ckpt, source)

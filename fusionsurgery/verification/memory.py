@@ -93,10 +93,10 @@ def ensure_fits(need: MemoryEstimate, have: int, device: torch.device, stream_ne
         return
     msg = f"verify needs {need.describe()} on {device} but only {fmt_bytes(have)} is available"
     if stream_need is not None and stream_need.total <= have:
-        msg += f"; --stream needs {fmt_bytes(stream_need.total)}"
+        msg += f"; `stream` needs {fmt_bytes(stream_need.total)}"
     elif stream_need is not None:
-        msg += f"; even --stream needs {fmt_bytes(stream_need.total)}"
-    raise UsageError(msg + "; or choose another --device")
+        msg += f"; even `stream` needs {fmt_bytes(stream_need.total)}"
+    raise UsageError(msg + "; or choose another `device`")
 
 
 def device_name(device: torch.device) -> str:

@@ -35,7 +35,7 @@ def resolve_dtype(ckpt: Checkpoint, dtype: str | torch.dtype | None) -> torch.dt
     try:
         return parse_dtype(dtype)
     except ValueError as exc:
-        raise UsageError(f"--dtype: {exc}") from None
+        raise UsageError(f"`dtype`: {exc}") from None
 
 
 def verify(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, *,
@@ -91,7 +91,7 @@ def verify(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = N
     ckpt = Checkpoint.open(root)
     if is_adapter(ckpt.read_manifest()):  # fuse --adapter-only: the originals come from --base
         if base_ckpt is None:
-            raise UsageError(f"{root} holds only the fusion tensors (fuse --adapter-only): pass --base BASE")
+            raise UsageError(f"{root} holds only the fusion tensors (fuse --adapter-only): pass `base` BASE")
         ckpt = attach_base(ckpt, base_ckpt, check=False)  # the originals check below compares the digests
     _ensure_fused(ckpt)
     torch_dtype = resolve_dtype(ckpt, dtype)
