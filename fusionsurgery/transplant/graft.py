@@ -26,6 +26,7 @@ from ..io.digest import algorithm_of, file_digest
 from ..io.progress import StageProgress
 from ..io.writer import AtomicDirectory, check_output_location, default_output, write_index, write_json
 from ..surgery.adapter import is_adapter
+from ..surgery.consistency import mismatches
 from ..surgery.fuse import bring_originals, check_not_fused
 from ..surgery.manifest import build_manifest, describe_base
 from ..surgery.plan import plan_new_tensors
@@ -115,13 +116,12 @@ def check_dimensions(adapter: Adapter, cfg: ModelConfig, what: str) -> None:
 def check_tensors(adapter: Adapter, cfg: ModelConfig, what: str) -> None:
     """Every fusion tensor the adapter must hold for ``cfg``, with its shape and dtype, and nothing else."""
     planned = plan_new_tensors(cfg, adapter.fusion)
-    for p in planned:
-        if p.key not in adapter.ckpt.key_to_file:
+    for m in mismatches(adapter.ckpt, planned)[:1]:
+        p = m.planned
+        if m.found is None:
             raise UsageError(f"cannot graft {adapter.path} onto {what}: the adapter lacks {p.key}")
-        info = adapter.ckpt.info(p.key)
-        if (info.shape, info.dtype) != (p.shape, p.dtype):
-            raise UsageError(f"cannot graft {adapter.path} onto {what}: {p.key} is {list(info.shape)} {info.dtype}, "
-                             f"{what} needs {list(p.shape)} {p.dtype}")
+        raise UsageError(f"cannot graft {adapter.path} onto {what}: {p.key} is {list(m.found[0])} {m.found[1]}, "
+                         f"{what} needs {list(p.shape)} {p.dtype}")
     extra = sorted(set(adapter.ckpt.keys()) - {p.key for p in planned})
     if extra:
         raise UsageError(f"cannot graft {adapter.path}: tensor(s) its fusion section does not explain: "
