@@ -58,9 +58,20 @@ def build_fusion_layer(cfg: ModelConfig, fusion: FusionConfig) -> GatedCrossAtte
 
 def build_decoder(cfg: ModelConfig, fusion: FusionConfig | None = None, *, rope_layout: str | None = None,
                   rope_theta: float | None = None) -> TransformerDecoder:
-    """The decoder of ``cfg``, with ``FusionLayer``s at ``fusion.layers`` when given.
+    """The decoder of ``cfg``, with ``FusionLayer``s at ``fusion.layers`` when given (weights uninitialised).
 
-    RoPE uses the layout of the checkpoint's naming family unless ``rope_layout`` says otherwise.
+    Args:
+        cfg: the base's architecture.
+        fusion: the fusion settings (layers, placement, encoder width, fusion vocabulary), or None.
+        rope_layout: ``"interleaved"`` (torchtune) or ``"half"`` (Hugging Face); default: the
+            layout of the checkpoint's naming family.
+        rope_theta: RoPE base when ``cfg`` has none.
+
+    Returns:
+        TransformerDecoder: ``model(tokens [b, s], encoder_input=[b, e, encoder_dim])`` -> ``[b, s, vocab]``.
+
+    Raises:
+        UsageError: RoPE theta unknown (no config gave it and ``rope_theta`` is None).
     """
     rope = build_rope(cfg, rope_layout=rope_layout, rope_theta=rope_theta)
     fused = set(fusion.layers) if fusion else set()
