@@ -27,7 +27,7 @@ PAGES = sorted([ROOT / "README.md", ROOT / "ARCHITECTURE.md", ROOT / "benchmarks
 
 #: Python blocks that run with the page's commands, by page and by index among its python blocks
 #: (the others are fragments: ``my_encoder``, a LoRA run elided with ``...``, an 8B torchtune model).
-PYTHON_BLOCKS = {"README.md": [0], "docs/guides/training.md": [0]}
+PYTHON_BLOCKS = {"README.md": [0], "docs/guides/training.md": [0], "docs/python-api.md": [0]}
 
 #: Commands shown but not run here, each with the reason: (page, start of the command) -> why.
 NOT_RUN: dict[tuple[str, str], str] = {
