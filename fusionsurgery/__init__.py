@@ -14,6 +14,7 @@ from .version import __version__
 _API = {
     "fuse": "fusionsurgery.surgery.fuse",
     "FuseResult": "fusionsurgery.surgery.fuse",
+    "FuseOptions": "fusionsurgery.surgery.options",
     "load_fused": "fusionsurgery.native.loading",
     "export": "fusionsurgery.exporting",
     "unfuse": "fusionsurgery.exporting",

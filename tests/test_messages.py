@@ -13,7 +13,7 @@ from helpers import make_base, run_cli
 
 LIBRARY = Path(fs.__file__).parent
 #: Library files that still name CLI flags in raised messages (to convert as their owners' work lands).
-PENDING = {"arch/config.py", "surgery/fuse.py", "surgery/plan.py"}
+PENDING = {"arch/config.py", "surgery/plan.py"}
 
 
 def test_in_flag_terms_maps_known_arguments_only() -> None:
@@ -44,3 +44,30 @@ def test_raised_messages_do_not_name_cli_flags() -> None:
             if re.search(r"(Error|Failed)\(f?[\"'][^\"']*--[a-z]", said):
                 flagged.append(f"{rel}:{n}: {line.strip()}")
     assert not flagged, flagged
+
+
+def test_fuse_options_are_the_fuse_command_s_flags() -> None:
+    """One list of options: every FuseOptions field is a parameter of the fuse command, under its name."""
+    import inspect
+    from dataclasses import fields
+
+    from fusionsurgery.cli.fuse_cmd import fuse as fuse_command
+    from fusionsurgery.surgery.options import FuseOptions
+
+    assert {f.name for f in fields(FuseOptions)} <= set(inspect.signature(fuse_command).parameters)
+
+
+def test_fuse_takes_options_and_keywords(tmp_path) -> None:
+    from fusionsurgery.surgery.options import FuseOptions
+
+    base, _ = make_base(tmp_path)
+    a = fs.fuse(base, tmp_path / "a", FuseOptions(every=2, seed=3))
+    b = fs.fuse(base, tmp_path / "b", every=2, seed=3)
+    c = fs.fuse(base, tmp_path / "c", FuseOptions(every=4), every=2, seed=3)  # keywords win over options
+    assert a.fusion.layers == b.fusion.layers == c.fusion.layers
+    assert (a.output / "fusion-00001-of-00001.safetensors").read_bytes() == \
+        (c.output / "fusion-00001-of-00001.safetensors").read_bytes()
+    with pytest.raises(TypeError):
+        fs.fuse(base, tmp_path / "d", evry=2)
+    with pytest.raises(UsageError, match="^`encoder_dim` must be positive, got 0$"):
+        fs.fuse(base, tmp_path / "e", every=2, encoder_dim=0)

@@ -63,7 +63,9 @@ def fuse(
     name and renamed into place at the end, so a failed run leaves nothing behind.
     """
     from ..surgery.fuse import fuse as fuse_api
+    from ..surgery.options import FuseOptions
 
+    options = FuseOptions.pick(locals())  # this command's parameters are named like the options
     if verify_output:
         from ..native.loading import resolve_device
 
@@ -71,10 +73,7 @@ def fuse(
     elif device != "auto":
         raise UsageError("--device chooses where --verify runs; give it with --verify")
     with byte_progress(enabled=not json_out) as progress:
-        result = fuse_api(base, out, every=every, layers=layers, fusion_after=fusion_after, encoder_dim=encoder_dim,
-                          fusion_vocab=fusion_vocab, init=init, init_std=init_std, seed=seed, dtype=dtype,
-                          config=config, num_heads=num_heads, num_kv_heads=num_kv_heads, rope_defaults=rope_defaults,
-                          force=force, link=link, adapter_only=adapter_only, digest=digest, progress=progress)
+        result = fuse_api(base, out, options, force=force, progress=progress)
     if not verify_output:
         print_json(result.to_dict()) if json_out else _report(result)
         return

@@ -21,19 +21,19 @@ from ..arch.families import detect_family, is_fusion_key
 from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
 from ..io.copying import Cancelled, copy_and_digest, link_and_digest, same_filesystem
-from ..io.digest import ALGORITHMS, DEFAULT_ALGORITHM, tensor_digests
+from ..io.digest import tensor_digests
 from ..io.progress import StageProgress
 from ..io.writer import (AtomicDirectory, SafetensorsWriter, check_output_location, copy_sidecars,
                          default_output, group_into_shards, write_index, write_json)
 from ..version import __version__
 from .init import chunk_stream, num_chunks
 from .manifest import build_manifest, describe_base
-from .plan import INIT_CHOICES, NewTensor, plan_new_tensors
+from .plan import NewTensor, plan_new_tensors
+from .options import DTYPE_CHOICES, FuseOptions
 from .selection import select_layers
 
 #: Threads creating new-weight chunks (numpy fills arrays without the GIL).
 GENERATOR_THREADS = max(1, min(4, os.cpu_count() or 1))
-DTYPE_CHOICES = {"same": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 
 
 @dataclass
@@ -102,35 +102,47 @@ def check_not_fused(ckpt: Checkpoint) -> None:
         )
 
 
-def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *, every: int | None = None,
-         layers: str | None = None, fusion_after: bool = False, encoder_dim: int | None = None,
-         fusion_vocab: int = 0, init: str = "normal", init_std: float = 0.02, seed: int = 0, dtype: str = "same",
-         config: str | os.PathLike[str] | None = None, num_heads: int | None = None,
-         num_kv_heads: int | None = None, rope_defaults: str | None = None, force: bool = False, link: bool = False,
-         adapter_only: bool = False, digest: str = DEFAULT_ALGORITHM,
-         progress: StageProgress | None = None) -> FuseResult:
+def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, options: FuseOptions | None = None,
+         *, force: bool = False, progress: StageProgress | None = None, **settings: Any) -> FuseResult:
     """Fuse gated cross-attention layers into a decoder checkpoint and write the fused directory.
 
     Every original tensor keeps its key and bytes (its shard file is copied as is, or hard-linked
     with ``link``, or left out with ``adapter_only``); the new tensors go to
     ``fusion-*.safetensors`` files; an index maps every key; ``config.json`` gains a ``fusion``
     section; ``fusion_manifest.json`` records settings and digests (``digest``: blake3 or sha256).
-    Returns a summary.
+
+    Args:
+        base: a ``.safetensors`` file, or a directory with ``model.safetensors`` or shards and an index.
+        out: the output directory (default ``<base name>-fused`` beside the base).
+        options: what to fuse and how (``FuseOptions``, whose fields the CLI's flags are).
+        force: replace an existing output (only once the new one is complete).
+        progress: told ``(stage, bytes, total)`` as originals are copied and new weights written.
+        **settings: ``FuseOptions`` fields as keywords (``every=4, seed=1``), over ``options``.
+
+    Returns:
+        FuseResult: the output, the base's config, the fusion settings, the new tensors, the files
+        written and notes.
+
+    Raises:
+        UsageError: an option that cannot be honoured (named), an already fused base, an output
+            inside the base or existing without ``force``.
+        CheckpointError: an unreadable, unsupported or inconsistent base.
+        TypeError: a keyword that is not a ``FuseOptions`` field.
     """
-    if link and adapter_only:
-        raise UsageError("--link and --adapter-only exclude each other")
-    if digest not in ALGORITHMS:
-        raise UsageError(f"--digest must be one of {', '.join(ALGORITHMS)}, got {digest!r}")
+    opts = (options or FuseOptions()).with_settings(settings)
+    opts.check()
     base_path = Path(base)
-    ckpt = Checkpoint.open(base_path, config=config)
+    ckpt = Checkpoint.open(base_path, config=opts.config)
     check_not_fused(ckpt)
-    cfg = read_model_config(ckpt, num_heads=num_heads, num_kv_heads=num_kv_heads, rope_defaults=rope_defaults)
-    chosen = select_layers(cfg.num_layers, every, layers)
-    fusion = _fusion_config(cfg, ckpt, chosen, fusion_after, encoder_dim, fusion_vocab, init, init_std, seed, dtype)
+    cfg = read_model_config(ckpt, num_heads=opts.num_heads, num_kv_heads=opts.num_kv_heads,
+                            rope_defaults=opts.rope_defaults)
+    chosen = select_layers(cfg.num_layers, opts.every, opts.layers)
+    fusion = _fusion_config(cfg, ckpt, chosen, opts)
     new = plan_new_tensors(cfg, fusion)
     out_path = Path(out) if out is not None else default_output(base_path, "fused")
     check_output_location(base_path, out_path)
-    layout = "adapter" if adapter_only else "link" if link else "copy"
+    layout = "adapter" if opts.adapter_only else "link" if opts.link else "copy"
+    digest = opts.digest
     result = FuseResult(out_path, cfg, fusion, new, layout, base_params=sum(ckpt.info(k).numel for k in ckpt.keys()))
     if layout == "link" and out_path.parent.exists() and not same_filesystem(ckpt.root, out_path.parent):
         result.layout = layout = "copy"
@@ -169,25 +181,14 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
     return result
 
 
-def _fusion_config(cfg: ModelConfig, ckpt: Checkpoint, chosen: list[int], fusion_after: bool, encoder_dim: int | None,
-                   fusion_vocab: int, init: str, init_std: float, seed: int, dtype: str) -> FusionConfig:
-    if encoder_dim is not None and encoder_dim <= 0:
-        raise UsageError(f"--encoder-dim must be positive, got {encoder_dim}")
-    if fusion_vocab < 0:
-        raise UsageError(f"--fusion-vocab must be 0 or more, got {fusion_vocab}")
-    if init not in INIT_CHOICES:
-        raise UsageError(f"--init must be one of {', '.join(INIT_CHOICES)}, got {init!r}")
-    if not 0 < init_std < float("inf"):
-        raise UsageError(f"--init-std must be positive and finite, got {init_std}")
-    if dtype not in DTYPE_CHOICES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
+def _fusion_config(cfg: ModelConfig, ckpt: Checkpoint, chosen: list[int], opts: FuseOptions) -> FusionConfig:
     base_dtype = ckpt.info(cfg.family_obj.global_key("tok_embeddings.weight")).dtype
-    if DTYPE_CHOICES[dtype] is None and base_dtype not in ("BF16", "F16", "F32"):
-        raise CheckpointError(f"base embeddings are {base_dtype}; pass --dtype bf16, fp16 or fp32 for the new weights")
+    if DTYPE_CHOICES[opts.dtype] is None and base_dtype not in ("BF16", "F16", "F32"):
+        raise CheckpointError(f"base embeddings are {base_dtype}; pass `dtype` bf16, fp16 or fp32 for the new weights")
     return FusionConfig(
-        layers=chosen, fusion_first=not fusion_after, encoder_dim=encoder_dim or cfg.dim, fusion_vocab=fusion_vocab,
-        init=init, init_std=init_std, seed=seed, dtype=DTYPE_CHOICES[dtype] or base_dtype,
-        qk_norm_eps=1e-5, norm_eps=cfg.norm_eps, tool_version=__version__,
+        layers=chosen, fusion_first=not opts.fusion_after, encoder_dim=opts.encoder_dim or cfg.dim,
+        fusion_vocab=opts.fusion_vocab, init=opts.init, init_std=opts.init_std, seed=opts.seed,
+        dtype=DTYPE_CHOICES[opts.dtype] or base_dtype, qk_norm_eps=1e-5, norm_eps=cfg.norm_eps, tool_version=__version__,
     )
 
 
