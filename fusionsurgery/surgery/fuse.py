@@ -38,7 +38,18 @@ GENERATOR_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 @dataclass
 class FuseResult:
-    """What ``fuse`` did, for reports and ``--json``."""
+    """What ``fuse`` did, for reports and ``--json`` (``to_dict()``).
+
+    Attributes:
+        output: the fused directory.
+        config: the base's architecture.
+        fusion: the fusion settings written into ``config.json``.
+        new_tensors: every tensor fusion added (key, shape, dtype, init).
+        layout: ``copy``, ``link`` or ``adapter``.
+        files: ``{"name", "bytes", "linked"}`` of every file written.
+        base_params: the base's parameter count.
+        notes: what the report should say besides (shards copied instead of linked ...).
+    """
 
     output: Path
     config: ModelConfig
