@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Sequence
+from pathlib import Path
 
 #: How many names a message lists before "(+N more)".
 MAX_LISTED = 8
@@ -45,6 +46,25 @@ class FusionSurgeryError(Exception):
 
 class CheckpointError(FusionSurgeryError):
     """A checkpoint file or directory is missing, malformed or unsupported."""
+
+
+class LinkRefused(CheckpointError):
+    """A file of a checkpoint directory is a symlink leading outside it (``io.links``; exit 2).
+
+    Args:
+        link (Path): the path inside the checkpoint directory.
+        target (Path): where it finally points.
+        what (str): what the file is, for the message ("sidecar file", "shard" ...).
+    """
+
+    def __init__(self, link: Path, target: Path, what: str) -> None:
+        self.link, self.target, self.what = link, target, what
+        super().__init__(self.message("follow_symlinks=True"))  # the CLI names --follow-symlinks
+
+    def message(self, option: str) -> str:
+        """The one-line refusal, naming ``option`` as the way to follow the link anyway."""
+        return (f"{self.link}: {self.what} is a symlink to {self.target}, outside the checkpoint's directory; "
+                f"refused (pass {option} to follow it anyway)")
 
 
 class UsageError(FusionSurgeryError):

@@ -142,6 +142,8 @@ def mllama_model(vision: bool, seed: int = 0, **text: Any):
     """A transformers Mllama (MllamaForConditionalGeneration with ``vision``, else MllamaForCausalLM) with random
     weights, norms perturbed from one and every cross-attention gate open (as in a trained model)."""
     import transformers
+    # transformers 5.0 (the [hf] floor) does not export MllamaTextConfig at the top level; later releases do.
+    from transformers.models.mllama.configuration_mllama import MllamaTextConfig
 
     text_config = dict(MLLAMA_TEXT, **text)
     torch.manual_seed(seed)
@@ -149,7 +151,7 @@ def mllama_model(vision: bool, seed: int = 0, **text: Any):
         config = transformers.MllamaConfig(text_config=text_config, vision_config=MLLAMA_VISION, image_token_index=126)
         model = transformers.MllamaForConditionalGeneration(config)
     else:
-        model = transformers.MllamaForCausalLM(transformers.MllamaTextConfig(**text_config))
+        model = transformers.MllamaForCausalLM(MllamaTextConfig(**text_config))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("_gate"):

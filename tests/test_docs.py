@@ -78,6 +78,8 @@ def test_the_pages_exist() -> None:
     for name, _, _ in COMMANDS:
         assert (ROOT / "docs" / "cli" / f"{name}.md").is_file(), f"no docs/cli/{name}.md for the {name} command"
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200, "README.md is the front door: keep it short"
+    ci_command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci_command in (ROOT / "README.md").read_text(), "CI runs the README's test command verbatim"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=_rel)

@@ -143,7 +143,8 @@ EXPECT: dict[str, dict[str, tuple[str, str]]] = {
     "deeply nested index": {"verify": ("failed", "index is not readable JSON"),
                             **{c: ("error", "index is not readable JSON") for c in COMMANDS if c != "verify"}},
     "hostile manifest": {c: ("error", "original_tensors[0]") for c in COMMANDS},
-    "manifest that is a device": {c: ("error", "not a regular file") for c in COMMANDS},
+    # refused by the link rule (io.links) before it is opened; with --follow-symlinks: "not a regular file"
+    "manifest that is a device": {c: ("error", "symlink to /dev/zero") for c in COMMANDS},
     "manifest of the wrong shape": {c: ("error", "'base' is a list") for c in COMMANDS},
     "index naming a shard outside": {"verify": ("failed", "outside the directory"),
                                      **{c: ("error", "escapes") for c in COMMANDS if c != "verify"}},
@@ -360,12 +361,19 @@ def _no_links(directory: Path) -> None:
 
 
 def test_symlinked_shards_are_followed_by_every_command(made, tmp_path, capsys):
+    """Shards in a content store outside the directory: refused by default (io.links), followed by
+    every command with --follow-symlinks (as cp -L), and no symlink is ever written into an output."""
     base, fused = made
     linked_base = _into_store(base, tmp_path / "base", tmp_path / "dvc" / "cache")
     linked_fused = _into_store(fused, tmp_path / "fused-in", tmp_path / "annex" / "objects")
+    follow = ["--follow-symlinks"]
+    capsys.readouterr()
+    code, err = run_cli(["fuse", str(linked_base), "--layers", "0,2", "-o", str(tmp_path / "refused")], capsys)
+    assert code == 2 and "--follow-symlinks" in err and "dvc" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "refused").exists()
     for layout in ([], ["--link"], ["--adapter-only"]):
         out = tmp_path / f"fused{''.join(layout)}"
-        assert main(["fuse", str(linked_base), "--layers", "0,2", "-o", str(out), *layout]) == 0
+        assert main(["fuse", str(linked_base), "--layers", "0,2", "-o", str(out), *layout, *follow]) == 0
         _no_links(out)
         if layout != ["--adapter-only"]:
             assert (out / "generation_config.json").is_file()
@@ -373,26 +381,37 @@ def test_symlinked_shards_are_followed_by_every_command(made, tmp_path, capsys):
     store_file = (linked_base / "model.safetensors").resolve()
     assert os.stat(tmp_path / "fused--link" / "model.safetensors").st_ino == os.stat(store_file).st_ino
     capsys.readouterr()
-    assert main(["verify", str(linked_fused), "--base", str(linked_base), "--device", "cpu"]) == 0
+    assert main(["verify", str(linked_fused), "--base", str(linked_base), "--device", "cpu", *follow]) == 0
     assert main(["verify", str(tmp_path / "fused--adapter-only"), "--base", str(linked_base),
-                        "--device", "cpu"]) == 0
-    assert main(["inspect", str(linked_fused), "--base", str(linked_base)]) == 0
+                        "--device", "cpu", *follow]) == 0
+    assert main(["inspect", str(linked_fused), "--base", str(linked_base), *follow]) == 0
     for target in ("torchtune", "mllama"):
-        assert main(["export", str(linked_fused), "--to", target, "-o", str(tmp_path / target)]) == 0
+        assert main(["export", str(linked_fused), "--to", target, "-o", str(tmp_path / target), *follow]) == 0
         _no_links(tmp_path / target)
-    assert main(["unfuse", str(linked_fused), "-o", str(tmp_path / "unfused")]) == 0
+    assert main(["unfuse", str(linked_fused), "-o", str(tmp_path / "unfused"), *follow]) == 0
     _no_links(tmp_path / "unfused")
     assert tree_digest(tmp_path / "unfused" / "model.safetensors").popitem()[1] == \
         tree_digest(base / "model.safetensors").popitem()[1]
-    fs.load_fused(linked_fused)
-    fs.load_fused(tmp_path / "fused--adapter-only", base=linked_base)
+    fs.load_fused(linked_fused, follow_symlinks=True)
+    fs.load_fused(tmp_path / "fused--adapter-only", base=linked_base, follow_symlinks=True)
     # a symlinked directory or file: the default output goes beside the link, not into the store
     (tmp_path / "mine").symlink_to(linked_base)
     (tmp_path / "one.safetensors").symlink_to(linked_base / "model.safetensors")
-    assert main(["fuse", str(tmp_path / "mine"), "--every", "2"]) == 0
+    assert main(["fuse", str(tmp_path / "mine"), "--every", "2", *follow]) == 0
     assert main(["fuse", str(tmp_path / "one.safetensors"), "--every", "2", "--num-heads", "4",
-                 "--num-kv-heads", "2"]) == 0
+                 "--num-kv-heads", "2"]) == 0  # a file named on the command line is the user's choice
     assert (tmp_path / "mine-fused").is_dir() and (tmp_path / "one-fused").is_dir()
+    # without the flag, every command that reads the directories refuses, in one line naming the flag
+    capsys.readouterr()
+    for args in (["verify", str(linked_fused), "--device", "cpu"], ["inspect", str(linked_fused)],
+                 ["export", str(linked_fused), "--to", "hf", "-o", str(tmp_path / "no")],
+                 ["unfuse", str(linked_fused), "-o", str(tmp_path / "no")],
+                 ["verify", str(tmp_path / "fused--adapter-only"), "--base", str(linked_base), "--device", "cpu"]):
+        code, err = run_cli(args, capsys)
+        assert code == 2 and "--follow-symlinks" in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert not (tmp_path / "no").exists()
+    with pytest.raises(FusionSurgeryError, match="follow_symlinks=True"):
+        fs.load_fused(linked_fused)
 
 
 @pytest.mark.parametrize("case,contains", [
@@ -408,7 +427,7 @@ def test_bad_shard_symlinks_are_refused_in_one_line(made, tmp_path, capsys, case
     shard = d / FUSION_SHARD
     shard.unlink()
     target = {"dangling": tmp_path / "gone.safetensors", "loop": shard, "directory": tmp_path,
-              "not safetensors": tmp_path / "notes.txt"}[case]
+              "not safetensors": d / "notes.txt"}[case]  # inside the directory: io.links allows it
     if case == "not safetensors":
         target.write_text("x" * 64)
     shard.symlink_to(target)
@@ -474,7 +493,7 @@ def test_link_copies_a_shard_whose_symlink_leads_to_another_filesystem(made, tmp
         pytest.skip("/dev/shm is on the same filesystem as the test directory")
     try:
         linked = _into_store(base, tmp_path / "base", store)
-        result = fs.fuse(linked, tmp_path / "out", every=2, link=True)
+        result = fs.fuse(linked, tmp_path / "out", every=2, link=True, follow_symlinks=True)
         assert any("another filesystem" in n and "model.safetensors" in n for n in result.notes), result.notes
         _no_links(tmp_path / "out")
         assert os.stat(tmp_path / "out" / "model.safetensors").st_nlink == 1

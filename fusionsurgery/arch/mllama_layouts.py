@@ -100,7 +100,8 @@ def read_origin(ckpt: Checkpoint, manifest: dict[str, Any] | None = None) -> Ori
         if not directory.is_dir():
             raise CheckpointError(f"{ckpt.root}: the manifest names {len(named)} vision tensor(s) in {VISION_DIR}/, "
                                   "which is missing")
-        vision = Checkpoint.open(directory)
+        # the checkpoint's own link rule: vision/ is part of its tree (and may not lead out of it)
+        vision = Checkpoint.open(ckpt.link_rule.check(directory, "vision directory"), links=ckpt.link_rule)
         if set(vision.keys()) != set(named):
             odd = sorted(set(vision.keys()) ^ set(named))
             raise CheckpointError(f"{directory}: holds other tensors than the manifest names ({listed(odd, 3)})")

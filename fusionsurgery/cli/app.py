@@ -16,7 +16,11 @@ try:  # typer >= 0.20 vendors its own click
 except ImportError:  # pragma: no cover - older typer on real click
     import click.exceptions as _cx
 
-from ..errors import CheckFailed, FusionSurgeryError, WriteError, in_flag_terms
+#: click >= 8.2 raises this for a command run without arguments that shows its help; click 8.1 (which
+#: typer 0.15.4, the floor, installs) exits through typer.Exit instead: an empty tuple catches nothing.
+_NO_ARGS_IS_HELP = getattr(_cx, "NoArgsIsHelpError", ())
+
+from ..errors import CheckFailed, FusionSurgeryError, LinkRefused, WriteError, in_flag_terms
 from ..version import __version__
 from .console import err_console
 
@@ -104,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return rv if isinstance(rv, int) else 0
     except typer.Exit as exc:
         return exc.exit_code
-    except _cx.NoArgsIsHelpError as exc:
+    except _NO_ARGS_IS_HELP as exc:
         typer.echo(exc.format_message())
         return 0
     except _cx.UsageError as exc:
@@ -117,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         _error("interrupted; nothing was written")
         return 130
+    except LinkRefused as exc:  # the library names its keyword; the CLI names its flag
+        _error(exc.message("--follow-symlinks"))
+        return exc.exit_code
     except (FusionSurgeryError, CheckFailed, WriteError) as exc:
         _error(in_flag_terms(str(exc), _flags()))
         return exc.exit_code

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .console import console, print_json
-from .options import Force, JsonOut, RopeDefaults
+from .options import FollowSymlinks, Force, JsonOut, RopeDefaults
 from .progress import byte_progress
 from .reports import checkpoint_bytes, print_files
 
@@ -28,6 +28,7 @@ def export(
                                                    "the weights.")] = None,
     rope_defaults: RopeDefaults = None,
     force: Force = False,
+    follow_symlinks: FollowSymlinks = False,
     json_out: JsonOut = False,
 ) -> None:
     """Export a fused checkpoint so another stack loads it.
@@ -39,10 +40,10 @@ def export(
     """
     from ..exporting import export as export_api
 
-    total = checkpoint_bytes(fused)
+    total = checkpoint_bytes(fused, follow_symlinks)
     with byte_progress(enabled=not json_out) as progress:
         result = export_api(fused, out, to=to, base=base, config=config, rope_defaults=rope_defaults, force=force,
-                            progress=lambda n: progress("export", n, total))
+                            follow_symlinks=follow_symlinks, progress=lambda n: progress("export", n, total))
     if json_out:
         print_json(result.to_dict())
         return
@@ -69,6 +70,7 @@ def unfuse(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory [default: <input>-unfused "
                                                 "beside the input].")] = None,
     force: Force = False,
+    follow_symlinks: FollowSymlinks = False,
     json_out: JsonOut = False,
 ) -> None:
     """Give back the base of a fused checkpoint: the same keys, dtypes, shapes and bytes, and its config.
@@ -79,9 +81,10 @@ def unfuse(
     """
     from ..exporting import unfuse as unfuse_api
 
-    total = checkpoint_bytes(fused)
+    total = checkpoint_bytes(fused, follow_symlinks)
     with byte_progress(enabled=not json_out) as progress:
-        result = unfuse_api(fused, out, force=force, progress=lambda n: progress("copy", n, total))
+        result = unfuse_api(fused, out, force=force, follow_symlinks=follow_symlinks,
+                            progress=lambda n: progress("copy", n, total))
     if json_out:
         print_json(result.to_dict())
         return

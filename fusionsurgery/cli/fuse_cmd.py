@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..errors import UsageError
 from .console import console, human_count, print_json
-from .options import Force, JsonOut, RopeDefaults
+from .options import FollowSymlinks, Force, JsonOut, RopeDefaults
 from .progress import byte_progress
 from .reports import print_files, print_verify_report, verify_notifier
 
@@ -50,6 +50,7 @@ def fuse(
     digest: Annotated[str, typer.Option("--digest", help="Hash of the manifest's content digests: blake3 (fast) or "
                                         "sha256.")] = "blake3",
     force: Force = False,
+    follow_symlinks: FollowSymlinks = False,
     json_out: JsonOut = False,
     verify_output: Annotated[bool, typer.Option("--verify", help="Run every `fusionsurgery verify` check on the output "
                                                 "right after fusing (against the base).")] = False,
@@ -81,7 +82,8 @@ def fuse(
 
     if not json_out:
         _report(result)
-    report = verify_api(result.output, base, device=device, notify=verify_notifier(json_out))
+    report = verify_api(result.output, base, device=device, follow_symlinks=follow_symlinks,
+                        notify=verify_notifier(json_out))
     print_json(dict(result.to_dict(), verify=report.to_dict())) if json_out else print_verify_report(report)
     report.raise_if_failed()
 

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..inspection import Inspection, inspect_checkpoint
 from .console import console, human_bytes, human_count, print_json
+from .options import FollowSymlinks
 
 
 def inspect(
@@ -18,13 +19,14 @@ def inspect(
                                                  "changed shape or dtype.")] = None,
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor (name, shape, dtype, file).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of the report.")] = False,
+    follow_symlinks: FollowSymlinks = False,
 ) -> None:
     """Describe a checkpoint: naming family, architecture, dtypes, sizes, shards and, for a fused one,
     which layers are fused and how.
 
     Reads safetensors headers only, never tensor data.
     """
-    report = inspect_checkpoint(path, base=base, tensors=tensors)
+    report = inspect_checkpoint(path, base=base, tensors=tensors, follow_symlinks=follow_symlinks)
     if json_out:
         print_json(report.to_dict())
         return

@@ -16,3 +16,9 @@ RopeDefaults = Annotated[Optional[str], typer.Option("--rope-defaults", help="Wi
                                                      "fuse writes them into the output's config. 'llama3' is "
                                                      "torchtune's Llama 3: theta 500000, llama3 scaling factor 8, "
                                                      "low 1, high 4, context 8192.")]
+#: ``--follow-symlinks``: follow symlinks leading outside the input directories (``io.links``).
+FollowSymlinks = Annotated[bool, typer.Option(
+    "--follow-symlinks", help="Follow symlinks in the input directories wherever they point, as cp -L does. "
+    "Without it a file that is a symlink leading outside its checkpoint's directory (or outside the hub-cache "
+    "repository a snapshot belongs to) is refused, so that no file from elsewhere on the machine lands in an "
+    "output.")]

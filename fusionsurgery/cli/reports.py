@@ -13,11 +13,12 @@ from .console import console, err_console, human_bytes
 STATUS_STYLE = {"passed": "[green]passed[/]", "failed": "[bold red]FAILED[/]", "skipped": "[yellow]skipped[/]"}
 
 
-def checkpoint_bytes(path: Path) -> int:
+def checkpoint_bytes(path: Path, follow_symlinks: bool = False) -> int:
     """Bytes of the tensors of the checkpoint at ``path`` (a progress bar's total); 0 when unreadable.
 
     Args:
         path: a checkpoint file or directory.
+        follow_symlinks: read it under the same link rule as the command (``io.links``).
 
     Returns:
         The total size of its tensors, or 0 (the command itself then reports the unreadable input).
@@ -25,7 +26,7 @@ def checkpoint_bytes(path: Path) -> int:
     from ..io.checkpoint import Checkpoint
 
     try:
-        return Checkpoint.open(path).total_bytes()
+        return Checkpoint.open(path, follow_symlinks=follow_symlinks).total_bytes()
     except Exception:  # noqa: BLE001 - the command itself reports an unreadable input
         return 0
 

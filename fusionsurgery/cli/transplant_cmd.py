@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .console import console, human_count, print_json
-from .options import Force, JsonOut
+from .options import FollowSymlinks, Force, JsonOut
 from .progress import byte_progress
 from .reports import checkpoint_bytes, print_files
 
@@ -24,6 +24,7 @@ def import_(
                                                "parts, naming the imported text base by its digests (like "
                                                "fuse --adapter-only): the input of `graft`.")] = False,
     force: Force = False,
+    follow_symlinks: FollowSymlinks = False,
     json_out: JsonOut = False,
 ) -> None:
     """Import a trained deep-fusion model into the fused layout.
@@ -36,9 +37,9 @@ def import_(
     """
     from ..transplant import import_mllama
 
-    total = checkpoint_bytes(mllama)
+    total = checkpoint_bytes(mllama, follow_symlinks)
     with byte_progress(enabled=not json_out) as progress:
-        result = import_mllama(mllama, out, adapter_only=adapter_only, force=force,
+        result = import_mllama(mllama, out, adapter_only=adapter_only, force=force, follow_symlinks=follow_symlinks,
                                progress=lambda n: progress("import", n, total))
     if json_out:
         print_json(result.to_dict())
@@ -70,6 +71,7 @@ def graft(
     link: Annotated[bool, typer.Option("--link", help="Hard-link BASE's shard files instead of copying them (the two "
                                        "directories then share those files).")] = False,
     force: Force = False,
+    follow_symlinks: FollowSymlinks = False,
     json_out: JsonOut = False,
 ) -> None:
     """Attach an adapter's fusion layers (and vision parts) to another base of the same dimensions.
@@ -81,7 +83,8 @@ def graft(
     from ..transplant import graft as graft_api
 
     with byte_progress(enabled=not json_out) as progress:
-        result = graft_api(adapter, onto, out, was=was, link=link, force=force, progress=progress)
+        result = graft_api(adapter, onto, out, was=was, link=link, force=force, follow_symlinks=follow_symlinks,
+                           progress=progress)
     if json_out:
         print_json(result.to_dict())
         return

@@ -10,7 +10,7 @@ import typer
 
 from ..errors import UsageError
 from .console import print_json
-from .options import RopeDefaults
+from .options import FollowSymlinks, RopeDefaults
 from .reports import print_verify_report, verify_notifier
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
@@ -38,6 +38,7 @@ def verify(
     seq_len: Annotated[int, typer.Option("--seq-len", help="Probe sequence length (random tokens).")] = 16,
     rope_defaults: RopeDefaults = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    follow_symlinks: FollowSymlinks = False,
 ) -> None:
     """Run every check on a fused checkpoint and report each as passed or failed, with figures.
 
@@ -49,6 +50,7 @@ def verify(
 
     report = verify_api(path, base, device=device, dtype=dtype, stream=stream,
                         memory_limit=parse_size(memory_limit) if memory_limit else None, seq_len=seq_len,
-                        rope_defaults=rope_defaults, notify=verify_notifier(json_out))
+                        rope_defaults=rope_defaults, follow_symlinks=follow_symlinks,
+                        notify=verify_notifier(json_out))
     print_json(report.to_dict()) if json_out else print_verify_report(report)
     report.raise_if_failed()

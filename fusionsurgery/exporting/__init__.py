@@ -25,7 +25,8 @@ __all__ = ["EXPORT_MANIFEST_NAME", "ExportResult", "TARGETS", "UnfuseResult", "e
 
 def export(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *, to: str,
            base: str | os.PathLike[str] | None = None, config: str | os.PathLike[str] | None = None,
-           rope_defaults: str | None = None, force: bool = False, progress: Progress | None = None) -> ExportResult:
+           rope_defaults: str | None = None, force: bool = False, follow_symlinks: bool = False,
+           progress: Progress | None = None) -> ExportResult:
     """Export the checkpoint at ``path`` so another stack loads it.
 
     Args:
@@ -36,6 +37,7 @@ def export(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = No
         config: a config.json to use instead of the one beside the weights.
         rope_defaults: ``"llama3"`` to assume torchtune's Llama 3 RoPE settings when no config gives them.
         force: replace an existing output (only once the new one is complete).
+        follow_symlinks: follow symlinks that lead outside the input directories (``io.links``).
         progress: told how many bytes were written.
 
     Returns:
@@ -47,7 +49,7 @@ def export(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = No
     """
     if to not in TARGETS:
         raise UsageError(f"`to` must be one of {', '.join(TARGETS)}, got {to!r}")
-    src = open_source(path, base=base, config=config, rope_defaults=rope_defaults)
+    src = open_source(path, base=base, config=config, rope_defaults=rope_defaults, follow_symlinks=follow_symlinks)
     out_path = Path(out) if out is not None else default_output(Path(path), to)
     check_output_location(Path(path), out_path)
     if base is not None:

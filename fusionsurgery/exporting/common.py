@@ -11,6 +11,7 @@ from typing import Any
 from ..arch.config import FusionConfig, ModelConfig, read_fusion_config, read_model_config
 from ..io.checkpoint import Checkpoint
 from ..io.digest import algorithm_of, tensor_scheme
+from ..io.identity import input_name, public_config, public_manifest
 from ..io.writer import check_output_location, copy_sidecars, default_output, write_json  # noqa: F401  (used by the exports)
 from ..surgery.consistency import require_consistent
 from ..surgery.manifest import change_notes
@@ -62,12 +63,13 @@ class ExportResult:
 
 
 def open_source(path: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None,
-                config: str | os.PathLike[str] | None = None, rope_defaults: str | None = None) -> Source:
+                config: str | os.PathLike[str] | None = None, rope_defaults: str | None = None,
+                follow_symlinks: bool = False) -> Source:
     """Open a checkpoint (an adapter output on top of its ``base``) and describe it."""
     from ..surgery.adapter import attach_base
 
-    ckpt = Checkpoint.open(path, config=config)
-    ckpt = attach_base(ckpt, Checkpoint.open(base) if base is not None else None)
+    ckpt = Checkpoint.open(path, config=config, follow_symlinks=follow_symlinks)
+    ckpt = attach_base(ckpt, Checkpoint.open(base, follow_symlinks=follow_symlinks) if base is not None else None)
     cfg = read_model_config(ckpt, rope_defaults=rope_defaults)
     fusion = read_fusion_config(ckpt.config)
     require_consistent(ckpt, cfg, fusion)
@@ -123,8 +125,9 @@ def tensor_entries(tensors: list[OutTensor], files: dict[str, str], digests: dic
 def export_manifest(src: Source, target: str, entries: list[dict[str, Any]], notes: list[str],
                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """``export_manifest.json``: every tensor with its digest and sources; ``transform`` says how a
-    tensor's bytes differ from its source's (null: the very same bytes, only the name may differ)."""
-    return {
+    tensor's bytes differ from its source's (null: the very same bytes, only the name may differ).
+    The source is named (``io.identity.input_name``), never located."""
+    return public_manifest({
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_VERSION,
         "tool": {"name": "fusionsurgery", "version": __version__},
@@ -133,7 +136,7 @@ def export_manifest(src: Source, target: str, entries: list[dict[str, Any]], not
         "digest_scheme": tensor_scheme(src.digest),
         "target": target,
         "source": {
-            "path": str(src.path), "family": src.cfg.family, "model_type": src.cfg.model_type,
+            "name": source_name(src), "family": src.cfg.family, "model_type": src.cfg.model_type,
             "fused_layers": src.fusion.layers if src.fusion else [],
             "files": [{"name": n, "bytes": h.file_size} for n, h in src.ckpt.files.items()],
         },
@@ -142,7 +145,12 @@ def export_manifest(src: Source, target: str, entries: list[dict[str, Any]], not
         "transformed": [{"name": e["name"], "from": e["from"], "transform": e["transform"]}
                         for e in entries if e["transform"]],
         "tensors": entries,
-    }
+    })
+
+
+def source_name(src: Source) -> str:
+    """The export source's name for manifests: never its path."""
+    return input_name(src.path)
 
 
 def listed_files(directory: Path) -> list[dict[str, Any]]:

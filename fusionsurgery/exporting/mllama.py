@@ -17,6 +17,7 @@ from typing import Any
 from ..arch.families import FAMILIES, FUSION_SEGMENT
 from ..errors import UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
+from ..io.identity import public_config
 from ..io.writer import AtomicDirectory
 from .common import (EXPORT_MANIFEST_NAME, ExportResult, Source, copy_sidecars, export_manifest, listed_files,
                      tensor_entries, write_json, write_source_tensors)
@@ -257,7 +258,7 @@ def export_mllama(src: Source, out: Path, *, force: bool = False, progress: Prog
                              f"(trained since?): {listed(changed, 3)}")
         if len(set(files.values())) > 1:
             write_json(tmp / INDEX_NAME, index_doc(files, tensors))
-        write_json(tmp / CONFIG_NAME, config)
+        write_json(tmp / CONFIG_NAME, public_config(config))
         carried = copy_sidecars(src.ckpt, tmp)
         if not any(n.startswith("tokenizer") for n in carried):
             notes.append("no tokenizer files beside the source: add the base's tokenizer before serving")

@@ -16,9 +16,10 @@ from typing import Any
 from ..arch.families import FAMILIES, Family
 from ..errors import UsageError
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME
+from ..io.identity import public_config, public_manifest
 from ..io.writer import AtomicDirectory
 from .common import (EXPORT_MANIFEST_NAME, ExportResult, Source, copy_sidecars, export_manifest, listed_files,
-                     tensor_entries, write_json, write_source_tensors)
+                     source_name, tensor_entries, write_json, write_source_tensors)
 from ..arch.mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_origin
 from .rope import describe, head_permutation, rotates
 from .tensors import OutTensor, Progress, index_doc, same
@@ -64,7 +65,7 @@ def translate_fusion_manifest(doc: dict[str, Any], rename: dict[str, str], files
             entry["init"] += f" (source named in the {src.cfg.family} family)"
     doc.pop("layout", None)  # an export holds every tensor, whatever the source's layout
     doc["export"] = {
-        "from": str(src.path), "from_family": src.cfg.family, "to_family": target.name,
+        "from": source_name(src), "from_family": src.cfg.family, "to_family": target.name,
         "note": f"names and digests describe this export (see {EXPORT_MANIFEST_NAME}); "
                 "'base' describes the checkpoint that was fused",
     }
@@ -100,7 +101,7 @@ def export_family(src: Source, out: Path, target_name: str, *, force: bool = Fal
         if len(set(files.values())) > 1:
             write_json(tmp / INDEX_NAME, index_doc(files, tensors))
         if src.ckpt.config is not None:
-            write_json(tmp / CONFIG_NAME, src.ckpt.config)
+            write_json(tmp / CONFIG_NAME, public_config(src.ckpt.config))
         copy_sidecars(src.ckpt, tmp)
         source_manifest = src.manifest
         if source_manifest is not None:
@@ -111,7 +112,7 @@ def export_family(src: Source, out: Path, target_name: str, *, force: bool = Fal
                     translated[ORIGIN_KEY]["vision"] = vision
                     notes.append(f"the imported vision tower and projector are carried in {VISION_DIR}/ under their "
                                  "Hugging Face names (export --to mllama puts them back)")
-                write_json(tmp / MANIFEST_NAME, translated)
+                write_json(tmp / MANIFEST_NAME, public_manifest(translated))
             else:
                 notes.append(f"the source's {MANIFEST_NAME} does not match its tensors; not carried over")
         entries = tensor_entries(tensors, files, digests)

@@ -19,6 +19,7 @@ from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, Checkpoint
 from ..io.copying import copy_and_digest
 from ..io.digest import algorithm_of
+from ..io.identity import public_config
 from ..io.writer import AtomicDirectory, SafetensorsWriter, write_index
 from ..surgery.consistency import require_consistent
 from ..surgery.manifest import changed_since_fusion
@@ -41,13 +42,14 @@ class UnfuseResult:
 
 
 def unfuse(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *, force: bool = False,
-           progress: Progress | None = None) -> UnfuseResult:
+           follow_symlinks: bool = False, progress: Progress | None = None) -> UnfuseResult:
     """Write the base of the fused checkpoint at ``path``: the same keys, dtypes, shapes and bytes.
 
     Args:
         path: the fused checkpoint directory.
         out: the output directory (default ``<name>-unfused`` beside ``path``).
         force: replace an existing output (only once the new one is complete).
+        follow_symlinks: follow a symlink in ``path`` that leads outside it (``io.links``); refused otherwise.
         progress: told how many bytes were copied.
 
     Returns:
@@ -58,7 +60,7 @@ def unfuse(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = No
         UsageError: an output inside the input, or an existing output without ``force``.
     """
     src = Path(path)
-    ckpt = Checkpoint.open(src)
+    ckpt = Checkpoint.open(src, follow_symlinks=follow_symlinks)
     manifest = ckpt.read_manifest()
     if manifest is not None and manifest.get("layout") == "adapter":
         raise UsageError(f"{src} is an adapter (fuse --adapter-only): it holds no base tensors; its base is the "
@@ -110,7 +112,7 @@ def unfuse(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = No
             if INFERRED_MARK in doc:
                 result.notes.append("the base had no config.json (the fused one was inferred from shapes): none written")
             else:
-                write_json(tmp / CONFIG_NAME, doc)
+                write_json(tmp / CONFIG_NAME, public_config(doc))
         copy_sidecars(ckpt, tmp)
         result.files = listed_files(tmp)
         staging.commit()

@@ -9,10 +9,9 @@ transformers expect. Nothing else in fusionsurgery imports this package.
 
 from __future__ import annotations
 
-try:
-    import transformers  # noqa: F401
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError('fusionsurgery.hf needs transformers: pip install "fusionsurgery[hf]"') from exc
+from .._requirements import require_hf
+
+require_hf()  # one line naming the release needed when transformers is missing or older than the floor
 
 from .blocks import BlockSpec, FusionBlock
 from .loading import FusionSource, from_pretrained, model_class

@@ -13,16 +13,19 @@ from ..arch.config import MODEL_TYPES, read_fusion_config, read_model_config
 from ..errors import UsageError
 from ..io.checkpoint import INDEX_NAME, Checkpoint
 from ..io.writer import write_index
-from ..surgery.adapter import attach_base, is_adapter
+from ..surgery.adapter import attach_base, is_adapter, made_on
 from .model import fused_class
 
 
 @dataclass(frozen=True)
 class FusionSource:
-    """Where a model's weights came from: the fused directory (an adapter: and its base)."""
+    """Where a model's weights came from: the fused directory (an adapter: and its base), and whether
+    symlinks leading outside them are followed (``save_pretrained`` reads the directory again).
+    Held in memory only: nothing of it is written into a saved checkpoint."""
 
     path: Path
     base: Path | None = None
+    follow_symlinks: bool = False
 
 
 def model_class(ckpt: Checkpoint) -> type:
@@ -42,40 +45,49 @@ def model_class(ckpt: Checkpoint) -> type:
     return fused_class(getattr(transformers, MODEL_TYPES[cfg.model_type].architecture))
 
 
-def from_pretrained(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, **kwargs: Any) -> Any:
+def from_pretrained(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, *,
+                    follow_symlinks: bool = False, **kwargs: Any) -> Any:
     """Open a fused checkpoint as the base's own transformers class with fusion blocks attached.
 
     Every keyword argument goes to transformers' ``from_pretrained`` (``dtype``, ``device_map``,
     ``attn_implementation``, ...). ``base`` is the base checkpoint of an adapter (``fuse
     --adapter-only``); it is refused unless its digests match the adapter's manifest.
+    ``follow_symlinks`` follows symlinks leading outside the directories (``io.links``), here and
+    when the model is saved.
     """
-    ckpt = Checkpoint.open(path)
-    if base is None and is_adapter(ckpt.read_manifest()):
-        raise UsageError(f"{path} holds only the fusion tensors (fuse --adapter-only): give its base (base=...)")
-    base_ckpt = Checkpoint.open(base) if base is not None else None
+    ckpt = Checkpoint.open(path, follow_symlinks=follow_symlinks)
+    manifest = ckpt.read_manifest()
+    if base is None and is_adapter(manifest):
+        raise UsageError(f"{path} holds only the fusion tensors (fuse --adapter-only): give its base (base=...)"
+                         f"{made_on(manifest)}")
+    base_ckpt = Checkpoint.open(base, follow_symlinks=follow_symlinks) if base is not None else None
     combined = attach_base(ckpt, base_ckpt)
     cls = model_class(combined)
-    with _loadable_dir(combined, [base_ckpt.root] if base_ckpt is not None else []) as directory:
+    with _loadable_dir(combined, [base_ckpt] if base_ckpt is not None else []) as directory:
         loaded = cls.from_pretrained(str(directory), **kwargs)
     model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
-    model.fusion_source = FusionSource(Path(path).resolve(), Path(base).resolve() if base is not None else None)
+    model.fusion_source = FusionSource(Path(path).resolve(), Path(base).resolve() if base is not None else None,
+                                       follow_symlinks)
     model.name_or_path = model.config._name_or_path = str(path)  # not the temporary directory it was read through
     return loaded
 
 
 @contextmanager
-def _loadable_dir(ckpt: Checkpoint, extra_roots: list[Path]) -> Iterator[Path]:
+def _loadable_dir(ckpt: Checkpoint, extra: list[Checkpoint]) -> Iterator[Path]:
     """A temporary directory that transformers' loader reads as one sharded checkpoint: links to every
     shard under one index, and to the config and sidecar files (an adapter's base's first).
 
     A fused directory itself will not do: transformers prefers a ``model.safetensors`` to the index,
-    and that file holds only the base's tensors.
+    and that file holds only the base's tensors. The link rule of each directory holds (``io.links``):
+    a sidecar leading outside is refused, any other such file left out of the view.
     """
     with tempfile.TemporaryDirectory(prefix="fusion-view-") as tmp:
         view = Path(tmp)
-        for root in [*extra_roots, ckpt.root]:
-            for f in root.iterdir():
-                if f.is_file() and f.suffix != ".safetensors" and f.name != INDEX_NAME:
+        for source in [*extra, ckpt]:
+            source.sidecar_files()  # refuses a sidecar that leads outside its directory
+            for f in source.root.iterdir():
+                if f.is_file() and f.suffix != ".safetensors" and f.name != INDEX_NAME \
+                        and source.link_rule.allows(f):
                     _relink(f, view / f.name)
         names = {name: f"shard-{i:05d}-of-{len(ckpt.files):05d}.safetensors" for i, name in enumerate(ckpt.files, 1)}
         for name, link in names.items():

@@ -25,6 +25,7 @@ import torch
 from ..errors import UsageError
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
 from ..io.digest import algorithm_of
+from ..io.identity import public_config, public_manifest
 from ..io.torch_dtypes import TORCH_DTYPES, tensor_bytes
 from ..io.writer import AtomicDirectory, SafetensorsWriter, write_index, write_json
 from ..surgery.manifest import changed_since_fusion
@@ -68,7 +69,7 @@ def save_fused(model: torch.nn.Module, out: str | os.PathLike[str], *,
     if source is None:
         raise UsageError("this model was not loaded from a fused checkpoint (fusionsurgery.hf.from_pretrained): "
                          "there is no layout or manifest to save it in")
-    src = Checkpoint.open(source.path)
+    src = Checkpoint.open(source.path, follow_symlinks=source.follow_symlinks)
     manifest = src.read_manifest()
     if manifest is None:
         raise UsageError(f"{source.path} has no {MANIFEST_NAME}: nothing to verify the saved checkpoint against")
@@ -84,12 +85,12 @@ def save_fused(model: torch.nn.Module, out: str | os.PathLike[str], *,
             digests.update(_write_file(staging.tmp / name, header, tensors, algorithm))
         if src.has_index:
             write_index(staging.tmp / INDEX_NAME, dict(src.key_to_file), sum(src.info(k).nbytes for k in src.keys()))
-        write_json(staging.tmp / CONFIG_NAME, src.config or {})
+        write_json(staging.tmp / CONFIG_NAME, public_config(src.config) or {})
         doc = _with_history(manifest, digests)
         vision = copy_vision(read_origin(src, manifest), staging.tmp, algorithm)  # the import's vision parts, as they are
         if vision is not None:
             doc[ORIGIN_KEY] = dict(doc[ORIGIN_KEY], vision=vision)
-        write_json(staging.tmp / MANIFEST_NAME, doc)
+        write_json(staging.tmp / MANIFEST_NAME, public_manifest(doc))
         for sidecar in src.sidecar_files():
             shutil.copyfile(sidecar, staging.tmp / sidecar.name)
         if out_path.exists():

@@ -103,7 +103,7 @@ class Inspection:
 
 
 def inspect_checkpoint(path: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None,
-                       tensors: bool = False) -> Inspection:
+                       tensors: bool = False, follow_symlinks: bool = False) -> Inspection:
     """Describe the checkpoint at ``path`` from its safetensors headers and JSON files only.
 
     Args:
@@ -111,6 +111,7 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, base: str | os.PathLike[
         base: another checkpoint to diff keys against (added, removed, changed shape or dtype); for
             an adapter, the base it is described with.
         tensors: list every tensor (name, shape, dtype, file).
+        follow_symlinks: follow symlinks leading outside the directories (``io.links``).
 
     Returns:
         Inspection: architecture, dtypes, sizes, files and, for a fused checkpoint, what fusion
@@ -120,20 +121,20 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, base: str | os.PathLike[
         CheckpointError: an unreadable or unsupported checkpoint, or an adapter whose base does not
             match its digests.
     """
-    ckpt = Checkpoint.open(path)
+    ckpt = Checkpoint.open(path, follow_symlinks=follow_symlinks)
     manifest = ckpt.read_manifest()
     if is_adapter(manifest):
         if base is None:
             out = _describe_adapter(ckpt, manifest, str(path), tensors)
             out.notes += _provenance(manifest)
             return out
-        ckpt = attach_base(ckpt, Checkpoint.open(base), check=False)  # headers only: no digests here
+        ckpt = attach_base(ckpt, Checkpoint.open(base, follow_symlinks=follow_symlinks), check=False)  # headers only: no digests here
     family = detect_family(ckpt.keys())
     out = _describe(ckpt, family, str(path))
     out.notes += _provenance(manifest)
     out.fusion = _fusion_summary(ckpt, family)
     if base is not None:
-        out.diff = diff_keys(Checkpoint.open(base), ckpt, str(base))
+        out.diff = diff_keys(Checkpoint.open(base, follow_symlinks=follow_symlinks), ckpt, str(base))
     if tensors:
         out.tensors = [{"name": info.name, "shape": list(info.shape), "dtype": info.dtype, "file": name}
                        for name, info in ckpt.tensors()]
@@ -197,7 +198,7 @@ def _describe_adapter(ckpt: Checkpoint, manifest: dict[str, Any], path: str, ten
         files=[{"name": name, "bytes": h.file_size, "tensors": len(h.tensors)} for name, h in ckpt.files.items()],
         has_index=False, inferred=list(base.get("inferred") or []),
         notes=[f"adapter (fuse --adapter-only): the {base.get('num_tensors', '?')} original tensors live in the base "
-               f"{base.get('path', '?')}, named by digest in the manifest; pass --base BASE to include them"],
+               f"{_name(base)}, named by digest in the manifest; pass --base BASE to include them"],
         fusion=fusion,
     )
     if tensors:
@@ -218,9 +219,14 @@ def _provenance(manifest: dict[str, Any] | None) -> list[str]:
     graft = (manifest or {}).get("graft")
     if isinstance(graft, dict):
         adapter = graft.get("adapter") or {}
-        notes.append(f"graft of the adapter {adapter.get('path')} (digest {str(adapter.get('digest'))[:16]}), made on "
-                     f"{(graft.get('adapter_base') or {}).get('path')}")
+        notes.append(f"graft of the adapter {_name(adapter)} (digest {str(adapter.get('digest'))[:16]}), made on "
+                     f"{_name(graft.get('adapter_base') or {})}")
     return notes
+
+
+def _name(section: dict[str, Any]) -> str:
+    """An input's name in a manifest section (``path`` in manifests of earlier releases)."""
+    return str(section.get("name") or section.get("path") or "?")
 
 
 def _canonical_shapes(ckpt: Checkpoint, family: Family) -> dict[str, tuple[int, ...]]:

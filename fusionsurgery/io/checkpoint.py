@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from .links import LinkRule
 from .manifest_schema import check_manifest_types
 from .safetensors_format import (MAX_HEADER_BYTES, SafetensorsHeader, TensorInfo, _no_duplicates, read_exact,
                                 read_header)
@@ -54,20 +55,38 @@ class Checkpoint:
     config_path: Path | None = None
     index_metadata: dict[str, Any] = field(default_factory=dict)
     has_index: bool = False
+    #: which symlinks in ``root`` are followed (``io.links``); None: the default rule at ``root``
+    links: LinkRule | None = None
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, path: str | os.PathLike[str], config: str | os.PathLike[str] | None = None) -> "Checkpoint":
-        """Open ``path`` (a .safetensors file or a checkpoint directory) and validate it."""
+    def open(cls, path: str | os.PathLike[str], config: str | os.PathLike[str] | None = None, *,
+             follow_symlinks: bool = False, links: LinkRule | None = None) -> "Checkpoint":
+        """Open ``path`` (a .safetensors file or a checkpoint directory) and validate it.
+
+        Args:
+            path (str | os.PathLike[str]): a ``.safetensors`` file or a checkpoint directory.
+            config (str | os.PathLike[str] | None): a ``config.json`` to use instead of the one beside.
+            follow_symlinks (bool): follow symlinks that lead outside the directory (see ``io.links``).
+            links (LinkRule | None): the rule to apply instead (a sub-directory of another checkpoint).
+
+        Returns:
+            Checkpoint: the headers, validated.
+
+        Raises:
+            CheckpointError: a missing, malformed or unsupported checkpoint; ``LinkRefused`` for a
+                symlink leading outside the directory.
+        """
         p = Path(path)
         if not p.exists():
             raise CheckpointError(f"{p}: no such file or directory")
+        rule = links or LinkRule.at(p if p.is_dir() else p.parent, follow_symlinks)
         if p.is_dir():
-            ckpt = cls._open_dir(p)
+            ckpt = cls._open_dir(p, rule)
         else:
             _refuse_pickle(p)
             header = read_header(p)
-            ckpt = cls(p.parent, {p.name: header}, {k: p.name for k in header.tensors})
+            ckpt = cls(p.parent, {p.name: header}, {k: p.name for k in header.tensors}, links=rule)
             ckpt._load_config(p.parent / CONFIG_NAME, explicit=False)
         if config is not None:
             ckpt._load_config(Path(config), explicit=True)
@@ -76,12 +95,12 @@ class Checkpoint:
         return ckpt
 
     @classmethod
-    def _open_dir(cls, d: Path) -> "Checkpoint":
+    def _open_dir(cls, d: Path, rule: LinkRule) -> "Checkpoint":
         index_path = d / INDEX_NAME
         if index_path.exists():
-            weight_map, meta = _read_index(index_path)
+            weight_map, meta = _read_index(rule.check(index_path, "index"))
             names = sorted(set(weight_map.values()))
-            files = {name: read_header(_inside(d, name)) for name in names}
+            files = {name: read_header(_inside(d, name, rule)) for name in names}
             key_to_file: dict[str, str] = {}
             for key, name in weight_map.items():
                 if key not in files[name].tensors:
@@ -93,7 +112,7 @@ class Checkpoint:
                         if key in weight_map:
                             raise CheckpointError(f"{d}: key {key!r} is in both {name} and {weight_map[key]}")
                         raise CheckpointError(f"{d}: key {key!r} in shard {name} is missing from {INDEX_NAME}")
-            ckpt = cls(d, files, key_to_file, index_metadata=meta, has_index=True)
+            ckpt = cls(d, files, key_to_file, index_metadata=meta, has_index=True, links=rule)
         else:
             candidates = sorted(f.name for f in d.iterdir() if f.suffix == ".safetensors" and not f.name.startswith("."))
             if not candidates:
@@ -101,14 +120,14 @@ class Checkpoint:
                 if pickles:
                     _refuse_pickle(d / pickles[0])
                 raise CheckpointError(f"{d}: no .safetensors files and no {INDEX_NAME} in this directory")
-            files = {name: read_header(_inside(d, name)) for name in candidates}
+            files = {name: read_header(_inside(d, name, rule)) for name in candidates}
             key_to_file = {}
             for name, header in files.items():
                 for key in header.tensors:
                     if key in key_to_file:
                         raise CheckpointError(f"{d}: key {key!r} is in both {key_to_file[key]} and {name}")
                     key_to_file[key] = name
-            ckpt = cls(d, files, key_to_file)
+            ckpt = cls(d, files, key_to_file, links=rule)
         ckpt._load_config(d / CONFIG_NAME, explicit=False)
         return ckpt
 
@@ -117,9 +136,20 @@ class Checkpoint:
             if explicit:
                 raise CheckpointError(f"{path}: config file not found")
             return
+        if not explicit:
+            self.link_rule.check(path, "config")
         self.config, self.config_path = read_json_object(path, "config"), path
 
     # ------------------------------------------------------------------ queries
+    @property
+    def link_rule(self) -> LinkRule:
+        """Which symlinks in ``root`` are followed."""
+        return self.links or LinkRule.at(self.root)
+
+    @property
+    def follow_symlinks(self) -> bool:
+        return self.link_rule.follow
+
     @property
     def is_dir(self) -> bool:
         return self.has_index or len(self.files) > 1 or (self.root / MANIFEST_NAME).exists()
@@ -149,7 +179,7 @@ class Checkpoint:
         if both:
             raise CheckpointError(f"{extra.root}: tensor(s) {sorted(both)[:3]} are also in the base {base.root}")
         return cls(extra.root, {**base.files, **extra.files}, {**base.key_to_file, **extra.key_to_file},
-                   config=extra.config, config_path=extra.config_path, has_index=False)
+                   config=extra.config, config_path=extra.config_path, has_index=False, links=extra.links)
 
     def total_bytes(self) -> int:
         return sum(h.file_size for h in self.files.values())
@@ -168,18 +198,24 @@ class Checkpoint:
         return tensor_from_bytes(self.read_bytes(key), info.dtype, info.shape)
 
     def sidecar_files(self) -> list[Path]:
-        """Tokenizer, generation and chat-template files beside the weights."""
+        """Tokenizer, generation and chat-template files beside the weights.
+
+        Raises:
+            LinkRefused: one of them is a symlink leading outside the directory (``io.links``).
+        """
         found: dict[str, Path] = {}
         for pattern in SIDECAR_PATTERNS:
             for f in sorted(self.root.glob(pattern)):
                 if f.is_file() and f.suffix != ".safetensors":  # a symlink counts when it ends at a file
-                    found[f.name] = f
+                    found[f.name] = self.link_rule.check(f, "sidecar file")
         return list(found.values())
 
     def read_manifest(self) -> dict[str, Any] | None:
         """``fusion_manifest.json`` (None when absent); fields of the wrong type are refused in one line."""
         path = self.root / MANIFEST_NAME
-        return check_manifest_types(read_json_object(path, "manifest"), path) if path.exists() else None
+        if not path.exists():
+            return None
+        return check_manifest_types(read_json_object(self.link_rule.check(path, "manifest"), "manifest"), path)
 
 
 def _refuse_pickle(p: Path) -> None:
@@ -190,13 +226,14 @@ def _refuse_pickle(p: Path) -> None:
         )
 
 
-def _inside(root: Path, name: Any) -> Path:
+def _inside(root: Path, name: Any, rule: LinkRule) -> Path:
     """Resolve a shard name from an index, refusing any name that escapes ``root``.
 
     The *name* comes from inside the checkpoint (a downloaded index), so it must be a plain file
-    name. A shard that is a symlink (a Hugging Face cache snapshot, DVC's cache, git-annex, a shared
-    model directory, ``ln -s``) is the user's own filesystem: it is followed wherever it points, as
-    long as it ends at a regular file (whose header must then parse as safetensors).
+    name. A shard that is a symlink must end at a regular file (whose header must then parse as
+    safetensors) inside what ``rule`` allows: the directory's own tree or its hub cache's ``blobs/``
+    (a Hugging Face cache snapshot); elsewhere (DVC's cache, git-annex, a shared model directory)
+    only with ``follow_symlinks``.
     """
     if not isinstance(name, str) or not name or "\x00" in name:
         raise CheckpointError(f"{root}: invalid shard file name {name!r} in {INDEX_NAME}")
@@ -205,6 +242,7 @@ def _inside(root: Path, name: Any) -> Path:
     path = root / name
     if path.is_symlink():
         followed_file(path, "shard")
+        rule.check(path, "shard")
     elif not path.is_file():
         if path.exists():
             raise CheckpointError(f"{path}: shard is not a regular file")

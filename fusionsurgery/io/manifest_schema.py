@@ -40,7 +40,7 @@ def check_manifest_types(doc: dict[str, Any], path: Path) -> dict[str, Any]:
                 raise CheckpointError(f"{where} {section}[{i}].shape is not a list of sizes")
     base = doc.get("base", {})
     _fields(base, {"files": list, "config": dict, "num_params": int, "num_tensors": int, "inferred": list,
-                   "family": str, "path": str}, f"{where} base", required=())
+                   "family": str, "name": str, "path": str}, f"{where} base", required=())
     for i, entry in enumerate(base.get("files", [])):
         _entry(entry, FILE_FIELDS, f"{where} base.files[{i}]", required=("name",))
     return doc

@@ -119,7 +119,8 @@ def write_index(path: Path, weight_map: dict[str, str], total_size: int) -> None
 
 
 def copy_sidecars(ckpt: Checkpoint, directory: Path) -> list[str]:
-    """Tokenizer, generation-config and chat-template files, copied as real files (symlinks followed)."""
+    """Tokenizer, generation-config and chat-template files, copied as real files (a symlink is followed
+    where ``io.links`` allows it; ``Checkpoint.sidecar_files`` refuses the others)."""
     names = []
     for sidecar in ckpt.sidecar_files():
         shutil.copyfile(sidecar, directory / sidecar.name)

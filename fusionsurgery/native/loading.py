@@ -47,7 +47,7 @@ def open_model(path: str | os.PathLike[str] | Checkpoint, *, dtype: torch.dtype 
                device: str | torch.device | None = "cpu", config: str | os.PathLike[str] | None = None,
                rope_theta: float | None = None, num_heads: int | None = None,
                num_kv_heads: int | None = None, base: str | os.PathLike[str] | None = None,
-               rope_defaults: str | None = None) -> LoadedModel:
+               rope_defaults: str | None = None, follow_symlinks: bool = False) -> LoadedModel:
     """Build the model described by ``path`` and load its tensors one at a time.
 
     Args:
@@ -63,6 +63,7 @@ def open_model(path: str | os.PathLike[str] | Checkpoint, *, dtype: torch.dtype 
             digests match the adapter's manifest.
         rope_defaults: the RoPE settings to assume when no config gives them (``"llama3"``: torchtune's
             Llama 3); torchtune checkpoints often come without a config.
+        follow_symlinks: follow symlinks that lead outside the checkpoint directories (``io.links``).
 
     Returns:
         LoadedModel: the model (in eval mode), its ``ModelConfig``, its ``FusionConfig`` (None for a
@@ -72,8 +73,9 @@ def open_model(path: str | os.PathLike[str] | Checkpoint, *, dtype: torch.dtype 
         CheckpointError: an unreadable or inconsistent checkpoint, a wrong base, an unusable device.
         UsageError: an unknown dtype or option.
     """
-    ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path, config=config)
-    ckpt = attach_base(ckpt, Checkpoint.open(base) if base is not None else None)
+    ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path, config=config,
+                                                                      follow_symlinks=follow_symlinks)
+    ckpt = attach_base(ckpt, Checkpoint.open(base, follow_symlinks=follow_symlinks) if base is not None else None)
     cfg = read_model_config(ckpt, num_heads=num_heads, num_kv_heads=num_kv_heads, rope_defaults=rope_defaults)
     fusion = read_fusion_config(ckpt.config)
     require_consistent(ckpt, cfg, fusion)
@@ -121,7 +123,7 @@ def load_tensors(model: torch.nn.Module, ckpt: Checkpoint) -> None:
 def load_fused(path: str | os.PathLike[str], dtype: torch.dtype | str | None = None,
                device: str | torch.device | None = "cpu", *, config: str | os.PathLike[str] | None = None,
                rope_theta: float | None = None, base: str | os.PathLike[str] | None = None,
-               rope_defaults: str | None = None) -> TransformerDecoder:
+               rope_defaults: str | None = None, follow_symlinks: bool = False) -> TransformerDecoder:
     """A fused checkpoint as a module: ``model(tokens, encoder_input=None, encoder_mask=None)`` gives logits.
 
     Args:
@@ -133,6 +135,7 @@ def load_fused(path: str | os.PathLike[str], dtype: torch.dtype | str | None = N
         base: the base checkpoint, when ``path`` is an adapter (``fuse --adapter-only``).
         rope_defaults: ``"llama3"`` assumes torchtune's Llama 3 RoPE (theta 500000, llama3 scaling
             factor 8, low 1, high 4, original context 8192) when no config gives RoPE settings.
+        follow_symlinks: follow symlinks that lead outside the checkpoint directories (``io.links``).
 
     Returns:
         TransformerDecoder: in eval mode; ``model(tokens [b, s], encoder_input=[b, e, encoder_dim])``
@@ -143,4 +146,4 @@ def load_fused(path: str | os.PathLike[str], dtype: torch.dtype | str | None = N
         UsageError: an unknown dtype or option.
     """
     return open_model(path, dtype=dtype, device=device, config=config, rope_theta=rope_theta, base=base,
-                      rope_defaults=rope_defaults).model
+                      rope_defaults=rope_defaults, follow_symlinks=follow_symlinks).model

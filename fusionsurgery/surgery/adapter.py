@@ -7,10 +7,19 @@ from typing import Any
 from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import Checkpoint
 from ..io.digest import algorithm_of, tensor_digests
+from ..io.identity import public_text
 
 
 def is_adapter(manifest: dict[str, Any] | None) -> bool:
     return bool(manifest) and manifest.get("layout") == "adapter"
+
+
+def made_on(manifest: dict[str, Any] | None) -> str:
+    """``; it was made on 'NAME'``, as the adapter's manifest names its base (an earlier release's
+    path cut to its last part), or nothing: the tail of a message asking for the base."""
+    base = (manifest or {}).get("base") or {}
+    name = base.get("name") or base.get("path")
+    return f"; it was made on {public_text(name)!r}" if isinstance(name, str) and name else ""
 
 
 def check_base(base: Checkpoint, manifest: dict[str, Any]) -> None:
@@ -41,7 +50,7 @@ def attach_base(adapter: Checkpoint, base: Checkpoint | None, *, check: bool = T
         return adapter
     if base is None:
         raise UsageError(f"{adapter.root} holds only the fusion tensors (fuse --adapter-only): give its base "
-                         "(`base` BASE)")
+                         f"(`base` BASE){made_on(manifest)}")
     if check:
         check_base(base, manifest)
     return Checkpoint.combine(base, adapter)

@@ -23,6 +23,7 @@ from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
 from ..io.copying import Cancelled, copy_and_digest, link_and_digest, same_filesystem
 from ..io.digest import tensor_digests
 from ..io.progress import StageProgress
+from ..io.identity import input_name, public_config, public_manifest
 from ..io.writer import (AtomicDirectory, SafetensorsWriter, check_output_location, copy_sidecars,
                          default_output, group_into_shards, write_index, write_json)
 from ..version import __version__
@@ -120,7 +121,9 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
     Every original tensor keeps its key and bytes (its shard file is copied as is, or hard-linked
     with ``link``, or left out with ``adapter_only``); the new tensors go to
     ``fusion-*.safetensors`` files; an index maps every key; ``config.json`` gains a ``fusion``
-    section; ``fusion_manifest.json`` records settings and digests (``digest``: blake3 or sha256).
+    section; ``fusion_manifest.json`` records settings and digests (``digest``: blake3 or sha256)
+    and names the base by its name, never its path. A symlink in the base leading outside it is
+    refused unless ``follow_symlinks`` (``io.links``).
 
     Args:
         base: a ``.safetensors`` file, or a directory with ``model.safetensors`` or shards and an index.
@@ -143,7 +146,7 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
     opts = (options or FuseOptions()).with_settings(settings)
     opts.check()
     base_path = Path(base)
-    ckpt = Checkpoint.open(base_path, config=opts.config)
+    ckpt = Checkpoint.open(base_path, config=opts.config, follow_symlinks=opts.follow_symlinks)
     check_not_fused(ckpt)
     cfg = read_model_config(ckpt, num_heads=opts.num_heads, num_kv_heads=opts.num_kv_heads,
                             rope_defaults=opts.rope_defaults)
@@ -176,12 +179,12 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
             copy_sidecars(ckpt, tmp)
         doc = to_hf_config(cfg, ckpt.config)
         doc["fusion"] = fusion.to_dict()
-        write_json(tmp / CONFIG_NAME, doc)
-        base_desc = describe_base(ckpt, cfg, str(base_path), file_digests)
+        write_json(tmp / CONFIG_NAME, public_config(doc))
+        base_desc = describe_base(ckpt, cfg, input_name(base_path), file_digests)
         manifest = build_manifest(base_desc=base_desc, fusion=fusion, new=new, new_files=new_files,
                                   new_digests=new_digests, originals=originals, layout=layout,
                                   digest_algorithm=digest)
-        write_json(tmp / MANIFEST_NAME, manifest)
+        write_json(tmp / MANIFEST_NAME, public_manifest(manifest))
         result.files = [{"name": f.name, "bytes": f.stat().st_size, "linked": f.stat().st_nlink > 1}
                         for f in sorted(tmp.iterdir())]
         copied = [f["name"] for f in result.files if layout == "link" and f["name"] in ckpt.files and not f["linked"]]

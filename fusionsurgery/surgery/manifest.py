@@ -11,6 +11,7 @@ from ..arch.config import FusionConfig, ModelConfig
 from ..errors import listed
 from ..io.checkpoint import Checkpoint
 from ..io.digest import DEFAULT_ALGORITHM, scheme
+from ..io.identity import hub_id
 from ..version import __version__
 from .plan import NewTensor
 
@@ -18,10 +19,12 @@ MANIFEST_FORMAT = "fusionsurgery-manifest"
 MANIFEST_VERSION = 1
 
 
-def describe_base(base: Checkpoint, cfg: ModelConfig, source: str, file_digests: dict[str, str]) -> dict[str, Any]:
-    """The base's identity: files (size, digest), architecture, counts."""
+def describe_base(base: Checkpoint, cfg: ModelConfig, name: str, file_digests: dict[str, str]) -> dict[str, Any]:
+    """The base's identity: its name (``io.identity.input_name``: never a local path), files (size,
+    digest), architecture, counts; ``hub_id`` when its config names one."""
     return {
-        "path": source,
+        "name": name,
+        **({"hub_id": hub_id(base.config)} if hub_id(base.config) else {}),
         "family": cfg.family,
         "model_type": cfg.model_type,
         "architecture": (base.config or {}).get("architectures", [None])[0] if base.config else None,

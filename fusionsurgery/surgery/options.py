@@ -37,6 +37,7 @@ class FuseOptions:
         link: hard-link the base's shard files instead of copying them.
         adapter_only: write only the new tensors, the config and the manifest.
         digest: ``blake3`` or ``sha256``, for the manifest's digests.
+        follow_symlinks: follow links in the base that lead outside it (``io.links``), as ``cp -L``.
     """
 
     every: int | None = None
@@ -55,6 +56,7 @@ class FuseOptions:
     link: bool = False
     adapter_only: bool = False
     digest: str = DEFAULT_ALGORITHM
+    follow_symlinks: bool = False
 
     @classmethod
     def pick(cls, values: Mapping[str, Any]) -> "FuseOptions":

@@ -23,6 +23,7 @@ from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
 from ..io.copying import copy_checkpoint_files, same_filesystem
 from ..io.digest import algorithm_of, file_digest
+from ..io.identity import input_name, public_config, public_manifest
 from ..io.progress import StageProgress
 from ..io.writer import AtomicDirectory, check_output_location, default_output, write_index, write_json
 from ..surgery.adapter import is_adapter
@@ -87,9 +88,9 @@ class Adapter:
         return {e["name"]: e.get("digest") for e in self.manifest.get("original_tensors", []) if isinstance(e, dict)}
 
 
-def open_adapter(path: Path) -> Adapter:
+def open_adapter(path: Path, follow_symlinks: bool = False) -> Adapter:
     """The adapter at ``path``; a one-line refusal for anything else."""
-    ckpt = Checkpoint.open(path)
+    ckpt = Checkpoint.open(path, follow_symlinks=follow_symlinks)
     manifest = ckpt.read_manifest()
     if not is_adapter(manifest):
         what = "no fusion_manifest.json" if manifest is None else f"its manifest's layout is {manifest.get('layout')!r}"
@@ -128,8 +129,9 @@ def check_tensors(adapter: Adapter, cfg: ModelConfig, what: str) -> None:
                          f"{listed(extra, 3)}")
 
 
-def _open_base(path: Path, adapter: Adapter, what: str, *, fused_ok: bool = False) -> tuple[Checkpoint, ModelConfig]:
-    ckpt = Checkpoint.open(path)
+def _open_base(path: Path, adapter: Adapter, what: str, *, fused_ok: bool = False,
+               follow_symlinks: bool = False) -> tuple[Checkpoint, ModelConfig]:
+    ckpt = Checkpoint.open(path, follow_symlinks=follow_symlinks)
     if (ckpt.config or {}).get("model_type") in ("mllama", "mllama_text_model"):
         raise UsageError(f"{what} {path} is an Mllama checkpoint: `fusionsurgery import` it first (and `unfuse` "
                          "the import for its text base)")
@@ -144,7 +146,7 @@ def _open_base(path: Path, adapter: Adapter, what: str, *, fused_ok: bool = Fals
 
 def _open_reference(path: Path, adapter: Adapter, base: Checkpoint) -> Checkpoint:
     """``--was``: a base with the same tensors as BASE (a fused checkpoint's originals count)."""
-    ref, cfg = _open_base(path, adapter, "--was", fused_ok=True)
+    ref, cfg = _open_base(path, adapter, "--was", fused_ok=True, follow_symlinks=base.follow_symlinks)
     family = cfg.family_obj
     theirs = {k for k in ref.keys() if not is_fusion_key(family.to_canonical(k))}
     for key in base.keys():
@@ -157,7 +159,7 @@ def _open_reference(path: Path, adapter: Adapter, base: Checkpoint) -> Checkpoin
 
 def graft(adapter: str | os.PathLike[str], onto: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
           *, was: str | os.PathLike[str] | None = None, link: bool = False, force: bool = False,
-          progress: StageProgress | None = None) -> GraftResult:
+          follow_symlinks: bool = False, progress: StageProgress | None = None) -> GraftResult:
     """Attach the adapter at ``adapter`` to the base at ``onto``, writing a fused checkpoint of ``onto``.
 
     Args:
@@ -169,6 +171,7 @@ def graft(adapter: str | os.PathLike[str], onto: str | os.PathLike[str], out: st
             to report how far ``onto`` is from it (``result.drift``).
         link: hard-link the base's shard files instead of copying them.
         force: replace an existing output (only once the new one is complete).
+        follow_symlinks: follow symlinks in the three inputs that lead outside them (``io.links``).
         progress: told ``(stage, bytes, total)`` as the base is copied or digested.
 
     Returns:
@@ -179,10 +182,12 @@ def graft(adapter: str | os.PathLike[str], onto: str | os.PathLike[str], out: st
         UsageError: a base whose dimensions differ from the adapter's base (the first difference
             named), or an input that is not an adapter.
         CheckpointError: an unreadable input.
+
+    The manifest names the three inputs by name, never by path.
     """
-    a = open_adapter(Path(adapter))
+    a = open_adapter(Path(adapter), follow_symlinks)
     base_path = Path(onto)
-    base, cfg = _open_base(base_path, a, "BASE")
+    base, cfg = _open_base(base_path, a, "BASE", follow_symlinks=follow_symlinks)
     check_tensors(a, cfg, f"BASE {base_path}")
     ref = _open_reference(Path(was), a, base) if was is not None else None
     origin = read_origin(a.ckpt, a.manifest)
@@ -204,7 +209,7 @@ def graft(adapter: str | os.PathLike[str], onto: str | os.PathLike[str], out: st
     if ref is not None:
         total = 2 * sum(base.info(k).nbytes for k in base.keys())
         step = (lambda n: progress("compare", n, total)) if progress else None
-        result.drift = compare(base, ref, family, fused_layers=a.fusion.layers, was=str(was),
+        result.drift = compare(base, ref, family, fused_layers=a.fusion.layers, was=input_name(was),
                                expected=a.base_digests, algorithm=algorithm, progress=step)
 
     with AtomicDirectory(out_path, force=force) as staging:
@@ -223,10 +228,10 @@ def graft(adapter: str | os.PathLike[str], onto: str | os.PathLike[str], out: st
         _sidecars(base, a.ckpt, tmp, result.notes)
         doc = to_hf_config(cfg, base.config)
         doc["fusion"] = a.fusion.to_dict()
-        write_json(tmp / CONFIG_NAME, doc)
+        write_json(tmp / CONFIG_NAME, public_config(doc))
         manifest = _manifest(a, base, cfg, base_path, originals, file_digests, new_digests, adapter_files,
                              vision_doc, result, algorithm)
-        write_json(tmp / MANIFEST_NAME, manifest)
+        write_json(tmp / MANIFEST_NAME, public_manifest(manifest))
         result.files = listed_files(tmp)
         staging.commit()
     changed = sorted(e["name"] for e in a.manifest.get("new_tensors", [])
@@ -259,7 +264,7 @@ def _manifest(a: Adapter, base: Checkpoint, cfg: ModelConfig, base_path: Path, o
               file_digests: dict[str, str], new_digests: dict[str, str], adapter_files: list[dict[str, Any]],
               vision_doc: dict[str, Any] | None, result: GraftResult, algorithm: str) -> dict[str, Any]:
     planned = plan_new_tensors(cfg, a.fusion)
-    manifest = build_manifest(base_desc=describe_base(base, cfg, str(base_path), file_digests), fusion=a.fusion,
+    manifest = build_manifest(base_desc=describe_base(base, cfg, input_name(base_path), file_digests), fusion=a.fusion,
                               new=planned, new_files=dict(a.ckpt.key_to_file), new_digests=new_digests,
                               originals=originals, layout=result.layout, digest_algorithm=algorithm)
     recorded = {e["name"]: e for e in a.manifest.get("new_tensors", []) if isinstance(e, dict)}
@@ -268,11 +273,11 @@ def _manifest(a: Adapter, base: Checkpoint, cfg: ModelConfig, base_path: Path, o
             if key in recorded.get(entry["name"], {}):
                 entry[key] = recorded[entry["name"]][key]
     manifest["graft"] = {
-        "adapter": {"path": str(a.path), "digest": result.adapter_digest,
+        "adapter": {"name": input_name(a.path), "digest": result.adapter_digest,
                     "digest_of": f"{algorithm} of the adapter's weight files' digests, in the order listed",
                     "files": adapter_files, "manifest_created": a.manifest.get("created")},
         "adapter_base": a.manifest.get("base"),
-        "base": {"path": str(base_path), "files": manifest["base"]["files"]},
+        "base": {"name": input_name(base_path), "files": manifest["base"]["files"]},
         "same_as_adapter_base": {"tensors": result.same_as_adapter_base, "of": len(originals)},
         "was": result.drift.to_dict() if result.drift else None,
     }

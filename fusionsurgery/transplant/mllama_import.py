@@ -23,6 +23,7 @@ from ..arch.families import FAMILIES, FUSION_SEGMENT, is_fusion_key
 from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
 from ..io.digest import ALGORITHMS, DEFAULT_ALGORITHM, file_digest
+from ..io.identity import input_name, public_config, public_manifest
 from ..io.manifest_schema import is_int
 from ..io.writer import AtomicDirectory, check_output_location, default_output, write_index, write_json
 from ..surgery.manifest import build_manifest, describe_base
@@ -243,7 +244,7 @@ def _base_config(text: dict[str, Any], doc: dict[str, Any], num_layers: int, voc
 # ---------------------------------------------------------------------- writing
 def import_mllama(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
                   adapter_only: bool = False, force: bool = False, digest: str = DEFAULT_ALGORITHM,
-                  progress: Progress | None = None) -> ImportResult:
+                  follow_symlinks: bool = False, progress: Progress | None = None) -> ImportResult:
     """Import the Mllama checkpoint at ``path`` into the fused layout.
 
     Args:
@@ -253,7 +254,10 @@ def import_mllama(path: str | os.PathLike[str], out: str | os.PathLike[str] | No
             by the digests of the files a full import writes (which ``unfuse`` of it gives back).
         force: replace an existing output (only once the new one is complete).
         digest: ``blake3`` or ``sha256``, for the manifest's digests.
+        follow_symlinks: follow symlinks in ``path`` that lead outside it (``io.links``).
         progress: told how many bytes were written.
+
+    The manifest names the source by its name, never its path.
 
     Returns:
         ImportResult: the output, the source's architecture and layout, the fused and
@@ -267,7 +271,7 @@ def import_mllama(path: str | os.PathLike[str], out: str | os.PathLike[str] | No
     if digest not in ALGORITHMS:
         raise UsageError(f"`digest` must be one of {', '.join(ALGORITHMS)}, got {digest!r}")
     source = Path(path)
-    ckpt = Checkpoint.open(source)
+    ckpt = Checkpoint.open(source, follow_symlinks=follow_symlinks)
     plan = plan_import(ckpt, source)
     out_path = Path(out) if out is not None else default_output(source, "imported")
     check_output_location(source, out_path)
@@ -293,10 +297,11 @@ def import_mllama(path: str | os.PathLike[str], out: str | os.PathLike[str] | No
         if not adapter_only:
             write_index(tmp / INDEX_NAME, {**base_files, **new_files},
                         sum(t.nbytes for t in plan.base) + sum(t.nbytes for t in plan.new))
-        write_json(tmp / CONFIG_NAME, {**plan.base_doc, "fusion": plan.fusion.to_dict()})
+        write_json(tmp / CONFIG_NAME, public_config({**plan.base_doc, "fusion": plan.fusion.to_dict()}))
         sidecars = copy_sidecars(ckpt, tmp)
-        write_json(tmp / MANIFEST_NAME, _manifest(plan, source, shards, tmp, base_files, base_digests, new_files,
-                                                  new_digests, vision_doc, sidecars, layout, digest))
+        write_json(tmp / MANIFEST_NAME, public_manifest(_manifest(plan, source, shards, tmp, base_files, base_digests,
+                                                                  new_files, new_digests, vision_doc, sidecars, layout,
+                                                                  digest)))
         result.files = listed_files(tmp)
         staging.commit()
     return result
@@ -323,9 +328,10 @@ def _manifest(plan: ImportPlan, source: Path, shards: list[PlannedShard], tmp: P
     files = {s.name: s.header(tmp) for s in shards}
     base_view = Checkpoint(tmp, files, dict(base_files), config=plan.base_doc)
     described = {d["name"]: d["digest"] for d in shard_descriptions(shards, base_digests, algorithm)}
-    base_desc = describe_base(base_view, plan.cfg, f"the text decoder of {source} (`unfuse` of a whole import)",
+    name = input_name(source)
+    base_desc = describe_base(base_view, plan.cfg, f"the text decoder of {name} (`unfuse` of a whole import)",
                               described)
-    base_desc["imported_from"] = {"path": str(source), "architecture": plan.layout.architecture}
+    base_desc["imported_from"] = {"name": name, "architecture": plan.layout.architecture}
     originals = [{"name": t.key, "shape": list(t.shape), "dtype": t.dtype, "file": base_files[t.key],
                   "digest": base_digests[t.key], "from": t.sources[0]} for t in plan.base]
     manifest = build_manifest(base_desc=base_desc, fusion=plan.fusion, new=plan_new_tensors(plan.cfg, plan.fusion),
@@ -336,7 +342,7 @@ def _manifest(plan: ImportPlan, source: Path, shards: list[PlannedShard], tmp: P
         entry["init"] = "imported"
         entry["from"] = sources[entry["name"]]
     manifest[ORIGIN_KEY] = {
-        "source": str(source), "layout": plan.layout.name, "architecture": plan.layout.architecture,
+        "source": name, "layout": plan.layout.name, "architecture": plan.layout.architecture,
         "config": plan.source_config, "cross_attention_layers": plan.cross_attention_layers,
         "layer_map": plan.layer_map, "vision": vision_doc, "sidecars": sidecars,
     }

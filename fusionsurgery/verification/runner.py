@@ -13,7 +13,7 @@ from ..errors import CheckpointError, UsageError
 from ..io.checkpoint import Checkpoint
 from ..io.torch_dtypes import TORCH_DTYPES, parse_dtype
 from ..native.loading import resolve_device
-from ..surgery.adapter import attach_base, is_adapter
+from ..surgery.adapter import attach_base, is_adapter, made_on
 from . import memory, numerics, originals, plain, structure
 from .outputs import Outputs
 from .probe import make_probe
@@ -42,7 +42,7 @@ def verify(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = N
            device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "same",
            stream: bool = False, memory_limit: int | None = None, batch: int = 2, seq_len: int = 16,
            encoder_len: int = 8, bench_len: int | None = None, seed: int = 0, rope_defaults: str | None = None,
-           notify: Notify | None = None) -> Report:
+           follow_symlinks: bool = False, notify: Notify | None = None) -> Report:
     """Check that the fused checkpoint at ``path`` is sound; every check is run and reported.
 
     Args:
@@ -59,6 +59,7 @@ def verify(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = N
         bench_len: tokens per pass of the throughput figure (default: a few times ``seq_len``).
         seed: seed of the random probe.
         rope_defaults: RoPE settings to assume when the config has none (``"llama3"``).
+        follow_symlinks: follow symlinks leading outside the checkpoint directories (``io.links``).
         notify: called with a line of text as each stage starts.
 
     Returns:
@@ -77,7 +78,7 @@ def verify(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = N
     root = Path(path)
     if not root.exists():
         raise CheckpointError(f"{root}: no such file or directory")
-    base_ckpt = Checkpoint.open(base) if base is not None else None
+    base_ckpt = Checkpoint.open(base, follow_symlinks=follow_symlinks) if base is not None else None
     report = Report(str(path), str(base) if base is not None else None)
     problems = structure.shard_problems(root)
     if problems:
@@ -88,10 +89,12 @@ def verify(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = N
         report.checks.append(skipped(originals.NAME, originals.TITLE, "index and shards are inconsistent"))
         report.checks += [skipped(n, t, "structure check failed") for n, t in MODEL_CHECKS]
         return report
-    ckpt = Checkpoint.open(root)
-    if is_adapter(ckpt.read_manifest()):  # fuse --adapter-only: the originals come from --base
+    ckpt = Checkpoint.open(root, follow_symlinks=follow_symlinks)
+    manifest = ckpt.read_manifest()
+    if is_adapter(manifest):  # fuse --adapter-only: the originals come from --base
         if base_ckpt is None:
-            raise UsageError(f"{root} holds only the fusion tensors (fuse --adapter-only): pass `base` BASE")
+            raise UsageError(f"{root} holds only the fusion tensors (fuse --adapter-only): pass `base` BASE"
+                             f"{made_on(manifest)}")
         ckpt = attach_base(ckpt, base_ckpt, check=False)  # the originals check below compares the digests
     _ensure_fused(ckpt)
     torch_dtype = resolve_dtype(ckpt, dtype)
