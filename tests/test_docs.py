@@ -3,20 +3,27 @@
 - Links: every relative link and image in README.md, ARCHITECTURE.md, docs/**.md and
   benchmarks/README.md points at a file inside the repository, and an anchor (``page.md#part``)
   at a heading of that page.
-- Commands: every ``fusionsurgery ...`` command in a ```bash block of those pages is run, page by
-  page and in order, in a sandbox: a temporary directory holding a copy of ``examples/tiny-llama``,
-  where ``/tmp/`` means the sandbox's own ``tmp/`` and the few stand-in model names the guides use
-  (``FIXTURES``) are tiny models of the same kind, built by transformers. Each must exit 0.
-  Python blocks listed in ``PYTHON_BLOCKS`` run too, in the same sandbox and order. A command that
-  another test runs is listed in ``NOT_RUN`` with the reason.
+- Commands: every line of a ```bash block of those pages is run, page by page and in order, in a
+  sandbox: a temporary directory holding a copy of ``examples/tiny-llama``, where ``/tmp/`` means
+  the sandbox's own ``tmp/`` and the few stand-in model names the guides use (``FIXTURES``) are
+  tiny models of the same kind, built by transformers. A plain ``fusionsurgery ...`` line runs in
+  this process (``cli.main``); any other line runs in bash, with ``fusionsurgery`` meaning this
+  Python's ``-m fusionsurgery``. Each must exit 0. Lines that install packages or start long runs
+  (``SKIPPED_LINES``: pip, torchrun, the examples' and benchmarks' scripts, the version venvs) are
+  not run; a ``fusionsurgery`` command chained after them with ``&&`` still is. Python blocks
+  listed in ``PYTHON_BLOCKS`` run too, in the same sandbox and order. A command another test runs
+  is listed in ``NOT_RUN`` with the reason.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +43,17 @@ NOT_RUN: dict[tuple[str, str], str] = {
         "block, which writes /tmp/tiny-trained, and then this verify (and asserts the fusion tensors trained)",
 }
 
+#: Lines shown but not run (each pattern with why): they install software or take minutes, and the
+#: scripts they start have tests of their own.
+SKIPPED_LINES = {
+    r"\bpip install\b": "installs packages (CI's set-up runs the README's command itself)",
+    r"^torchrun\b": "needs several processes (tests/test_hf_training.py runs the script's training on 2 over gloo)",
+    r"^python (examples|benchmarks)/": "a long example or benchmark run (tests/test_real_parts.py, test_vision.py, "
+                                        "test_train.py run short versions)",
+    r"^bash scripts/": "builds virtual environments at the version floors (CI runs it)",
+    r"^python -m pytest\b": "the test suite itself",
+}
+
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 _LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
@@ -49,16 +67,37 @@ def _blocks(page: Path) -> list[tuple[str, str]]:
     return [(m.group(1), m.group(2)) for m in _FENCE.finditer(page.read_text())]
 
 
-def _commands(script: str) -> list[str]:
-    """The ``fusionsurgery ...`` commands of a bash block (``a && b`` chains split, comments dropped)."""
+def _lines(script: str) -> list[str]:
+    """The command lines of a bash block: continuations joined, comments and blank lines dropped."""
     joined = re.sub(r"\\\n\s*", " ", script)
-    found = []
-    for line in joined.splitlines():
-        line = line.split(" #", 1)[0].strip()
-        if line.startswith("#"):
-            continue
-        found += [part.strip() for part in line.split("&&") if part.strip().startswith("fusionsurgery ")]
-    return found
+    lines = (line.split(" # ", 1)[0].strip() for line in joined.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _skipped(line: str) -> bool:
+    return any(re.search(pattern, line) for pattern in SKIPPED_LINES)
+
+
+def _plain(command: str) -> bool:
+    """A ``fusionsurgery`` command with no shell syntax around it (it can run in this process)."""
+    return command.startswith("fusionsurgery ") and not re.search(r"[|;<>$`]", command)
+
+
+def _steps(script: str) -> list[str]:
+    """What runs of a bash block: whole lines, or the ``fusionsurgery`` parts of a skipped line."""
+    steps = []
+    for line in _lines(script):
+        if _skipped(line):
+            steps += [part.strip() for part in line.split("&&") if part.strip().startswith("fusionsurgery ")]
+        else:
+            steps.append(line)
+    return steps
+
+
+def _commands(script: str) -> list[str]:
+    """The ``fusionsurgery ...`` commands a bash block shows."""
+    return [part.strip() for line in _lines(script) for part in re.split(r"&&|\|\||;", line)
+            if part.strip().startswith("fusionsurgery ")]
 
 
 def _slug(heading: str) -> str:
@@ -101,7 +140,7 @@ def test_links_resolve_inside_the_repository(page: Path) -> None:
 
 def _runnable_pages() -> list[Path]:
     return [p for p in PAGES if _rel(p) in PYTHON_BLOCKS or any(
-        lang == "bash" and any(not _not_run(_rel(p), c) for c in _commands(code)) for lang, code in _blocks(p))]
+        lang == "bash" and any(not _not_run(_rel(p), c) for c in _steps(code)) for lang, code in _blocks(p))]
 
 
 def _not_run(page: str, command: str) -> bool:
@@ -144,15 +183,20 @@ def _localise(text: str, box: Path) -> str:
     return text.replace("/tmp/", f"{box}/tmp/")
 
 
-def _run_command(command: str, box: Path, page: str) -> None:
+def _run_step(step: str, box: Path, page: str) -> None:
     from fusionsurgery.cli import main
 
-    argv = shlex.split(_localise(command, box))[1:]
-    for word in argv:
+    for word in shlex.split(step):
         if word in FIXTURES and not (box / word).exists():
             FIXTURES[word](box / word)
-    code = main(argv)
-    assert code == 0, f"{page}: `{command}` exited {code}"
+    if _plain(step):
+        code = main(shlex.split(_localise(step, box))[1:])
+        assert code == 0, f"{page}: `{step}` exited {code}"
+        return
+    script = f'fusionsurgery() {{ {shlex.quote(sys.executable)} -m fusionsurgery "$@"; }}\nset -e\n{_localise(step, box)}\n'
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(["bash", "-c", script], cwd=box, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{page}: `{step}` exited {proc.returncode}: {proc.stderr[-2000:]}"
 
 
 @pytest.mark.slow
@@ -165,11 +209,10 @@ def test_documented_commands_run(page: Path, tmp_path: Path, monkeypatch, capsys
     ran = 0
     for lang, code in _blocks(page):
         if lang == "bash":
-            for command in _commands(code):
-                if _not_run(rel, command):
-                    continue
-                _run_command(command, box, rel)
-                ran += 1
+            for step in _steps(code):
+                if not _not_run(rel, step):
+                    _run_step(step, box, rel)
+                    ran += 1
         elif lang == "python":
             if python_index in PYTHON_BLOCKS.get(rel, []):
                 exec(compile(_localise(code, box), f"{rel} python block {python_index}", "exec"), {})
