@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from ..errors import CheckpointError
 
@@ -62,6 +62,10 @@ _TUNE_FUSION = {k: k for k in _HF_FUSION}
 _TUNE_GLOBAL = {k: k for k in _HF_GLOBAL}
 
 FUSION_SEGMENT = "fusion_layer"
+#: Canonical name of a tensor a pass-through family keeps without knowing it: this mark + its key.
+PASSTHROUGH = "base:"
+#: Name of the family of a decoder whose layers are wrapped as they are (no native modules).
+GENERIC = "generic"
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ class Family:
     rope_layout: str  # "half" (Hugging Face) or "interleaved" (torchtune, Meta)
     marker: str  # a key every checkpoint of this family has
     description: str = ""
+    passthrough: bool = False  # keys outside the table are the base's own, kept as they are (any decoder)
 
     @cached_property
     def table(self) -> dict[str, str]:
@@ -99,10 +104,24 @@ class Family:
         return _rename(canonical, self._to_family, self.name)
 
     def to_canonical(self, key: str) -> str:
+        if self.passthrough and not self._matches(key):
+            return PASSTHROUGH + key
         return _rename(key, self._to_canonical, self.name)
 
     def knows(self, key: str) -> bool:
+        return self.passthrough or self._matches(key)
+
+    def _matches(self, key: str) -> bool:
         return any(p.fullmatch(key) for p, _ in self._to_canonical)
+
+    @cached_property
+    def _layer_pattern(self) -> re.Pattern[str]:
+        return re.compile(re.escape(self.layer_prefix).replace(r"\{i\}", r"(\d+)"))
+
+    def layer_of(self, key: str) -> int | None:
+        """The index of the decoder layer ``key`` belongs to (its own tensor or its fusion layer's), else None."""
+        m = self._layer_pattern.match(key)
+        return int(m.group(1)) if m else None
 
     def fusion_key(self, layer: int, canonical_suffix: str) -> str:
         """The family name of a fusion-layer tensor, e.g. (3, "ca_scale.scale")."""
@@ -149,6 +168,28 @@ FAMILIES: dict[str, Family] = {
         description="torchtune names (layers.{i}.attn.q_proj.weight)",
     ),
 }
+
+
+@lru_cache(maxsize=64)
+def generic_family(layer_prefix: str, embedding_key: str) -> Family:
+    """The family of any decoder: layers numbered under ``layer_prefix`` (dotted, e.g. ``transformer.h``),
+    token embedding at ``embedding_key``, fusion tensors in the HF column of DESIGN.md section 3.
+
+    Llama-named layer tensors (``self_attn.q_proj`` ...) get their canonical names, so ``--init copy``
+    finds them; every other key passes through under its own name."""
+    stem = embedding_key.removesuffix(".weight")
+    return Family(
+        name=GENERIC,
+        layer_prefix=f"{layer_prefix}.{{i}}.",
+        global_keys={"tok_embeddings.weight": embedding_key,
+                     "tok_embeddings.fusion_embedding.weight": f"{stem}.fusion_embedding.weight"},
+        layer_keys=_HF_LAYER,
+        fusion_keys=_HF_FUSION,
+        rope_layout="half",
+        marker=embedding_key,
+        description=f"transformers names, layers under {layer_prefix}.{{i}}. (wrapped as they are)",
+        passthrough=True,
+    )
 
 
 def detect_family(keys: list[str]) -> Family:

@@ -152,3 +152,42 @@ def copy_vision(origin: Origin | None, root: Path, algorithm: str,
     return {"directory": VISION_DIR, "files": files,
             "tensors": [{"name": k, "shape": list(vision.info(k).shape), "dtype": vision.info(k).dtype,
                          "file": vision.key_to_file[k], "digest": digests[k]} for k in vision.keys()]}
+
+
+# ------------------------------------------------------------------ what a vision config promises
+#: Tensors of one vision encoder layer (``transformer.layers.{j}.`` / ``global_transformer.layers.{j}.``).
+_VISION_LAYER = ("input_layernorm.weight", "input_layernorm.bias", "post_attention_layernorm.weight",
+                 "post_attention_layernorm.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
+                 "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                 "self_attn.o_proj.weight")
+#: Tensors of the vision model outside its layers.
+_VISION_GLOBAL = ("class_embedding", "patch_embedding.weight", "gated_positional_embedding.embedding",
+                  "gated_positional_embedding.gate", "gated_positional_embedding.tile_embedding.weight",
+                  "pre_tile_positional_embedding.embedding.weight", "pre_tile_positional_embedding.gate",
+                  "post_tile_positional_embedding.embedding.weight", "post_tile_positional_embedding.gate",
+                  "layernorm_pre.weight", "layernorm_pre.bias", "layernorm_post.weight", "layernorm_post.bias")
+#: transformers' MllamaVisionConfig defaults for the layer counts a config may leave out.
+_VISION_DEFAULTS = {"num_hidden_layers": 32, "num_global_layers": 8}
+
+
+def expected_vision_keys(layout: MllamaLayout, vision_config: Any, where: str) -> set[str]:
+    """Every vision tower and projector key an ``MllamaForConditionalGeneration`` of ``vision_config`` has,
+    in ``layout``'s names (the tower's ``transformer`` / ``global_transformer`` layer counts from the config).
+
+    Raises:
+        CheckpointError: the config's vision section is not an object or its layer counts are not counts.
+    """
+    if not isinstance(vision_config, dict):
+        raise CheckpointError(f"{where}: an mllama config needs a vision_config object")
+    counts = {}
+    for name, default in _VISION_DEFAULTS.items():
+        value = vision_config.get(name, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"{where}: vision_config.{name} is {value!r}, expected a layer count")
+        counts[name] = value
+    tower, projector = layout.vision_prefixes
+    keys = {tower + k for k in _VISION_GLOBAL} | {f"{projector}weight", f"{projector}bias"}
+    for stack, count, extra in (("transformer", counts["num_hidden_layers"], ()),
+                                ("global_transformer", counts["num_global_layers"], ("gate_attn", "gate_ffn"))):
+        keys |= {f"{tower}{stack}.layers.{j}.{k}" for j in range(count) for k in _VISION_LAYER + extra}
+    return keys

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import UsageError
@@ -90,10 +91,11 @@ def fuse(
 
 def _report(result) -> None:
     cfg, fusion = result.config, result.fusion
+    names = f"{cfg.family} names" if cfg.native else f"layers under {fusion.layer_prefix}.N., wrapped as they are"
     if cfg.inferred:
         console.print(f"[yellow]no config.json: inferred from tensor shapes:[/] {', '.join(cfg.inferred)}")
     console.print(
-        f"[bold]{cfg.model_type}[/] ({cfg.family} names): {cfg.num_layers} layers, width {cfg.dim}, "
+        f"[bold]{cfg.model_type}[/] ({names}): {cfg.num_layers} layers, width {cfg.dim}, "
         f"{cfg.num_heads} heads / {cfg.num_kv_heads} kv heads of {cfg.head_dim}, vocab {cfg.vocab_size}"
     )
     table = Table(title="Fused layers", title_justify="left")
@@ -112,6 +114,6 @@ def _report(result) -> None:
         f"encoder width {fusion.encoder_dim}"
     )
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
     layout = {"copy": "", "link": " (base shards hard-linked)", "adapter": " (adapter only: new tensors and manifest)"}
     print_files(result.output, result.files, layout[result.layout])

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..inspection import Inspection, inspect_checkpoint
@@ -55,7 +56,9 @@ def _print_model(r: Inspection) -> None:
     t.add_column(style="dim")
     t.add_column()
     t.add_row("architecture", f"{_opt(r.architecture)} (model_type {_opt(r.model_type)})")
-    t.add_row("layers", str(r.num_layers))
+    t.add_row("layers", f"{r.num_layers} under {r.layer_prefix}.N." if r.layer_prefix else str(r.num_layers))
+    if r.forward == "transformers":
+        t.add_row("forward", escape("transformers' own class (pip install \"fusionsurgery[hf]\"); no native modules"))
     t.add_row("width", f"{r.dim} (MLP {_opt(r.intermediate_dim)})")
     t.add_row("heads", f"{_opt(r.num_heads)} / {_opt(r.num_kv_heads)} kv heads, head_dim {_opt(r.head_dim)}")
     t.add_row("vocab", f"{r.vocab_size}, {'tied' if r.tie_embeddings else 'untied'} embeddings")

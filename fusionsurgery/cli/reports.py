@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from .console import console, err_console, human_bytes
@@ -49,7 +50,7 @@ def print_files(output: Path, files: list[dict[str, Any]], title_suffix: str = "
 
 def verify_notifier(json_out: bool) -> Callable[[str], None] | None:
     """Where ``verify`` tells what it is doing: dimmed lines on stderr, or nowhere with ``--json``."""
-    return None if json_out else (lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False))
+    return None if json_out else (lambda msg: err_console.print(f"[dim]{escape(msg)}[/]", highlight=False))
 
 
 def print_verify_report(report: Any) -> None:
@@ -66,7 +67,7 @@ def print_verify_report(report: Any) -> None:
     table.add_column("status")
     table.add_column("result")
     for c in report.checks:
-        table.add_row(c.title.split(":")[0], STATUS_STYLE.get(c.status, c.status), c.summary)
+        table.add_row(c.title.split(":")[0], STATUS_STYLE.get(c.status, c.status), escape(c.summary))
     console.print(table)
     for c in report.checks:
         for d in c.details:

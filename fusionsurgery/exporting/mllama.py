@@ -42,6 +42,10 @@ def check_supported(src: Source) -> None:
             f"states as wide as the decoder ({cfg.dim}); fuse again without `encoder_dim` (project the encoder "
             f"states to {cfg.dim} first) to export to Mllama"
         )
+    if not cfg.native:
+        raise UsageError(
+            f"--to mllama needs a Llama-shaped base (Mllama's text model is Llama's); this one is "
+            f"{cfg.model_type}, whose decoder layers Mllama cannot express")
     problems = []
     if cfg.attn_bias:
         problems.append("q/k/v biases")

@@ -77,6 +77,11 @@ def export_family(src: Source, out: Path, target_name: str, *, force: bool = Fal
     """Write ``src`` renamed into the ``target_name`` family (``torchtune`` or ``hf``) at ``out``."""
     target = FAMILIES[target_name]
     cfg = src.cfg
+    if not cfg.native:
+        raise UsageError(
+            f"--to {target_name} renames a native family's tensors; this {cfg.model_type} checkpoint is "
+            + ("already in transformers' own names (fusionsurgery.hf loads it as it is)" if target_name == "hf" else
+               f"of a type torchtune has no builders for (supported: {', '.join(TORCHTUNE_MODEL_TYPES)})"))
     if target_name == "torchtune" and cfg.model_type not in TORCHTUNE_MODEL_TYPES:
         raise UsageError(
             f"`to` torchtune supports {', '.join(TORCHTUNE_MODEL_TYPES)} checkpoints (torchtune's Llama builders, "

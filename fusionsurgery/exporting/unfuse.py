@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ..arch.config import INFERRED_MARK, read_fusion_config, read_model_config
-from ..arch.families import detect_family, is_fusion_key
+from ..arch.discovery import family_of_checkpoint
+from ..arch.families import is_fusion_key
 from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, Checkpoint
 from ..io.copying import copy_and_digest
@@ -65,7 +66,7 @@ def unfuse(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = No
     if manifest is not None and manifest.get("layout") == "adapter":
         raise UsageError(f"{src} is an adapter (fuse --adapter-only): it holds no base tensors; its base is the "
                          "checkpoint it names")
-    family = detect_family(ckpt.keys())
+    family = family_of_checkpoint(ckpt)
     fusion_keys = [k for k in ckpt.keys() if is_fusion_key(family.to_canonical(k))]
     fusion = read_fusion_config(ckpt.config)
     if not fusion_keys and fusion is None:

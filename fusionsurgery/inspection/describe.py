@@ -10,8 +10,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..arch.config import ModelConfig, read_fusion_config, read_model_config
-from ..arch.families import FAMILIES, FUSION_SEGMENT, Family, detect_family, is_fusion_key
+from ..arch.config import MODEL_TYPES, ModelConfig, read_fusion_config, read_model_config
+from ..arch.discovery import family_of_checkpoint
+from ..arch.families import FAMILIES, FUSION_SEGMENT, GENERIC, Family, generic_family, is_fusion_key
 from ..errors import CheckpointError, UsageError
 from ..io.checkpoint import Checkpoint
 from ..surgery.adapter import attach_base, is_adapter
@@ -89,6 +90,9 @@ class Inspection:
     fusion: FusionSummary | None = None
     diff: KeyDiff | None = None
     tensors: list[dict[str, Any]] | None = None
+    layer_prefix: str = ""  # where the decoder layers are numbered ("model.layers", "transformer.h" ...)
+    embedding_key: str = ""  # the token embedding's key
+    forward: str = ""  # what runs the forward: "native" (fusionsurgery.modules) or "transformers"
 
     @property
     def is_fused(self) -> bool:
@@ -129,7 +133,7 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, base: str | os.PathLike[
             out.notes += _provenance(manifest)
             return out
         ckpt = attach_base(ckpt, Checkpoint.open(base, follow_symlinks=follow_symlinks), check=False)  # headers only: no digests here
-    family = detect_family(ckpt.keys())
+    family = family_of_checkpoint(ckpt)
     out = _describe(ckpt, family, str(path))
     out.notes += _provenance(manifest)
     out.fusion = _fusion_summary(ckpt, family)
@@ -155,6 +159,8 @@ def _describe(ckpt: Checkpoint, family: Family, path: str) -> Inspection:
         notes += [f"warning: the config's fusion section disagrees with the tensors: {p}"
                   for p in fusion_problems(ckpt, cfg, read_fusion_config(ckpt.config))]
     shapes = _canonical_shapes(ckpt, family)
+    if "tok_embeddings.weight" not in shapes:
+        raise CheckpointError(f"{path}: no token embedding {family.global_key('tok_embeddings.weight')!r}")
     vocab, dim = shapes["tok_embeddings.weight"]
     layers = {int(k.split(".")[1]) for k in shapes if k.startswith("layers.")}
     config = ckpt.config or {}
@@ -166,8 +172,10 @@ def _describe(ckpt: Checkpoint, family: Family, path: str) -> Inspection:
         num_layers=cfg.num_layers if cfg else len(layers), dim=cfg.dim if cfg else dim,
         num_heads=cfg.num_heads if cfg else None, num_kv_heads=cfg.num_kv_heads if cfg else None,
         head_dim=cfg.head_dim if cfg else None, intermediate_dim=cfg.intermediate_dim if cfg else None,
-        vocab_size=vocab, tie_embeddings="output.weight" not in shapes,
+        vocab_size=vocab, tie_embeddings=cfg.tie_embeddings if cfg else "output.weight" not in shapes,
         rope_theta=cfg.rope_theta if cfg else None,
+        layer_prefix=family.layer_prefix.removesuffix(".{i}."), embedding_key=family.global_key("tok_embeddings.weight"),
+        forward="native" if cfg is None or cfg.native else "transformers",
         dtypes=dict(sorted(dtypes.items())),
         num_tensors=len(ckpt.key_to_file), num_params=sum(dtypes.values()),
         nbytes=sum(ckpt.info(k).nbytes for k in ckpt.keys()),
@@ -181,6 +189,8 @@ def _describe_adapter(ckpt: Checkpoint, manifest: dict[str, Any], path: str, ten
     base = manifest.get("base") or {}
     cfg = base.get("config") or {}
     family = FAMILIES.get(base.get("family", "hf"))
+    if base.get("family") == GENERIC and cfg.get("layer_prefix") and cfg.get("embedding_key"):
+        family = generic_family(str(cfg["layer_prefix"]), str(cfg["embedding_key"]))
     if family is None:
         raise CheckpointError(f"{path}: the manifest names an unknown naming family {base.get('family')!r}")
     fusion = _fusion_summary(ckpt, family, base_params=int(base.get("num_params") or 0))
@@ -197,6 +207,8 @@ def _describe_adapter(ckpt: Checkpoint, manifest: dict[str, Any], path: str, ten
         nbytes=sum(ckpt.info(k).nbytes for k in ckpt.keys()),
         files=[{"name": name, "bytes": h.file_size, "tensors": len(h.tensors)} for name, h in ckpt.files.items()],
         has_index=False, inferred=list(base.get("inferred") or []),
+        layer_prefix=family.layer_prefix.removesuffix(".{i}."), embedding_key=family.global_key("tok_embeddings.weight"),
+        forward="native" if family.name in FAMILIES and base.get("model_type") in MODEL_TYPES else "transformers",
         notes=[f"adapter (fuse --adapter-only): the {base.get('num_tensors', '?')} original tensors live in the base "
                f"{_name(base)}, named by digest in the manifest; pass --base BASE to include them"],
         fusion=fusion,

@@ -79,6 +79,9 @@ def open_model(path: str | os.PathLike[str] | Checkpoint, *, dtype: torch.dtype 
     cfg = read_model_config(ckpt, num_heads=num_heads, num_kv_heads=num_kv_heads, rope_defaults=rope_defaults)
     fusion = read_fusion_config(ckpt.config)
     require_consistent(ckpt, cfg, fusion)
+    if not cfg.native:
+        raise UsageError(f"model type {cfg.model_type!r} has no native modules: load it through its own transformers "
+                         "class with fusionsurgery.hf (pip install \"fusionsurgery[hf]\")")
     if isinstance(dtype, str):
         try:
             dtype = parse_dtype(dtype) if dtype != "same" else None

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ..arch.config import FusionConfig, ModelConfig, read_model_config, to_hf_config
-from ..arch.families import detect_family, is_fusion_key
+from ..arch.discovery import family_of_checkpoint
+from ..arch.families import is_fusion_key
 from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
 from ..io.copying import Cancelled, copy_and_digest, link_and_digest, same_filesystem
@@ -29,8 +30,8 @@ from ..io.writer import (AtomicDirectory, SafetensorsWriter, check_output_locati
 from ..version import __version__
 from .init import chunk_stream, num_chunks
 from .manifest import build_manifest, describe_base
-from .plan import NewTensor, plan_new_tensors
 from .options import DTYPE_CHOICES, FuseOptions
+from .plan import NewTensor, check_copy_sources, plan_new_tensors
 from .selection import select_layers
 
 #: Threads creating new-weight chunks (numpy fills arrays without the GIL).
@@ -78,6 +79,9 @@ class FuseResult:
             "layout": self.layout,
             "family": self.config.family,
             "model_type": self.config.model_type,
+            "native": self.config.native,
+            "layer_prefix": self.fusion.layer_prefix,
+            "embedding_key": self.fusion.embedding_key,
             "num_layers": self.config.num_layers,
             "inferred": self.config.inferred,
             "fused_layers": self.fusion.layers,
@@ -98,7 +102,7 @@ class FuseResult:
 
 def fused_layers_of(ckpt: Checkpoint) -> list[int]:
     """Layer indices that hold fusion tensors."""
-    family = detect_family(ckpt.keys())
+    family = family_of_checkpoint(ckpt)
     canon = (family.to_canonical(k) for k in ckpt.keys())
     return sorted({int(c.split(".")[1]) for c in canon if is_fusion_key(c) and c.startswith("layers.")})
 
@@ -153,11 +157,16 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
     chosen = select_layers(cfg.num_layers, opts.every, opts.layers)
     fusion = _fusion_config(cfg, ckpt, chosen, opts)
     new = plan_new_tensors(cfg, fusion)
+    check_copy_sources(ckpt, cfg, new)
     out_path = Path(out) if out is not None else default_output(base_path, "fused")
     check_output_location(base_path, out_path)
     layout = "adapter" if opts.adapter_only else "link" if opts.link else "copy"
     digest = opts.digest
     result = FuseResult(out_path, cfg, fusion, new, layout, base_params=sum(ckpt.info(k).numel for k in ckpt.keys()))
+    if not cfg.native:
+        result.notes.append(f"model type {cfg.model_type} (layers under {fusion.layer_prefix}.N.) has no native "
+                            "modules: its forward (verify's model checks, loading, generation, training) runs "
+                            "through transformers' own class (pip install \"fusionsurgery[hf]\")")
     if layout == "link" and out_path.parent.exists() and not same_filesystem(ckpt.root, out_path.parent):
         result.layout = layout = "copy"
         result.notes.append("--link: the base and the output are on different filesystems, so the shards were copied")
@@ -203,7 +212,7 @@ def _fusion_config(cfg: ModelConfig, ckpt: Checkpoint, chosen: list[int], opts: 
         layers=chosen, fusion_first=not opts.fusion_after, encoder_dim=opts.encoder_dim or cfg.dim,
         fusion_vocab=opts.fusion_vocab, init=opts.init, init_std=opts.init_std, seed=opts.seed,
         dtype=DTYPE_CHOICES[opts.dtype] or base_dtype, qk_norm_eps=1e-5, norm_eps=cfg.norm_eps, tool_version=__version__,
-    )
+    ).block(cfg)
 
 
 def bring_originals(ckpt: Checkpoint, tmp: Path, layout: str, algorithm: str, progress: StageProgress | None,

@@ -123,7 +123,7 @@ def compare(base: Checkpoint, ref: Checkpoint, family: Family, *, fused_layers: 
         canonical = family.to_canonical(key)
         if is_fusion_key(canonical):
             continue
-        layer = int(canonical.split(".")[1]) if canonical.startswith("layers.") else None
+        layer = family.layer_of(key)
         diff_sq = ref_sq = 0.0
         dtype_a, dtype_b = base.info(key).dtype, ref.info(key).dtype
         identical = dtype_a == dtype_b

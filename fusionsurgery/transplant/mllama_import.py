@@ -31,7 +31,8 @@ from ..surgery.plan import plan_new_tensors
 from ..version import __version__
 from ..exporting.common import listed_files
 from ..io.writer import copy_sidecars
-from ..arch.mllama_layouts import ORIGIN_KEY, VISION_DIR, MllamaLayout, detect_layout, text_config_of
+from ..arch.mllama_layouts import (ORIGIN_KEY, VISION_DIR, MllamaLayout, detect_layout, expected_vision_keys,
+                                    text_config_of)
 from ..exporting.tensors import OutTensor, Part, PlannedShard, Progress, plan_shards, same, write_shards
 
 HF = FAMILIES["hf"]
@@ -166,6 +167,8 @@ def plan_import(ckpt: Checkpoint, source: Path) -> ImportPlan:
         else:
             base.append(same(ckpt, key, target))
 
+    if model_type == "mllama":
+        _check_vision(layout, doc, {t.key for t in vision}, source, where)
     base_doc = _base_config(text, doc, len(self_layers), vocab, notes)
     cfg = config_from_shapes(base_doc, HF, {HF.to_canonical(t.key): t.shape for t in base}, where)
     dtypes = sorted({t.dtype for t in new.values()})
@@ -179,6 +182,21 @@ def plan_import(ckpt: Checkpoint, source: Path) -> ImportPlan:
     layer_map = [{"mllama_layer": j, "kind": "cross" if j in wraps else "self",
                   "source_layer": index[wraps[j]] if j in wraps else index[j]} for j in range(num_layers)]
     return ImportPlan(layout, doc, base_doc, cfg, fusion, base, ordered, vision, layer_map, sorted(cross), notes)
+
+
+def _check_vision(layout: MllamaLayout, doc: dict[str, Any], present: set[str], source: Path, where: str) -> None:
+    """Refuse an MllamaForConditionalGeneration whose vision tensors are not the ones its vision_config
+    promises (missing ones would come back as random weights from transformers after an export)."""
+    expected = expected_vision_keys(layout, doc.get("vision_config"), where)
+    missing, extra = sorted(expected - present), sorted(present - expected)
+    if missing:
+        raise CheckpointError(
+            f"{source}: config.json promises a vision tower (vision_config), but {len(missing)} of its "
+            f"{len(expected)} vision tensor(s) are missing: {listed(missing)}")
+    if extra:
+        raise CheckpointError(
+            f"{source}: {len(extra)} vision tensor(s) that config.json's vision_config does not account for: "
+            f"{listed(extra)}")
 
 
 def _target(key: str, layout: MllamaLayout, layer_re: re.Pattern[str], num_layers: int, wraps: dict[int, int],

@@ -14,7 +14,8 @@ from ..io.checkpoint import Checkpoint
 from ..io.torch_dtypes import TORCH_DTYPES, parse_dtype
 from ..native.loading import resolve_device
 from ..surgery.adapter import attach_base, is_adapter, made_on
-from . import memory, numerics, originals, plain, structure
+from . import gates, memory, numerics, originals, plain, structure
+from .engine import Engine, forward_engine
 from .outputs import Outputs
 from .probe import make_probe
 from .report import PASSED, CheckResult, Report, skipped
@@ -103,7 +104,9 @@ def verify(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = N
     check, layout = structure.check_structure(ckpt, rope_defaults)
     report.checks.append(check)
     bench = bench_len or (512 if dev.type == "cuda" else 64)
-    if not check.failed:
+    engine = forward_engine(layout.cfg) if layout.cfg is not None else Engine("native")
+    report.settings["engine"] = engine.kind
+    if not check.failed and engine.kind == "native":
         _plan_memory(report, ckpt, layout, dev, torch_dtype, stream, memory_limit, batch, seq_len, encoder_len,
                      bench, say)
     say("checking original tensors")
@@ -111,6 +114,8 @@ def verify(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = N
     if check.failed:
         report.checks += [skipped(n, t, "structure check failed") for n, t in MODEL_CHECKS]
         return report
+    if engine.kind != "native":
+        return _forward_elsewhere(report, engine, ckpt, layout, say)
     say(f"running the model checks on {dev} ({report.settings['dtype']}{', streamed' if stream else ''})")
     probe = make_probe(layout.cfg, layout.fusion, dev, torch_dtype, batch=batch, seq_len=seq_len,
                        encoder_len=encoder_len, seed=seed)
@@ -118,6 +123,23 @@ def verify(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = N
     out = _run_engine(ckpt, layout, dev, torch_dtype, probe, stream, bench)
     report.checks += [numerics.check_identity(out), numerics.check_live(out), numerics.check_forward_backward(out),
                       numerics.check_kv_cache(out, torch_dtype), _figures(out, dev, torch_dtype, stream)]
+    return report
+
+
+def _forward_elsewhere(report: Report, engine: Engine, ckpt: Checkpoint, layout: structure.Layout,
+                       say: Notify) -> Report:
+    """The checks of a type without native modules: the gates read from the files, then the forward
+    checks, transformers' (``engine.kind == "hf"``) or skipped with the install hint. The hook where
+    ``fusionsurgery.hf`` runs them."""
+    report.checks.append(gates.check_gates(ckpt, layout))
+    if engine.kind == "skip":
+        say(engine.reason)
+        report.checks += [skipped(n, t, engine.reason) for n, t in MODEL_CHECKS]
+        return report
+    reason = (f"model type {layout.cfg.model_type!r} has no native modules; its forward checks through "
+              "transformers are not part of this build")
+    say(reason)
+    report.checks += [skipped(n, t, reason) for n, t in MODEL_CHECKS]
     return report
 
 

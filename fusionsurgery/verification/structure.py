@@ -9,7 +9,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..arch.config import FusionConfig, ModelConfig, read_fusion_config, read_model_config
+from ..arch.config import MODEL_TYPES, FusionConfig, ModelConfig, read_fusion_config, read_model_config
+from ..arch.discovery import family_of_checkpoint
 from ..arch.families import FAMILIES, Family, detect_family
 from ..arch.mllama_layouts import Origin, read_origin
 from ..errors import CheckpointError, FusionSurgeryError, listed
@@ -132,6 +133,9 @@ def check_structure(ckpt: Checkpoint, rope_defaults: str | None = None) -> tuple
 
 def family_of(ckpt: Checkpoint) -> Family:
     """The naming family, even when some keys have no place in it (those are reported, not fatal)."""
+    model_type = (ckpt.config or {}).get("model_type")
+    if isinstance(model_type, str) and model_type not in MODEL_TYPES:
+        return family_of_checkpoint(ckpt)  # any decoder: the layout its fusion section records
     for family in FAMILIES.values():
         if family.marker in ckpt.key_to_file:
             return family

@@ -1,0 +1,108 @@
+"""Finding a decoder's parts from its tensor names: the numbered layer list and the token embedding.
+
+A decoder layer does not need to be understood to be wrapped: the layers are the integer-numbered
+groups of tensors under one prefix (``model.layers.{i}.``, ``model.language_model.layers.{i}.``,
+``gpt_neox.layers.{i}.``, ``transformer.h.{i}.`` ...) that count 0..N-1, N being the config's layer
+count. Header-level only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+
+from ..errors import CheckpointError
+from ..io.checkpoint import Checkpoint
+from .families import FUSION_SEGMENT, Family, detect_family, generic_family
+from .fields import ConfigFields
+from .model_types import is_native
+
+_NUMBERED = re.compile(r"^(.+?)\.(\d+)\.")
+#: Names a token embedding goes by (``<...>.<name>.weight``), most specific first.
+EMBEDDING_NAMES = ("embed_tokens", "wte", "embed_in", "word_embeddings", "tok_embeddings", "tokens_embed", "embeddings",
+                   "embedding", "embed", "emb")
+
+
+def numbered_groups(keys: Iterable[str]) -> dict[str, dict[int, int]]:
+    """prefix -> {index: tensor count} for every ``<prefix>.<int>.`` at the first integer of a key."""
+    groups: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    for key in keys:
+        m = _NUMBERED.match(key)
+        if m:
+            groups[m.group(1)][int(m.group(2))] += 1
+    return groups
+
+
+def find_layer_prefix(keys: Iterable[str], num_layers: int) -> str:
+    """The prefix under which integer-numbered groups of tensors count 0..``num_layers``-1.
+
+    Raises:
+        CheckpointError: no prefix (or, among equals, no single one with the most tensors) fits;
+            the message names what was found.
+    """
+    groups = numbered_groups(keys)
+    fits = [p for p, idx in groups.items() if set(idx) == set(range(num_layers))]
+    if not fits:
+        found = ", ".join(f"{p}.{{0..{max(idx)}}} ({len(idx)} groups)" for p, idx in
+                          sorted(groups.items(), key=lambda item: -sum(item[1].values()))[:3]) or "none"
+        raise CheckpointError(f"no numbered list of {num_layers} decoder layers (the config's layer count) under any "
+                              f"prefix; numbered groups found: {found}")
+    return max(fits, key=lambda p: (sum(groups[p].values()), -len(p)))
+
+
+def find_embedding_key(shapes: Mapping[str, tuple[int, ...]], layer_prefix: str, dim: int,
+                       vocab_size: int | None = None) -> str:
+    """The token embedding: a 2-D ``[vocab, dim]`` tensor outside the layers named like an embedding.
+
+    Raises:
+        CheckpointError: none found (the message names the names looked for).
+    """
+    candidates = []
+    for key, shape in shapes.items():
+        parts = key.split(".")
+        if (len(parts) < 2 or parts[-1] != "weight" or key.startswith(layer_prefix + ".")
+                or f".{FUSION_SEGMENT}." in key or "fusion_embedding" in key or len(shape) != 2 or shape[1] != dim):
+            continue
+        if parts[-2] in EMBEDDING_NAMES:
+            rank = (EMBEDDING_NAMES.index(parts[-2]), shape[0] != vocab_size, len(key))
+            candidates.append((rank, key))
+    if not candidates:
+        names = ", ".join(f"*.{n}.weight" for n in EMBEDDING_NAMES[:4])
+        raise CheckpointError(f"no token embedding of width {dim} found (looked for {names} ... outside "
+                              f"{layer_prefix}.N.)")
+    return min(candidates)[1]
+
+
+def family_of_checkpoint(ckpt: Checkpoint) -> Family:
+    """The naming family of ``ckpt``: a native one (hf, torchtune) for the types the native modules
+    implement or when there is no config, else the pass-through family of its discovered layout
+    (recorded in the fusion section of a fused checkpoint, found from the tensors otherwise)."""
+    doc = ckpt.config
+    model_type = doc.get("model_type") if isinstance(doc, dict) else None
+    if doc is None:
+        try:
+            return detect_family(ckpt.keys())
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}; without a config.json only Llama-recipe checkpoints are read: any other "
+                                  "decoder needs its config.json (beside the weights, or --config PATH)") from None
+    if not isinstance(model_type, str) or is_native(model_type):
+        return detect_family(ckpt.keys())
+    fusion = doc.get("fusion")
+    if isinstance(fusion, dict) and isinstance(fusion.get("layer_prefix"), str) and fusion.get("layer_prefix") \
+            and isinstance(fusion.get("embedding_key"), str) and fusion.get("embedding_key"):
+        return generic_family(fusion["layer_prefix"], fusion["embedding_key"])
+    layer_prefix, embedding_key = discover_layout(ckpt)
+    return generic_family(layer_prefix, embedding_key)
+
+
+def discover_layout(ckpt: Checkpoint) -> tuple[str, str]:
+    """(layer prefix, token embedding key) of ``ckpt``, found from its tensors and its config."""
+    where = str(ckpt.config_path or "config.json")
+    fields = ConfigFields(ckpt.config or {}, where)
+    num_layers = fields.int_of("num_layers", required=True)
+    dim = fields.int_of("dim", required=True)
+    assert num_layers is not None and dim is not None
+    layer_prefix = find_layer_prefix(ckpt.keys(), num_layers)
+    shapes = {k: ckpt.info(k).shape for k in ckpt.keys()}
+    return layer_prefix, find_embedding_key(shapes, layer_prefix, dim, fields.int_of("vocab_size"))

@@ -1,0 +1,70 @@
+"""What a config cannot tell: per ``model_type`` overrides, and the types with native modules.
+
+The surgery reads any decoder from its tensors and its config's own fields (``fields.py``,
+``discovery.py``); this table only holds the facts no config field states. ``MODEL_TYPES`` are the
+types the project re-implements (``fusionsurgery.modules``): their forward runs without
+transformers and their tensors are checked against the Llama recipe. Every other type is wrapped
+as it is, its forward left to transformers (``fusionsurgery.hf``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelType:
+    """A type the native modules implement: one row per architecture.
+
+    Every field is a small, general switch of the modules (see ``builders.py``); a new variant of the
+    Llama recipe is a new row here (plus naming rows in ``families.py`` if it spells tensors differently).
+    """
+
+    architecture: str  # the transformers class that reads it
+    norm_offset: float = 0.0  # RMSNorm multiplies by (offset + weight): Gemma stores w for a scale of 1 + w
+    norm_fp32_scale: bool = False  # multiply by the scale in fp32, then cast (Gemma) instead of cast then multiply
+    embed_scale_sqrt_dim: bool = False  # token embeddings times sqrt(width) (Gemma)
+    fused_qkv: bool = False  # one self_attn.qkv_proj holding q, k, v rows (Phi-3)
+    fused_gate_up: bool = False  # one mlp.gate_up_proj holding gate then up rows (Phi-3)
+    activation_keys: tuple[str, ...] = ("hidden_act",)  # config keys naming the MLP activation, first set wins
+    default_activation: str = "silu"
+    default_norm_eps: float = 1e-6
+    default_theta: float = 10000.0
+    sliding_window_flag: str | None = None  # config key that must be true for ``sliding_window`` to apply
+
+
+#: Hugging Face ``model_type`` values the native modules implement.
+MODEL_TYPES: dict[str, ModelType] = {
+    "llama": ModelType("LlamaForCausalLM"),
+    "mistral": ModelType("MistralForCausalLM"),
+    "qwen2": ModelType("Qwen2ForCausalLM", sliding_window_flag="use_sliding_window"),
+    "qwen3": ModelType("Qwen3ForCausalLM", sliding_window_flag="use_sliding_window"),
+    "gemma": ModelType("GemmaForCausalLM", norm_offset=1.0, norm_fp32_scale=True, embed_scale_sqrt_dim=True,
+                       activation_keys=("hidden_activation", "hidden_act"), default_activation="gelu_pytorch_tanh"),
+    "phi3": ModelType("Phi3ForCausalLM", fused_qkv=True, fused_gate_up=True, default_norm_eps=1e-5),
+}
+#: ``model_type`` -> the class name transformers uses (native types).
+SUPPORTED_MODEL_TYPES: dict[str, str] = {k: v.architecture for k, v in MODEL_TYPES.items()}
+#: MLP activations the fusion block (and the native modules) implement (``modules/mlp.py``).
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
+#: Other spellings of those activations in transformers configs.
+ACTIVATION_ALIASES = {"swish": "silu", "gelu_new": "gelu_pytorch_tanh", "gelu_fast": "gelu_pytorch_tanh"}
+
+#: Types whose RMSNorm scales by ``1 + w`` (weights stored as offsets from one, computed in fp32):
+#: checked against each family's RMSNorm in transformers. (Gemma 3n and Gemma 4 scale by ``w``.)
+ONE_PLUS_W_NORM_TYPES = frozenset({
+    "gemma", "gemma2", "gemma3", "gemma3_text", "recurrent_gemma", "vaultgemma",
+    "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next", "qwen4_exp", "qwen4_exp_text",
+})
+
+
+def is_native(model_type: str | None) -> bool:
+    """Whether the native modules implement ``model_type``."""
+    return model_type in MODEL_TYPES
+
+
+def norm_offset_of(model_type: str) -> float:
+    """The fusion block's norm convention for ``model_type``: 1.0 for ``x * (1 + w)``, 0.0 for ``x * w``."""
+    if model_type in MODEL_TYPES:
+        return MODEL_TYPES[model_type].norm_offset
+    return 1.0 if model_type in ONE_PLUS_W_NORM_TYPES else 0.0

@@ -1,0 +1,37 @@
+"""Which engine runs ``verify``'s forward checks for a decoder, decided before any of them runs.
+
+- ``native``: the types ``fusionsurgery.modules`` implements (llama, mistral, qwen2, qwen3, gemma,
+  phi3), dependency-free;
+- ``hf``: every other type, through the base's own transformers class with the fusion blocks
+  attached (``fusionsurgery.hf``), when transformers is installed;
+- ``skip``: no transformers: the checks that need no forward still run, the forward ones are
+  reported skipped with the one-line hint to install the ``[hf]`` extra.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+from ..arch.config import ModelConfig
+
+#: The one-line hint shown when the forward of a non-native type needs transformers.
+HF_HINT = 'pip install "fusionsurgery[hf]"'
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The decision: ``kind`` is "native", "hf" or "skip"; ``reason`` says why for "skip"."""
+
+    kind: str
+    reason: str = ""
+
+
+def forward_engine(cfg: ModelConfig) -> Engine:
+    """The engine for ``cfg``'s forward checks (see the module docstring)."""
+    if cfg.native:
+        return Engine("native")
+    if importlib.util.find_spec("transformers") is None:
+        return Engine("skip", f"model type {cfg.model_type!r} has no native modules and its forward checks run "
+                              f"through transformers: {HF_HINT}")
+    return Engine("hf")
