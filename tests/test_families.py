@@ -158,7 +158,7 @@ def test_phi3_without_config_is_inferred_from_fused_shapes(tmp_path):
     ref.save_pretrained(str(base))
     (base / "config.json").unlink()
     ckpt = Checkpoint.open(base)
-    with pytest.raises(UsageError, match="--num-heads"):
+    with pytest.raises(UsageError, match="`num_heads`"):
         read_model_config(ckpt)
     cfg = read_model_config(ckpt, num_heads=4)
     assert cfg.model_type == "phi3" and cfg.num_kv_heads == 2 and cfg.rope_theta is None

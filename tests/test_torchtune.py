@@ -168,7 +168,7 @@ def test_bad_rope_defaults_and_unsupported_architecture(tmp_path):
     qwen, _ = make_base(tmp_path, "qwen2")
     with pytest.raises(UsageError, match="`to` torchtune supports llama, mistral"):
         export(qwen, tmp_path / "q", to="torchtune")
-    with pytest.raises(UsageError, match="--rope-defaults must be one of llama3"):
+    with pytest.raises(UsageError, match="`rope_defaults` must be one of llama3"):
         fs.load_fused(qwen, rope_defaults="llama9")
 
 

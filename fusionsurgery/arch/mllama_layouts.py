@@ -182,7 +182,7 @@ def expected_vision_keys(layout: MllamaLayout, vision_config: Any, where: str) -
     counts = {}
     for name, default in _VISION_DEFAULTS.items():
         value = vision_config.get(name, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if not is_int(value) or value < 0:
             raise CheckpointError(f"{where}: vision_config.{name} is {value!r}, expected a layer count")
         counts[name] = value
     tower, projector = layout.vision_prefixes

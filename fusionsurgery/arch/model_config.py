@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import CheckpointError
-from ..io.manifest_schema import is_int
+from ..io.manifest_schema import has_type, is_int
 from .families import FAMILIES, Family, generic_family
 from .model_types import MODEL_TYPES, ModelType
 
@@ -136,7 +136,7 @@ class FusionConfig:
             raise CheckpointError(f"{where}: fusion.layers must be a list of layer indices")
         for name, kinds in _FUSION_FIELD_TYPES.items():
             value = getattr(fc, name)
-            if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+            if not has_type(value, kinds):
                 raise CheckpointError(f"{where}: fusion.{name} is {value!r}, expected {kinds[0].__name__}")
         for name in ("dim", "num_heads", "num_kv_heads", "head_dim", "intermediate_dim"):
             if getattr(fc, name) < 0:
