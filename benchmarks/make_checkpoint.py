@@ -55,10 +55,12 @@ class Preset:
     tied: bool
     rope_factor: float
     shard_bytes: int = HUB_SHARD_BYTES
+    model_type: str = "llama"  # "gemma3_text": Gemma 3's layer (q/k norms, four norms per layer, own head_dim)
+    head_size: int | None = None  # head_dim where it is not hidden / heads
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.head_size or self.hidden // self.heads
 
 
 PRESETS: dict[str, Preset] = {
@@ -66,20 +68,26 @@ PRESETS: dict[str, Preset] = {
     "1b": Preset("1b", "meta-llama/Llama-3.2-1B", 2048, 8192, 16, 32, 8, 128256, True, 32.0),
     "3b": Preset("3b", "meta-llama/Llama-3.2-3B", 3072, 8192, 28, 24, 8, 128256, True, 32.0),
     "8b": Preset("8b", "meta-llama/Llama-3.1-8B", 4096, 14336, 32, 32, 8, 128256, False, 8.0),
+    "gemma3-1b": Preset("gemma3-1b", "google/gemma-3-1b-pt", 1152, 6912, 26, 4, 1, 262144, True, 1.0,
+                        model_type="gemma3_text", head_size=256),
 }
 
 
 def tensor_plan(p: Preset) -> list[tuple[str, tuple[int, ...]]]:
     """Every tensor as (key, shape), in transformers' module order (the order shards are cut in)."""
-    d, kv = p.hidden, p.kv_heads * p.head_dim
+    d, q, kv = p.hidden, p.heads * p.head_dim, p.kv_heads * p.head_dim
+    gemma = p.model_type == "gemma3_text"
     out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (p.vocab, d))]
     for i in range(p.layers):
         pre = f"model.layers.{i}."
+        if gemma:
+            out += [(pre + "self_attn.q_norm.weight", (p.head_dim,)), (pre + "self_attn.k_norm.weight", (p.head_dim,)),
+                    (pre + "pre_feedforward_layernorm.weight", (d,)), (pre + "post_feedforward_layernorm.weight", (d,))]
         out += [
-            (pre + "self_attn.q_proj.weight", (d, d)),
+            (pre + "self_attn.q_proj.weight", (q, d)),
             (pre + "self_attn.k_proj.weight", (kv, d)),
             (pre + "self_attn.v_proj.weight", (kv, d)),
-            (pre + "self_attn.o_proj.weight", (d, d)),
+            (pre + "self_attn.o_proj.weight", (d, q)),
             (pre + "mlp.gate_proj.weight", (p.intermediate, d)),
             (pre + "mlp.up_proj.weight", (p.intermediate, d)),
             (pre + "mlp.down_proj.weight", (d, p.intermediate)),
@@ -107,7 +115,9 @@ def shard_plan(p: Preset) -> list[list[tuple[str, tuple[int, ...]]]]:
 
 
 def hf_config(p: Preset) -> dict:
-    """config.json as the Hub's Llama 3.x checkpoints have it."""
+    """config.json as the Hub's Llama 3.x (or Gemma 3) checkpoints have it."""
+    if p.model_type == "gemma3_text":
+        return gemma3_config(p)
     return {
         "architectures": ["LlamaForCausalLM"],
         "attention_bias": False,
@@ -140,6 +150,21 @@ def hf_config(p: Preset) -> dict:
         "transformers_version": "4.45.0",
         "use_cache": True,
         "vocab_size": p.vocab,
+    }
+
+
+def gemma3_config(p: Preset) -> dict:
+    """config.json as google/gemma-3-1b-pt has it (sliding window 512, a global layer every sixth)."""
+    return {
+        "architectures": ["Gemma3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "attn_logit_softcapping": None, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
+        "final_logit_softcapping": None, "head_dim": p.head_dim, "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": p.hidden, "initializer_range": 0.02, "intermediate_size": p.intermediate,
+        "max_position_embeddings": 32768, "model_type": "gemma3_text", "num_attention_heads": p.heads,
+        "num_hidden_layers": p.layers, "num_key_value_heads": p.kv_heads, "query_pre_attn_scalar": p.head_dim,
+        "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000.0, "rope_scaling": None, "rope_theta": 1000000.0,
+        "sliding_window": 512, "sliding_window_pattern": 6, "tie_word_embeddings": p.tied,
+        "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0", "use_cache": True, "vocab_size": p.vocab,
     }
 
 

@@ -192,9 +192,15 @@ def _fsdp_worker(rank: int, path: str, tmp: str) -> None:
 
 @pytest.mark.slow
 def test_fsdp2_two_processes_equal_one(fused, tmp_path):
+    base, _, out = fused
+    check_fsdp2_equals_one_process(base, out, tmp_path)
+
+
+def check_fsdp2_equals_one_process(base, out, tmp_path) -> None:
+    """FSDP2 over 2 gloo processes trains the fused checkpoint ``out`` as one process does (losses and
+    fusion weights), each rank holding half; rank 0's gathered save passes ``verify --base``."""
     import torch.multiprocessing as mp
 
-    base, _, out = fused
     mp.spawn(_fsdp_worker, args=(str(out), str(tmp_path)), nprocs=WORLD)
     result = torch.load(tmp_path / "result.pt")
     example = _example()

@@ -14,8 +14,8 @@ LAYERS = {
     "arch": 2,
     "modules": 3, "surgery": 3,
     "native": 4, "inspection": 4,
-    "verification": 5, "exporting": 5, "hf": 5,
-    "transplant": 6,
+    "exporting": 5, "hf": 5,
+    "verification": 6, "transplant": 6,
     "cli": 7,
     "__init__": 8, "__main__": 8,
 }

@@ -4,8 +4,9 @@ Parameter names are the checkpoint's keys (``cross_attn.q_proj.weight``, ``input
 ``cross_attn_attn_gate`` ...), so transformers' loader, PEFT and FSDP see the checkpoint's names. The
 math is ``GatedCrossAttentionLayer``'s (``fusionsurgery.modules``): pre-norm cross-attention with
 q/k RMSNorms over ``head_dim`` and no RoPE, then a pre-norm gated MLP, each through a ``tanh`` gate;
-a token that may attend no encoder position is left untouched. Norms are the base model's own
-RMSNorm class, so they follow its convention (Gemma's ``1 + w``) exactly.
+a token that may attend no encoder position is left untouched. Norms are RMSNorms in the convention
+the ``fusion`` section records (``norm_offset``: Gemma's ``1 + w`` or a plain ``w``), whatever norm
+the base itself uses.
 """
 
 from __future__ import annotations
@@ -17,16 +18,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch.config import FusionConfig, activation_of
+from ..arch.config import FusionConfig, fusion_activation, norm_offset_of
 from ..modules.mlp import ACTIVATIONS
+from ..modules.norm import rms_norm
 
 #: Attribute of a transformers ``Cache`` holding the encoder keys/values: {layer index: (k, v)}.
 ENCODER_KV_ATTR = "fusion_encoder_kv"
 
 
+def _first(obj: Any, *names: str) -> Any:
+    """The first of ``names`` that ``obj`` sets (a transformers config, or a dict), else None.
+
+    A per-layer attribute that transformers refuses to read globally counts as unset.
+    """
+    for name in names:
+        try:
+            value = obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+        except Exception:  # noqa: BLE001 - e.g. Gemma 4's AmbiguousGlobalPerLayerAttributeError
+            value = None
+        if value is not None and not isinstance(value, bool):
+            return value
+    return None
+
+
 @dataclass(frozen=True)
 class BlockSpec:
-    """Sizes of one fusion block, read from a transformers config with a ``fusion`` section."""
+    """Sizes of one fusion block, read from the ``fusion`` section of a config (derived from the base's
+    own fields when a section written by an older version lacks them)."""
 
     dim: int
     encoder_dim: int
@@ -37,32 +55,86 @@ class BlockSpec:
     activation: str
     norm_eps: float
     qk_norm_eps: float
+    norm_offset: float = 0.0
 
     @classmethod
     def from_config(cls, config: Any, fusion: FusionConfig) -> "BlockSpec":
-        doc = config.to_dict()
-        heads = int(config.num_attention_heads)
-        return cls(
-            dim=int(config.hidden_size), encoder_dim=int(fusion.encoder_dim or config.hidden_size),
-            num_heads=heads, num_kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
-            head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // heads),
-            intermediate_dim=int(config.intermediate_size), activation=activation_of(doc, config.model_type),
-            norm_eps=float(fusion.norm_eps), qk_norm_eps=float(fusion.qk_norm_eps),
-        )
+        """``config``: a transformers config (or its dict) whose ``fusion`` section is ``fusion``.
+
+        Raises:
+            ValueError: when neither the fusion section nor the base's config gives a size.
+        """
+        section = _section(config)
+        base = _text_config(config)
+        dim = _first(section, "dim") or _first(base, "hidden_size", "n_embd", "d_model", "dim")
+        heads = _first(section, "num_heads") or _first(base, "num_attention_heads", "n_head", "num_heads")
+        if dim is None or heads is None:
+            raise ValueError("the config names neither the fusion block's width and heads (fusion.dim, "
+                             "fusion.num_heads) nor the base's (hidden_size, num_attention_heads)")
+        dim, heads = int(dim), int(heads)
+        kv = _first(section, "num_kv_heads") or _first(base, "num_key_value_heads", "num_kv_heads") or heads
+        head_dim = _first(section, "head_dim") or _first(base, "head_dim") or dim // heads
+        inter = _first(section, "intermediate_dim") or _first(base, "intermediate_size", "n_inner",
+                                                              "ffn_hidden_size") or 4 * dim
+        activation = _first(section, "activation") or fusion_activation(
+            _first(base, "hidden_activation", "hidden_act", "activation_function"))
+        offset = _first(section, "norm_offset")
+        if offset is None:
+            offset = norm_offset_of(str(_first(base, "model_type") or _first(config, "model_type") or ""))
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"fusion.activation {activation!r} is not one the fusion block implements "
+                             f"({', '.join(ACTIVATIONS)})")
+        return cls(dim=dim, encoder_dim=int(fusion.encoder_dim or dim), num_heads=heads, num_kv_heads=int(kv),
+                   head_dim=int(head_dim), intermediate_dim=int(inter), activation=str(activation),
+                   norm_eps=float(fusion.norm_eps), qk_norm_eps=float(fusion.qk_norm_eps), norm_offset=float(offset))
+
+
+def _section(config: Any) -> dict[str, Any]:
+    doc = config.get("fusion") if isinstance(config, dict) else getattr(config, "fusion", None)
+    return doc if isinstance(doc, dict) else {}
+
+
+def _text_config(config: Any) -> Any:
+    """The decoder's own config: ``text_config`` of a multimodal one, else the config itself."""
+    if isinstance(config, dict):
+        return config.get("text_config") or config
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+class FusionRMSNorm(nn.Module):
+    """RMSNorm with a ``weight`` (transformers' name), computed in fp32: ``x * (offset + weight)``.
+
+    ``offset`` 0 is Llama's convention (normalise in fp32, cast, multiply), 1 Gemma's (stores ``w`` for
+    a scale of ``1 + w``, multiplies in fp32, then casts); a new norm has an effective scale of one.
+    The same math as ``fusionsurgery.modules.norm.RMSNorm``, whatever norm the base itself uses
+    (GPT-2 and GPT-NeoX have LayerNorms).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, offset: float = 0.0) -> None:
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, self.offset, fp32_scale=bool(self.offset))
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, offset={self.offset}"
 
 
 class FusionCrossAttention(nn.Module):
     """Grouped-query attention from tokens ``[b, s, dim]`` to encoder keys/values, no RoPE, not causal."""
 
-    def __init__(self, spec: BlockSpec, norm_cls: type[nn.Module]) -> None:
+    def __init__(self, spec: BlockSpec) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.q_proj = nn.Linear(spec.dim, spec.num_heads * spec.head_dim, bias=False)
         self.k_proj = nn.Linear(spec.encoder_dim, spec.num_kv_heads * spec.head_dim, bias=False)
         self.v_proj = nn.Linear(spec.encoder_dim, spec.num_kv_heads * spec.head_dim, bias=False)
         self.o_proj = nn.Linear(spec.num_heads * spec.head_dim, spec.dim, bias=False)
-        self.q_norm = norm_cls(spec.head_dim, eps=spec.qk_norm_eps)
-        self.k_norm = norm_cls(spec.head_dim, eps=spec.qk_norm_eps)
+        self.q_norm = FusionRMSNorm(spec.head_dim, spec.qk_norm_eps, spec.norm_offset)
+        self.k_norm = FusionRMSNorm(spec.head_dim, spec.qk_norm_eps, spec.norm_offset)
 
     def encode(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[b, kv_heads, e, head_dim]`` of encoder states ``[b, e, encoder_dim]``."""
@@ -105,12 +177,12 @@ class FusionBlock(nn.Module):
     (or 1) where a token may attend an encoder position.
     """
 
-    def __init__(self, spec: BlockSpec, norm_cls: type[nn.Module], layer_idx: int) -> None:
+    def __init__(self, spec: BlockSpec, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.cross_attn = FusionCrossAttention(spec, norm_cls)
-        self.input_layernorm = norm_cls(spec.dim, eps=spec.norm_eps)
-        self.post_attention_layernorm = norm_cls(spec.dim, eps=spec.norm_eps)
+        self.cross_attn = FusionCrossAttention(spec)
+        self.input_layernorm = FusionRMSNorm(spec.dim, spec.norm_eps, spec.norm_offset)
+        self.post_attention_layernorm = FusionRMSNorm(spec.dim, spec.norm_eps, spec.norm_offset)
         self.mlp = FusionMLP(spec)
         self.cross_attn_attn_gate = nn.Parameter(torch.zeros(1))
         self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1))

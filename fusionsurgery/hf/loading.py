@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..arch.config import MODEL_TYPES, read_fusion_config, read_model_config
+from ..arch.config import INFERRED_MARK, family_of_checkpoint, read_fusion_config
 from ..errors import UsageError
 from ..io.checkpoint import INDEX_NAME, Checkpoint
 from ..io.writer import write_index
 from ..surgery.adapter import attach_base, is_adapter, made_on
-from .model import fused_class
+from ..surgery.consistency import is_fusion_name
+from .model import FusedCausalLMMixin, fused_class
 
 
 @dataclass(frozen=True)
@@ -29,20 +30,41 @@ class FusionSource:
 
 
 def model_class(ckpt: Checkpoint) -> type:
-    """The fused transformers class for a fused checkpoint (``FusedQwen2ForCausalLM`` ...)."""
-    import transformers
+    """The fused transformers class for a fused checkpoint (``FusedQwen2ForCausalLM``, ``FusedGPT2LMHeadModel`` ...).
 
-    cfg = read_model_config(ckpt)
-    if cfg.family != "hf":
+    Raises:
+        UsageError: torchtune names, no fusion section, unknown RoPE settings, or a model type
+            transformers has no causal-LM class for.
+    """
+    doc = ckpt.config
+    if "tok_embeddings.weight" in ckpt.key_to_file or doc is None:
         raise UsageError(f"{ckpt.root} has torchtune tensor names; `fusionsurgery export {ckpt.root} --to hf` "
                          "gives the Hugging Face names (and RoPE layout) that transformers reads")
-    if read_fusion_config(ckpt.config) is None:
+    if read_fusion_config(doc) is None:
         raise UsageError(f"{ckpt.root} is not a fused checkpoint (no 'fusion' section in config.json); "
                          "`fusionsurgery fuse` makes one")
-    if cfg.rope_theta is None:
+    if INFERRED_MARK in doc and not any(k in doc for k in ("rope_theta", "rope_parameters", "rope_scaling")):
         raise UsageError(f"{ckpt.root}: RoPE settings are unknown (the config was inferred from tensor shapes); "
                          "fuse again with --config PATH or --rope-defaults NAME")
-    return fused_class(getattr(transformers, MODEL_TYPES[cfg.model_type].architecture))
+    return fused_class(base_class(doc, ckpt.root))
+
+
+def base_class(doc: dict[str, Any], where: Any = "config.json") -> type:
+    """transformers' causal-LM class for a config.json: by its ``model_type``, else its ``architectures``.
+
+    Raises:
+        UsageError: when the installed transformers has no such class.
+    """
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = doc.get("model_type")
+    names = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)] + list(doc.get("architectures") or [])
+    for name in names:
+        if isinstance(name, str) and hasattr(transformers, name):
+            return getattr(transformers, name)
+    raise UsageError(f"{where}: transformers {transformers.__version__} has no causal-LM class for model_type "
+                     f"{model_type!r} (architectures {doc.get('architectures')}); a newer transformers may")
 
 
 def from_pretrained(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, *,
@@ -62,9 +84,7 @@ def from_pretrained(path: str | os.PathLike[str], base: str | os.PathLike[str] |
                          f"{made_on(manifest)}")
     base_ckpt = Checkpoint.open(base, follow_symlinks=follow_symlinks) if base is not None else None
     combined = attach_base(ckpt, base_ckpt)
-    cls = model_class(combined)
-    with _loadable_dir(combined, [base_ckpt] if base_ckpt is not None else []) as directory:
-        loaded = cls.from_pretrained(str(directory), **kwargs)
+    loaded = load_checkpoint(combined, [base_ckpt] if base_ckpt is not None else [], **kwargs)
     model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
     model.fusion_source = FusionSource(Path(path).resolve(), Path(base).resolve() if base is not None else None,
                                        follow_symlinks)
@@ -72,14 +92,35 @@ def from_pretrained(path: str | os.PathLike[str], base: str | os.PathLike[str] |
     return loaded
 
 
+def load_checkpoint(ckpt: Checkpoint, extra: list[Checkpoint] | None = None, *, fused: bool = True,
+                    **kwargs: Any) -> Any:
+    """Load an opened fused checkpoint (an adapter already attached to its base, opened in ``extra``) with transformers' ``from_pretrained``; ``kwargs`` go to it.
+
+    Args:
+        ckpt (Checkpoint): the fused checkpoint.
+        extra (list[Checkpoint] | None): checkpoints whose config and sidecar files come first (an adapter's base).
+        fused (bool): the fused class (default), or the base's own class reading the original tensors
+            alone (what ``verify`` compares against).
+
+    Returns:
+        The model, or ``(model, loading info)`` with ``output_loading_info=True``.
+    """
+    cls = model_class(ckpt)
+    if not fused:
+        cls = next(c for c in cls.__mro__[1:] if not issubclass(c, FusedCausalLMMixin))
+    with _loadable_dir(ckpt, list(extra or []), originals_only=not fused) as directory:
+        return cls.from_pretrained(str(directory), **kwargs)
+
+
 @contextmanager
-def _loadable_dir(ckpt: Checkpoint, extra: list[Checkpoint]) -> Iterator[Path]:
+def _loadable_dir(ckpt: Checkpoint, extra: list[Checkpoint], originals_only: bool = False) -> Iterator[Path]:
     """A temporary directory that transformers' loader reads as one sharded checkpoint: links to every
     shard under one index, and to the config and sidecar files (an adapter's base's first).
 
     A fused directory itself will not do: transformers prefers a ``model.safetensors`` to the index,
-    and that file holds only the base's tensors. The link rule of each directory holds (``io.links``):
-    a sidecar leading outside is refused, any other such file left out of the view.
+    and that file holds only the base's tensors. ``originals_only``: the index names the base's tensors alone.
+    The link rule of each directory holds (``io.links``): a sidecar leading outside is refused, any other
+    such file left out of the view.
     """
     with tempfile.TemporaryDirectory(prefix="fusion-view-") as tmp:
         view = Path(tmp)
@@ -92,8 +133,10 @@ def _loadable_dir(ckpt: Checkpoint, extra: list[Checkpoint]) -> Iterator[Path]:
         names = {name: f"shard-{i:05d}-of-{len(ckpt.files):05d}.safetensors" for i, name in enumerate(ckpt.files, 1)}
         for name, link in names.items():
             os.symlink(ckpt.path_of(name).resolve(), view / link)
-        weight_map = {k: names[f] for k, f in ckpt.key_to_file.items()}
-        write_index(view / INDEX_NAME, weight_map, sum(ckpt.info(k).nbytes for k in ckpt.keys()))
+        family = family_of_checkpoint(ckpt) if originals_only else None
+        weight_map = {k: names[f] for k, f in ckpt.key_to_file.items()
+                      if family is None or not is_fusion_name(family, k)}
+        write_index(view / INDEX_NAME, weight_map, sum(ckpt.info(k).nbytes for k in weight_map))
         yield view
 
 
@@ -103,4 +146,4 @@ def _relink(target: Path, link: Path) -> None:
     os.symlink(target.resolve(), link)
 
 
-__all__ = ["FusionSource", "from_pretrained", "model_class"]
+__all__ = ["FusionSource", "base_class", "from_pretrained", "load_checkpoint", "model_class"]

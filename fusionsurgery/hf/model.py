@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..arch.config import FusionConfig
-from .blocks import ENCODER_KV_ATTR, BlockSpec, FusionBlock, check_mask
+from .blocks import ENCODER_KV_ATTR, BlockSpec, FusionBlock, FusionRMSNorm, check_mask
 
 _CLASSES: dict[type, type] = {}
 
@@ -38,22 +38,49 @@ def fusion_config_of(config: Any) -> FusionConfig:
 
 # ------------------------------------------------------------------------ decoder layers
 class FusedDecoderLayerMixin:
-    """Runs ``self.fusion_layer`` before (``fusion_first``) or after the original decoder layer."""
+    """Runs ``self.fusion_layer`` before (``fusion_first``) or after the original decoder layer.
+
+    Whatever the layer takes (position embeddings, masks, caches, per-layer inputs) and returns (a
+    tensor, or a tuple with attention weights, router logits, ...) passes through untouched: only the
+    hidden states (the first positional argument, or ``hidden_states=``; the first element of a tuple
+    output) go through the fusion block.
+    """
 
     fusion_layer: FusionBlock
     fusion_first: bool = True
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, cross_attention_states: torch.Tensor | None = None,
+    def forward(self, *args: Any, cross_attention_states: torch.Tensor | None = None,
                 cross_attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = find_cache(args, kwargs)
         if self.fusion_first:
-            hidden_states = self.fusion_layer(hidden_states, cross_attention_states, cross_attention_mask, cache)
-        out = super().forward(hidden_states, *args, **kwargs)
-        if self.fusion_first:
-            return out
-        if isinstance(out, tuple):
-            return (self.fusion_layer(out[0], cross_attention_states, cross_attention_mask, cache), *out[1:])
-        return self.fusion_layer(out, cross_attention_states, cross_attention_mask, cache)
+            if args:
+                args = (self.fusion_layer(args[0], cross_attention_states, cross_attention_mask, cache), *args[1:])
+            else:
+                kwargs["hidden_states"] = self.fusion_layer(kwargs["hidden_states"], cross_attention_states,
+                                                            cross_attention_mask, cache)
+            return super().forward(*args, **kwargs)
+        out = super().forward(*args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            return self.fusion_layer(out, cross_attention_states, cross_attention_mask, cache)
+        if isinstance(out, (tuple, list)):
+            return type(out)((self.fusion_layer(out[0], cross_attention_states, cross_attention_mask, cache), *out[1:]))
+        raise TypeError(f"{type(self).__name__} returned a {type(out).__name__}; a fusion block after the layer "
+                        "needs a tensor or a tuple whose first element is the hidden states (fuse without "
+                        "--fusion-after)")
+
+
+#: Keyword names under which transformers' decoder layers receive the generation cache.
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def find_cache(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The generation cache a decoder layer was given (by keyword, or positionally like GPT-2's), else None."""
+    for name in CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    from transformers.cache_utils import Cache
+
+    return next((a for a in args[1:] if isinstance(a, Cache)), None)
 
 
 class FusionEmbeddingMixin:
@@ -94,24 +121,71 @@ def _with_mixin(mixin: type, cls: type) -> type:
 
 
 def attach_fusion(model: nn.Module, config: Any) -> None:
-    """Attach fusion blocks (and the fusion vocabulary) to a freshly built ``*ForCausalLM``."""
+    """Attach fusion blocks (and the fusion vocabulary) to a freshly built ``*ForCausalLM``.
+
+    Raises:
+        ValueError: when the decoder layers cannot be found or ``fusion.layers`` are not among them.
+    """
     fusion = fusion_config_of(config)
-    decoder = model.get_decoder()
     spec = BlockSpec.from_config(config, fusion)
-    norm_cls = type(decoder.norm)
-    n = len(decoder.layers)
+    layers = decoder_layer_list(model)
+    n = len(layers)
     bad = [i for i in fusion.layers if not 0 <= i < n]
     if bad or not fusion.layers:
         raise ValueError(f"config.fusion.layers {fusion.layers} are not layers of this {n}-layer model")
     for i in fusion.layers:
-        layer = decoder.layers[i]
+        layer = layers[i]
         layer.__class__ = _with_mixin(FusedDecoderLayerMixin, type(layer))
         layer.fusion_first = fusion.fusion_first
-        layer.fusion_layer = FusionBlock(spec, norm_cls, i)
+        layer.fusion_layer = FusionBlock(spec, i)
     if fusion.fusion_vocab:
-        embed = decoder.embed_tokens
+        embed = model.get_input_embeddings()
         embed.__class__ = _with_mixin(FusionEmbeddingMixin, type(embed))
         embed.fusion_embedding = nn.Embedding(fusion.fusion_vocab, spec.dim)
+
+
+def _layer_count(config: Any) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        try:
+            value = getattr(text, name, None)
+        except Exception:  # noqa: BLE001 - a per-layer attribute transformers refuses to read globally
+            value = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def decoder_layer_path(model: nn.Module) -> str:
+    """The dotted module path of a transformers model's decoder layer list (``model.layers``, ``transformer.h``).
+
+    The ``fusion`` section's ``layer_prefix`` when it names a module list; else the ``ModuleList`` whose
+    length is the config's layer count (the shallowest; of equals, the first by name).
+
+    Raises:
+        ValueError: when no such list exists.
+    """
+    config = getattr(model, "config", None)
+    prefix = (getattr(config, "fusion", None) or {}).get("layer_prefix") if config is not None else None
+    if prefix:
+        try:
+            if isinstance(model.get_submodule(prefix), nn.ModuleList):
+                return prefix
+        except AttributeError:
+            pass
+    count = _layer_count(config) if config is not None else None
+    found = [(name.count("."), name) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) > 0 and (count is None or len(m) == count)
+             and not name.endswith("fusion_layer")]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no list of {count} decoder layers"
+                         + (f" at {prefix!r}" if prefix else ""))
+    return min(found)[1]
+
+
+def decoder_layer_list(model: nn.Module) -> nn.ModuleList:
+    """The decoder layer list of a transformers model (see ``decoder_layer_path``)."""
+    return model.get_submodule(decoder_layer_path(model))
 
 
 # ------------------------------------------------------------------------ the model class
@@ -128,10 +202,21 @@ class FusedCausalLMMixin:
     def fusion(self) -> FusionConfig:
         return fusion_config_of(self.config)
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """The base class's answer: transformers treats "custom code" differently when it initialises
+        buffers the checkpoint does not hold (Falcon-H1's ``mup_vector`` stayed uninitialised) and when
+        it looks up key conversions; a fused class is the base's own code plus fusion blocks."""
+        base = next(c for c in cls.__mro__[1:] if not issubclass(c, FusedCausalLMMixin))
+        return base.is_custom_code()
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, FusionBlock):
             module.reset_gates()  # closed gates: a new block computes the identity
+        elif isinstance(module, FusionRMSNorm):  # the base's init knows its own norms' convention, not ours
+            with torch.no_grad():
+                module.weight.fill_(1.0 - module.offset)
 
     def forward(self, *args: Any, cross_attention_states: torch.Tensor | None = None,
                 cross_attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
@@ -154,14 +239,14 @@ class FusedCausalLMMixin:
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)
         cache = inputs.get("cache", inputs.get("past_key_values"))
         if first is None:
-            first = cache is None or cache.get_seq_length() == 0
+            first = cache is None or _cached_length(cache, inputs) == 0
         if not first and cache is not None and getattr(cache, ENCODER_KV_ATTR, None):
             inputs["cross_attention_states"] = None
         mask = inputs.get("cross_attention_mask")
         if mask is not None and mask.dim() == 3:
             ids = inputs.get("input_ids")
             new = (ids if ids is not None else inputs["inputs_embeds"]).shape[1]
-            start = cache.get_seq_length() if cache is not None else 0
+            start = _cached_length(cache, inputs) if cache is not None else 0
             if start == 0 and new == mask.shape[1]:
                 return inputs
             rows = torch.arange(start, start + new, device=mask.device).clamp(max=mask.shape[1] - 1)
@@ -177,6 +262,16 @@ class FusedCausalLMMixin:
             raise ValueError("push_to_hub is not supported: save, then upload the directory")
         if is_main_process:
             save_fused(self, save_directory, state_dict=state_dict)
+
+
+def _cached_length(cache: Any, inputs: dict[str, Any]) -> int:
+    """Tokens a generation cache has seen; a cache of state-space layers alone (Mamba) keeps no length,
+    so the position of the step's first token stands for it."""
+    try:
+        return int(cache.get_seq_length())
+    except (ValueError, AttributeError, NotImplementedError):
+        position = inputs.get("cache_position")
+        return int(position.reshape(-1)[0]) if isinstance(position, torch.Tensor) and position.numel() else 0
 
 
 def fused_class(base_cls: type) -> type:
@@ -196,7 +291,21 @@ def fused_class(base_cls: type) -> type:
         forward.__doc__ = FusedCausalLMMixin.forward.__doc__
         forward.__signature__ = _forward_signature(base_cls.forward)  # type: ignore[attr-defined]
         cls.forward = forward
+        _share_conversion_mapping(base_cls, cls)
     return cls
+
+
+def _share_conversion_mapping(base_cls: type, cls: type) -> None:
+    """Give ``cls`` the checkpoint key conversions transformers keeps under ``base_cls``'s name (GPT-NeoX
+    stores its head as ``embed_out``), so loading and saving rename keys as for the base class."""
+    try:
+        from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
+                                                     register_checkpoint_conversion_mapping)
+    except ImportError:  # older transformers: no key conversions
+        return
+    mapping = get_checkpoint_conversion_mapping(base_cls.__name__)
+    if mapping is not None and get_checkpoint_conversion_mapping(cls.__name__) is None:
+        register_checkpoint_conversion_mapping(cls.__name__, mapping)
 
 
 def _forward_signature(base_forward: Any) -> inspect.Signature:

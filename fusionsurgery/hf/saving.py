@@ -37,14 +37,16 @@ from .training import unwrap_peft
 _PEFT_PREFIX = "base_model.model."
 
 
-def checkpoint_tensors(model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None,
+                       keys: set[str] | None = None) -> dict[str, torch.Tensor]:
     """``{checkpoint key: tensor}`` of a model, a PEFT model wrapping one, or a given state dict.
 
     LoRA keeps the base weight under ``.base_layer`` (unchanged: LoRA's own tensors are PEFT's to
-    save); a ``modules_to_save`` copy stands for the module it copies.
+    save); a ``modules_to_save`` copy stands for the module it copies. ``keys``: the checkpoint's keys;
+    model names that are not among them are mapped back through transformers' key conversions.
     """
+    inner = unwrap_peft(model)
     if state_dict is None:
-        inner = unwrap_peft(model)
         state_dict = inner.state_dict()
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
@@ -54,7 +56,41 @@ def checkpoint_tensors(model: torch.nn.Module, state_dict: dict[str, torch.Tenso
             continue
         key = key.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
         out[key] = tensor
-    return out
+    if keys is None or set(out) <= keys:
+        return out
+    own = {k: t for k, t in out.items() if k in keys}
+    # fusion tensors: the checkpoint's key with the same layer and name (the base's key conversions
+    # would rename inside the fusion block too: Exaone's input_layernorm is ln_1 on disk)
+    on_disk = {_fusion_part(k): k for k in keys if _fusion_part(k) is not None}
+    rest = {}
+    for key, tensor in out.items():
+        if key in own:
+            continue
+        part = _fusion_part(key)
+        if part is not None and part in on_disk:
+            own[on_disk[part]] = tensor
+        else:
+            rest[key] = tensor
+    return dict(own, **_checkpoint_names(inner, rest))
+
+
+def _fusion_part(key: str) -> tuple[str | None, str] | None:
+    """(layer index, name from the fusion segment on) of a fusion tensor's key; None for other keys."""
+    for marker in (".fusion_layer.", ".fusion_embedding."):
+        if marker in key:
+            head, tail = key.split(marker, 1)
+            return (head.rsplit(".", 1)[-1] if marker == ".fusion_layer." else None), marker + tail
+    return None
+
+
+def _checkpoint_names(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` under the names the checkpoint stores them by: transformers' load-time key
+    conversions of the model's class reverted (GPT-NeoX's ``lm_head`` is ``embed_out`` on disk)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # older transformers: no key conversions
+        return tensors
+    return dict(revert_weight_conversion(model, tensors))
 
 
 def save_fused(model: torch.nn.Module, out: str | os.PathLike[str], *,
@@ -73,7 +109,7 @@ def save_fused(model: torch.nn.Module, out: str | os.PathLike[str], *,
     manifest = src.read_manifest()
     if manifest is None:
         raise UsageError(f"{source.path} has no {MANIFEST_NAME}: nothing to verify the saved checkpoint against")
-    tensors = checkpoint_tensors(model, state_dict)
+    tensors = checkpoint_tensors(model, state_dict, set(src.keys()))
     missing = [k for k in src.keys() if k not in tensors]
     if missing:
         raise UsageError(f"the model has no tensor for {len(missing)} checkpoint key(s), e.g. {missing[0]}")

@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from ..modules.fusion import get_fusion_params, set_trainable_params
+from .model import decoder_layer_list, decoder_layer_path
 
 #: PEFT ``target_modules`` (a regular expression) for the base's self-attention projections only,
 #: never the fusion blocks' cross-attention (whose projections share the names q_proj ... o_proj).
@@ -27,6 +28,39 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
         The fused transformers model.
     """
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+#: Names of a decoder layer's self-attention sub-module across transformers' families.
+ATTENTION_MODULES = ("self_attn", "attn", "attention", "self_attention")
+
+
+def attention_targets(model: nn.Module) -> list[str]:
+    """PEFT ``target_modules`` for any type: the full names of the projections (``nn.Linear``, GPT-2's
+    ``Conv1D``) inside each decoder layer's self-attention, never a fusion block's.
+
+    Args:
+        model: a fused transformers model (``fusionsurgery.hf.from_pretrained``).
+
+    Returns:
+        list[str]: module names such as ``transformer.h.0.attn.c_attn`` or
+        ``model.layers.0.self_attn.q_proj`` (PEFT matches them exactly).
+
+    Raises:
+        ValueError: when no layer has such a projection (a type whose layers have no self-attention
+            module by these names: give PEFT your own ``target_modules``).
+    """
+    inner = unwrap_peft(model)
+    prefix = decoder_layer_path(inner)
+    names = []
+    for name, module in inner.named_modules():
+        parts = name.split(".")
+        if not name.startswith(prefix + ".") or "fusion_layer" in parts or len(parts) < 2:
+            continue
+        if parts[-2] in ATTENTION_MODULES and type(module).__name__ in ("Linear", "Conv1D"):
+            names.append(name)
+    if not names:
+        raise ValueError(f"no self-attention projection found in the decoder layers at {prefix!r}")
+    return names
 
 
 def freeze_all_but_fusion(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -47,7 +81,7 @@ def make_fusion_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder layers (fused or not) of a fused model, or of a PEFT model wrapping one."""
-    return list(unwrap_peft(model).get_decoder().layers)
+    return list(decoder_layer_list(unwrap_peft(model)))
 
 
 def shard_with_fsdp2(model: nn.Module, **fully_shard_kwargs: Any) -> nn.Module:

@@ -25,9 +25,25 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.full((dim,), 1.0 - offset))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.fp32_scale:
-            return (xf * (self.scale.float() + self.offset)).to(x.dtype)
-        scale = self.scale + self.offset if self.offset else self.scale
-        return scale * xf.to(x.dtype)
+        return rms_norm(x, self.scale, self.eps, self.offset, self.fp32_scale)
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float, offset: float = 0.0,
+             fp32_scale: bool = False) -> torch.Tensor:
+    """``x`` normalised over its last dimension in fp32, times ``offset + scale`` (see ``RMSNorm``).
+
+    Args:
+        x: input ``[..., dim]``.
+        scale: the stored scale ``[dim]``.
+        eps: added to the mean square.
+        offset: added to ``scale`` (Gemma: 1).
+        fp32_scale: multiply in fp32 then cast (Gemma), else cast then multiply (Llama).
+    Returns:
+        ``[..., dim]`` in ``x``'s dtype (Llama's convention: the product's promoted dtype).
+    """
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if fp32_scale:
+        return (xf * (scale.float() + offset)).to(x.dtype)
+    scale = scale + offset if offset else scale
+    return scale * xf.to(x.dtype)

@@ -77,11 +77,12 @@ def open_model(path: str | os.PathLike[str] | Checkpoint, *, dtype: torch.dtype 
                                                                       follow_symlinks=follow_symlinks)
     ckpt = attach_base(ckpt, Checkpoint.open(base, follow_symlinks=follow_symlinks) if base is not None else None)
     cfg = read_model_config(ckpt, num_heads=num_heads, num_kv_heads=num_kv_heads, rope_defaults=rope_defaults)
+    if not cfg.native:
+        raise UsageError(f"model type {cfg.model_type!r} has no native modules; its forward is transformers': "
+                         "fusionsurgery.hf.from_pretrained(path) opens it as its own class with the fusion blocks "
+                         '(pip install "fusionsurgery[hf]")')
     fusion = read_fusion_config(ckpt.config)
     require_consistent(ckpt, cfg, fusion)
-    if not cfg.native:
-        raise UsageError(f"model type {cfg.model_type!r} has no native modules: load it through its own transformers "
-                         "class with fusionsurgery.hf (pip install \"fusionsurgery[hf]\")")
     if isinstance(dtype, str):
         try:
             dtype = parse_dtype(dtype) if dtype != "same" else None

@@ -8,6 +8,7 @@ with the original tensors only.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,8 @@ def run_plain(model: TransformerDecoder, base: torch.Tensor, probe: Probe, *, be
         sensitivity = {i: block_sensitivity(blk, inputs[i], probe.enc_a, probe.enc_b) for i, blk in blocks.items()}
     train_finite, loss, grads, leaked = _backward(model, blocks, probe)
     decode, reset, after = _decode(model, blocks, probe)
-    figures = _bench(model, probe, bench_len)
+    figures = bench_forward(lambda t, e: model(t, encoder_input=e), model.tok_embeddings.weight.shape[0], probe,
+                            bench_len)
     figures["resident_weight_bytes"] = module_bytes(model)
     return Outputs(gate_values(blocks), base, text, enc, open_a, open_b, sensitivity, restored[0],
                    train_finite, loss, grads, leaked, decode, reset, after, figures)
@@ -114,21 +116,31 @@ def _decode(model: TransformerDecoder, blocks: dict, probe: Probe) -> tuple[torc
     return torch.cat(steps, 1), problems, after
 
 
-def _bench(model: TransformerDecoder, probe: Probe, bench_len: int) -> dict[str, float]:
-    """Forward throughput: one sequence of ``bench_len`` tokens with an encoder input, after a warm-up."""
+def bench_forward(forward: Callable[[torch.Tensor, torch.Tensor], object], vocab: int, probe: Probe,
+                  bench_len: int) -> dict[str, float]:
+    """Forward throughput: one sequence of ``bench_len`` tokens with an encoder input, after a warm-up.
+
+    Args:
+        forward: runs the model on ``(tokens [1, bench_len], encoder states [1, e, encoder_dim])``.
+        vocab (int): token ids are drawn below it.
+        probe (Probe): gives the device and the encoder states.
+        bench_len (int): tokens per pass.
+
+    Returns:
+        dict: ``forward_tokens_per_s``, ``forward_tokens``, ``forward_runs``.
+    """
     device = probe.tokens.device
     g = torch.Generator().manual_seed(1)
-    vocab = model.tok_embeddings.weight.shape[0]
     tokens = torch.randint(0, vocab, (1, bench_len), generator=g).to(device)
     enc = probe.enc_a[:1]
     runs, elapsed = 0, 0.0
     with torch.no_grad():
-        model(tokens, encoder_input=enc)
-        _sync(device)
+        forward(tokens, enc)
+        sync(device)
         while runs < 3 or elapsed < 0.2:
             t0 = time.perf_counter()
-            model(tokens, encoder_input=enc)
-            _sync(device)
+            forward(tokens, enc)
+            sync(device)
             elapsed += time.perf_counter() - t0
             runs += 1
             if runs >= 20:
@@ -136,6 +148,6 @@ def _bench(model: TransformerDecoder, probe: Probe, bench_len: int) -> dict[str,
     return {"forward_tokens_per_s": runs * bench_len / elapsed, "forward_tokens": bench_len, "forward_runs": runs}
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -53,32 +53,50 @@ def fusion_blocks(layers: dict[int, nn.Module]) -> dict[int, GatedCrossAttention
     return {i: layer.fusion_layer for i, layer in layers.items() if isinstance(layer, FusionLayer)}
 
 
-def gate_values(blocks: dict[int, GatedCrossAttentionLayer]) -> dict[int, dict[str, float]]:
-    return {i: {"attn": float(b.ca_scale.scale.detach().float().reshape(-1)[0]),
-                "mlp": float(b.mlp_scale.scale.detach().float().reshape(-1)[0])} for i, b in blocks.items()}
+def gate_parameters(block: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
+    """(attention gate, MLP gate) of a fusion block: a native block's ``ca_scale`` / ``mlp_scale`` scales,
+    or a ``fusionsurgery.hf`` block's ``cross_attn_attn_gate`` / ``cross_attn_mlp_gate``."""
+    if hasattr(block, "cross_attn_attn_gate"):
+        return block.cross_attn_attn_gate, block.cross_attn_mlp_gate
+    return block.ca_scale.scale, block.mlp_scale.scale
+
+
+def run_block(block: nn.Module, x: torch.Tensor, encoder: torch.Tensor) -> torch.Tensor:
+    """One fusion block on hidden states ``x`` with encoder states, whichever engine's block it is."""
+    if hasattr(block, "cross_attn_attn_gate"):
+        return block(x, encoder)
+    return block(x, encoder_input=encoder)
+
+
+def gate_values(blocks: dict[int, nn.Module]) -> dict[int, dict[str, float]]:
+    out = {}
+    for i, b in blocks.items():
+        attn, mlp = gate_parameters(b)
+        out[i] = {"attn": float(attn.detach().float().reshape(-1)[0]), "mlp": float(mlp.detach().float().reshape(-1)[0])}
+    return out
 
 
 @contextmanager
-def opened_gates(blocks: dict[int, GatedCrossAttentionLayer], value: float = OPEN_GATE) -> Iterator[list[bool]]:
+def opened_gates(blocks: dict[int, nn.Module], value: float = OPEN_GATE) -> Iterator[list[bool]]:
     """Set every gate to ``value`` for the duration; restores the exact stored values after.
 
     Yields a one-element list that holds, after the block, whether every gate came back bit-identical.
     """
-    saved = {i: (b.ca_scale.scale.detach().clone(), b.mlp_scale.scale.detach().clone()) for i, b in blocks.items()}
+    gates = {i: gate_parameters(b) for i, b in blocks.items()}
+    saved = {i: (a.detach().clone(), m.detach().clone()) for i, (a, m) in gates.items()}
     restored = [False]
     with torch.no_grad():
-        for b in blocks.values():
-            b.ca_scale.scale.fill_(value)
-            b.mlp_scale.scale.fill_(value)
+        for a, m in gates.values():
+            a.fill_(value)
+            m.fill_(value)
     try:
         yield restored
     finally:
         with torch.no_grad():
-            for i, b in blocks.items():
-                b.ca_scale.scale.copy_(saved[i][0])
-                b.mlp_scale.scale.copy_(saved[i][1])
-        restored[0] = all(torch.equal(b.ca_scale.scale, saved[i][0]) and torch.equal(b.mlp_scale.scale, saved[i][1])
-                          for i, b in blocks.items())
+            for i, (a, m) in gates.items():
+                a.copy_(saved[i][0])
+                m.copy_(saved[i][1])
+        restored[0] = all(torch.equal(a, saved[i][0]) and torch.equal(m, saved[i][1]) for i, (a, m) in gates.items())
 
 
 @contextmanager
@@ -94,11 +112,10 @@ def captured_inputs(blocks: dict[int, nn.Module]) -> Iterator[dict[int, torch.Te
             h.remove()
 
 
-def block_sensitivity(block: GatedCrossAttentionLayer, x: torch.Tensor, enc_a: torch.Tensor,
-                      enc_b: torch.Tensor) -> float:
+def block_sensitivity(block: nn.Module, x: torch.Tensor, enc_a: torch.Tensor, enc_b: torch.Tensor) -> float:
     """How much of a block's update depends on the encoder input: max|f(x,a) - f(x,b)| / max|f(x,a) - x|."""
     with torch.no_grad():
-        ya, yb = block(x, encoder_input=enc_a), block(x, encoder_input=enc_b)
+        ya, yb = run_block(block, x, enc_a), run_block(block, x, enc_b)
     update = (ya.float() - x.float()).abs().max().item()
     delta = (ya.float() - yb.float()).abs().max().item()
     return delta / update if update > 0 else 0.0

@@ -92,7 +92,8 @@ def verify(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = N
         return report
     ckpt = Checkpoint.open(root, follow_symlinks=follow_symlinks)
     manifest = ckpt.read_manifest()
-    if is_adapter(manifest):  # fuse --adapter-only: the originals come from --base
+    adapter = is_adapter(manifest)
+    if adapter:  # fuse --adapter-only: the originals come from --base
         if base_ckpt is None:
             raise UsageError(f"{root} holds only the fusion tensors (fuse --adapter-only): pass `base` BASE"
                              f"{made_on(manifest)}")
@@ -115,31 +116,35 @@ def verify(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = N
         report.checks += [skipped(n, t, "structure check failed") for n, t in MODEL_CHECKS]
         return report
     if engine.kind != "native":
-        return _forward_elsewhere(report, engine, ckpt, layout, say)
-    say(f"running the model checks on {dev} ({report.settings['dtype']}{', streamed' if stream else ''})")
+        report.checks.append(gates.check_gates(ckpt, layout))  # read from the files, whichever forward follows
+    if engine.kind == "skip":
+        return _forward_elsewhere(report, engine, layout, say)
+    if engine.kind == "hf" and stream:
+        stream = False
+        report.settings["stream"] = False
+        say(f"--stream needs native modules; model type {layout.cfg.model_type!r} runs whole through transformers")
+    where = "transformers" if engine.kind == "hf" else "native modules"
+    say(f"running the model checks on {dev} ({report.settings['dtype']}{', streamed' if stream else ''}; {where})")
     probe = make_probe(layout.cfg, layout.fusion, dev, torch_dtype, batch=batch, seq_len=seq_len,
                        encoder_len=encoder_len, seed=seed)
     memory.reset_peak(dev)
-    out = _run_engine(ckpt, layout, dev, torch_dtype, probe, stream, bench)
+    if engine.kind == "hf":
+        from .hf_engine import run_hf
+
+        extra = [base_ckpt] if adapter and base_ckpt is not None else []
+        out = run_hf(ckpt, extra, dev, torch_dtype, probe, bench_len=bench)
+    else:
+        out = _run_engine(ckpt, layout, dev, torch_dtype, probe, stream, bench)
     report.checks += [numerics.check_identity(out), numerics.check_live(out), numerics.check_forward_backward(out),
                       numerics.check_kv_cache(out, torch_dtype), _figures(out, dev, torch_dtype, stream)]
     return report
 
 
-def _forward_elsewhere(report: Report, engine: Engine, ckpt: Checkpoint, layout: structure.Layout,
-                       say: Notify) -> Report:
-    """The checks of a type without native modules: the gates read from the files, then the forward
-    checks, transformers' (``engine.kind == "hf"``) or skipped with the install hint. The hook where
-    ``fusionsurgery.hf`` runs them."""
-    report.checks.append(gates.check_gates(ckpt, layout))
-    if engine.kind == "skip":
-        say(engine.reason)
-        report.checks += [skipped(n, t, engine.reason) for n, t in MODEL_CHECKS]
-        return report
-    reason = (f"model type {layout.cfg.model_type!r} has no native modules; its forward checks through "
-              "transformers are not part of this build")
-    say(reason)
-    report.checks += [skipped(n, t, reason) for n, t in MODEL_CHECKS]
+def _forward_elsewhere(report: Report, engine: Engine, layout: structure.Layout, say: Notify) -> Report:
+    """No transformers for a type without native modules: the forward checks are reported skipped,
+    with the one-line hint to install the ``[hf]`` extra."""
+    say(engine.reason)
+    report.checks += [skipped(n, t, engine.reason) for n, t in MODEL_CHECKS]
     return report
 
 
