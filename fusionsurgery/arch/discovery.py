@@ -80,6 +80,9 @@ def family_of_checkpoint(ckpt: Checkpoint) -> Family:
     (recorded in the fusion section of a fused checkpoint, found from the tensors otherwise)."""
     doc = ckpt.config
     model_type = doc.get("model_type") if isinstance(doc, dict) else None
+    if model_type is not None and (not isinstance(model_type, str) or not model_type):
+        raise CheckpointError(f"{ckpt.config_path or 'config.json'}: model_type is {model_type!r}, expected the name "
+                              "of a model type (\"llama\", \"gemma3_text\", \"gpt2\" ...)")
     if doc is None:
         try:
             return detect_family(ckpt.keys())
