@@ -121,6 +121,21 @@ def test_the_pages_exist() -> None:
     assert ci_command in (ROOT / "README.md").read_text(), "CI runs the README's test command verbatim"
 
 
+def test_every_option_of_a_command_is_on_its_page() -> None:
+    import typer
+
+    from fusionsurgery.cli.app import COMMANDS, _register, app
+
+    _register()
+    commands = typer.main.get_command(app).commands
+    missing = []
+    for name, _, _ in COMMANDS:
+        text = (ROOT / "docs" / "cli" / f"{name}.md").read_text()
+        missing += [f"{name} {opt}" for param in commands[name].params for opt in param.opts
+                    if opt.startswith("--") and opt != "--help" and not re.search(re.escape(opt) + r"\b", text)]
+    assert not missing, f"options no page mentions: {missing}"
+
+
 @pytest.mark.parametrize("page", PAGES, ids=_rel)
 def test_links_resolve_inside_the_repository(page: Path) -> None:
     broken = []
