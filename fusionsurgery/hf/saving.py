@@ -99,6 +99,19 @@ def save_fused(model: torch.nn.Module, out: str | os.PathLike[str], *,
 
     ``out`` may exist (transformers' ``Trainer`` creates it first): the files written replace theirs
     and stale weight files are removed; other files stay.
+
+    Args:
+        model: the model, or a PEFT model wrapping it (its LoRA weights are PEFT's to save).
+        out: the output directory.
+        state_dict: the weights to write instead of ``model``'s (e.g. gathered from FSDP ranks).
+
+    Returns:
+        Path: ``out``, a fused directory: originals untouched keep their bytes, and the manifest's
+        ``history`` says what changed since fusion.
+
+    Raises:
+        UsageError: a model not loaded with ``from_pretrained``, a source without a manifest, weights
+            missing or of another shape than the source's, an ``out`` that is a file.
     """
     inner = unwrap_peft(model)
     source = getattr(inner, "fusion_source", None)

@@ -64,7 +64,14 @@ def attention_targets(model: nn.Module) -> list[str]:
 
 
 def freeze_all_but_fusion(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Freeze every parameter except those fusion added; returns ``{name: parameter}`` of the trainable ones."""
+    """Freeze every parameter except those fusion added.
+
+    Args:
+        model: a fused transformers model, or a PEFT model wrapping one.
+
+    Returns:
+        dict[str, nn.Parameter]: ``{name: parameter}`` of the trainable ones.
+    """
     params = get_fusion_params(model)
     set_trainable_params(model, params)
     return params
