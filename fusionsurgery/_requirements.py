@@ -13,7 +13,7 @@ from importlib import import_module, metadata
 
 #: Floors of the ``[hf]`` extra: the oldest releases the whole test suite passes with
 #: (``scripts/check_versions.sh``). They must equal pyproject.toml's; ``tests/test_versions.py`` checks it.
-HF_FLOORS: dict[str, str] = {"transformers": "5.0.0", "accelerate": "1.2.0"}
+HF_FLOORS: dict[str, str] = {"transformers": "5.0.0", "accelerate": "1.3.0"}
 
 
 class MissingDependencyError(ImportError):
@@ -90,7 +90,8 @@ def require(package: str, floor: str, *, extra: str, user: str, optional: bool =
 
 def require_hf() -> None:
     """Check the ``[hf]`` extra: transformers (needed) and accelerate (optional, but never older than its floor:
-    transformers 5.0 imports ``get_module_size_with_ties``, which accelerate 1.2 added, whenever accelerate is installed).
+    transformers 5.0 imports ``get_module_size_with_ties`` (accelerate 1.2) whenever accelerate is installed, and its
+    ``Trainer`` calls ``unwrap_model(keep_torch_compile=...)`` (accelerate 1.3)).
 
     Raises:
         MissingDependencyError: transformers is missing or too old, or accelerate is too old.

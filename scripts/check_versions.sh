@@ -44,7 +44,9 @@ run_mode() {  # $1: floors | newest. Sets RESULT, SECONDS_TAKEN, VERSIONS for it
             RESULT[$mode]="installed versions differ from the floors"; return 1
         fi
     else
-        "$py" -m pip install -q --upgrade --upgrade-strategy eager -e ".[$EXTRAS]" >> "$log" 2>&1 \
+        # Everything at its newest except torch: an eager upgrade would replace the CPU build with a CUDA one.
+        echo "torch==$TORCH" > "$pins"
+        "$py" -m pip install -q --upgrade --upgrade-strategy eager -e ".[$EXTRAS]" -c "$pins" >> "$log" 2>&1 \
             || { RESULT[$mode]="the newest releases do not install (see $log)"; tail -5 "$log"; return 1; }
     fi
     # Before the real-parts wheels: installed --no-deps, their declared dependencies are missing on purpose.

@@ -76,7 +76,7 @@ def test_accelerate_may_be_missing_but_not_too_old(monkeypatch):
     monkeypatch.setattr(_requirements, "installed_version", _installed({"transformers": "5.0.0", "accelerate": None}))
     require_hf()
     monkeypatch.setattr(_requirements, "installed_version", _installed({"transformers": "5.0.0", "accelerate": "1.1.1"}))
-    with pytest.raises(MissingDependencyError, match=r"accelerate >= 1\.2\.0 \(1\.1\.1 is installed\)"):
+    with pytest.raises(MissingDependencyError, match=r"accelerate >= 1\.3\.0 \(1\.1\.1 is installed\)"):
         require_hf()
 
 
