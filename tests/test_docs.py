@@ -48,8 +48,10 @@ NOT_RUN: dict[tuple[str, str], str] = {
 SKIPPED_LINES = {
     r"\bpip install\b": "installs packages (CI's set-up runs the README's command itself)",
     r"^torchrun\b": "needs several processes (tests/test_hf_training.py runs the script's training on 2 over gloo)",
-    r"^python (examples|benchmarks)/": "a long example or benchmark run (tests/test_real_parts.py, test_vision.py, "
-                                        "test_train.py run short versions)",
+    r"^python examples/(real_parts|vision|train_fusion|hf_fsdp_train)": "a long example run (tests/test_real_parts.py, "
+                                                                      "test_vision.py, test_train.py, "
+                                                                      "test_hf_training.py run short versions)",
+    r"^python benchmarks/": "a benchmark (minutes to hours; `--size tiny` is its smoke test)",
     r"^bash scripts/": "builds virtual environments at the version floors (CI runs it)",
     r"^python -m pytest\b": "the test suite itself",
 }
@@ -190,6 +192,8 @@ FIXTURES = {"Llama-3.2-11B-Vision-Instruct": _mllama, "my-llama-3.1-8b-finetune"
 
 def _sandbox(tmp: Path) -> Path:
     shutil.copytree(ROOT / "examples" / "tiny-llama", tmp / "examples" / "tiny-llama")
+    for script in (ROOT / "examples").glob("*.py"):  # linked: a script finds the repository from its real path
+        (tmp / "examples" / script.name).symlink_to(script)
     (tmp / "tmp").mkdir()
     return tmp
 
