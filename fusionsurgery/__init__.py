@@ -32,6 +32,8 @@ _API = {
     "DeepFusionModel": "fusionsurgery.modules.deep_fusion",
     "ProjectedEncoder": "fusionsurgery.modules.deep_fusion",
     "project_encoder": "fusionsurgery.modules.deep_fusion",
+    "ImageEncoder": "fusionsurgery.modules.image_encoder",
+    "ImageTokens": "fusionsurgery.modules.image_encoder",
     "set_trainable_params": "fusionsurgery.modules.fusion",
     "GatedCrossAttentionLayer": "fusionsurgery.modules.layers",
     "DecoderLayer": "fusionsurgery.modules.layers",

