@@ -20,9 +20,10 @@ except ImportError:  # pragma: no cover - older typer on real click
 #: typer 0.15.4, the floor, installs) exits through typer.Exit instead: an empty tuple catches nothing.
 _NO_ARGS_IS_HELP = getattr(_cx, "NoArgsIsHelpError", ())
 
-from ..errors import CheckFailed, FusionSurgeryError, LinkRefused, WriteError, in_flag_terms
+from ..errors import CheckFailed, FusionSurgeryError, LinkRefused, WriteError
 from ..version import __version__
 from .console import err_console
+from .options import FLAGS, in_cli_terms
 
 app = typer.Typer(
     name="fusionsurgery",
@@ -69,6 +70,7 @@ def _register() -> None:
         return
     for name, module, function in COMMANDS:
         app.command(name)(getattr(import_module(f"{__package__}.{module}"), function))
+    FLAGS.update(_flags())
 
 
 _interrupted: list[int] = []
@@ -125,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(exc.message("--follow-symlinks"))
         return exc.exit_code
     except (FusionSurgeryError, CheckFailed, WriteError) as exc:
-        _error(in_flag_terms(str(exc), _flags()))
+        _error(in_cli_terms(str(exc)))
         return exc.exit_code
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):

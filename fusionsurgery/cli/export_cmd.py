@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .console import console, print_json
-from .options import FollowSymlinks, Force, JsonOut, RopeDefaults
+from .options import FollowSymlinks, Force, JsonOut, RopeDefaults, in_cli_terms
 from .progress import byte_progress
 from .reports import checkpoint_bytes, print_files
 
@@ -61,7 +61,7 @@ def export(
             table.add_row(t["name"], t["transform"])
         console.print(table)
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(f"[yellow]note:[/] {in_cli_terms(note)}", highlight=False)
     print_files(result.output, result.files)
 
 
@@ -90,5 +90,5 @@ def unfuse(
         return
     console.print(f"removed {len(result.removed)} fusion tensor(s); kept {result.kept} original tensor(s)")
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(f"[yellow]note:[/] {in_cli_terms(note)}", highlight=False)
     print_files(result.output, result.files)

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..errors import UsageError
 from .console import console, human_count, print_json
-from .options import FollowSymlinks, Force, JsonOut, RopeDefaults
+from .options import FollowSymlinks, Force, JsonOut, RopeDefaults, in_cli_terms
 from .progress import byte_progress
 from .reports import print_files, print_verify_report, verify_notifier
 
@@ -114,6 +114,6 @@ def _report(result) -> None:
         f"encoder width {fusion.encoder_dim}"
     )
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {escape(note)}")
+        console.print(f"[yellow]note:[/] {escape(in_cli_terms(note))}")
     layout = {"copy": "", "link": " (base shards hard-linked)", "adapter": " (adapter only: new tensors and manifest)"}
     print_files(result.output, result.files, layout[result.layout])

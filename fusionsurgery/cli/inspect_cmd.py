@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..inspection import Inspection, inspect_checkpoint
 from .console import console, human_bytes, human_count, print_json
-from .options import FollowSymlinks
+from .options import FollowSymlinks, in_cli_terms
 
 
 def inspect(
@@ -48,6 +48,7 @@ def _print_model(r: Inspection) -> None:
     kind = "fused checkpoint" if r.is_fused else "checkpoint"
     console.print(f"[bold]{r.path}[/]: {kind}, {r.family_description}")
     for note in r.notes:
+        note = in_cli_terms(note)
         kind, _, text = note.partition(": ") if note.startswith("warning: ") else ("note", "", note)
         console.print(f"[{'bold red' if kind == 'warning' else 'yellow'}]{kind}:[/] {text}", highlight=False)
     if r.inferred:

@@ -6,6 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import in_flag_terms
+
 #: ``--force``: replace an existing output, only once the new one is complete.
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output (only once the new one is complete).")]
 #: ``--json``: a machine-readable summary on stdout instead of the rich report.
@@ -22,3 +24,12 @@ FollowSymlinks = Annotated[bool, typer.Option(
     "Without it a file that is a symlink leading outside its checkpoint's directory (or outside the hub-cache "
     "repository a snapshot belongs to) is refused, so that no file from elsewhere on the machine lands in an "
     "output.")]
+
+#: Every long option of every command as a Python keyword (``encoder_dim`` for ``--encoder-dim``);
+#: ``cli/app.py`` fills it when it registers the commands.
+FLAGS: set[str] = set()
+
+
+def in_cli_terms(text: str) -> str:
+    """A library message or note as the CLI says it: `` `encoder_dim` `` becomes ``--encoder-dim``."""
+    return in_flag_terms(text, FLAGS)

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .console import console, human_count, print_json
-from .options import FollowSymlinks, Force, JsonOut
+from .options import FollowSymlinks, Force, JsonOut, in_cli_terms
 from .progress import byte_progress
 from .reports import checkpoint_bytes, print_files
 
@@ -55,7 +55,7 @@ def import_(
         if result.layout == "adapter" else "the whole model"
     console.print(f"{parts} ({kept})")
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(f"[yellow]note:[/] {in_cli_terms(note)}", highlight=False)
     print_files(result.output, result.files)
 
 
@@ -96,7 +96,7 @@ def graft(
     if result.drift is not None:
         _drift(result.drift)
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(f"[yellow]note:[/] {in_cli_terms(note)}", highlight=False)
     print_files(result.output, result.files)
 
 
