@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fusionsurgery.arch.config import read_model_config
     from fusionsurgery.io.checkpoint import Checkpoint
-    from fusionsurgery.io.copy import copy_file
+    from fusionsurgery.io.copying import copy_file
     from fusionsurgery.io.digest import FileDigester
     from fusionsurgery.surgery import fuse as fuse_mod
     from fusionsurgery.surgery.init import make_chunk, num_chunks

@@ -1,8 +1,14 @@
-"""Exceptions that the CLI turns into one-line messages and exit codes."""
+"""Exceptions that the CLI turns into one-line messages and exit codes.
+
+Messages speak the library's terms: an argument is named as the Python keyword in backticks
+(`` `encoder_dim` must be positive, got 0``). The CLI prints the same message with its flags
+(``--encoder-dim must be positive, got 0``) through ``in_flag_terms``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 #: How many names a message lists before "(+N more)".
@@ -13,6 +19,23 @@ def listed(names: Sequence[str], limit: int = MAX_LISTED) -> str:
     """``a, b, c (+N more)``: the first few of ``names`` for a one-line message."""
     shown = ", ".join(names[:limit])
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+_ARGUMENT = re.compile(r"`([a-z][a-z0-9_]*)`")
+
+
+def in_flag_terms(message: str, flags: Collection[str]) -> str:
+    """A library message as the CLI says it: each `` `name` `` that is a flag becomes ``--name``.
+
+    Args:
+        message: the exception's message.
+        flags: the CLI's option names as Python keywords (``encoder_dim`` for ``--encoder-dim``).
+
+    Returns:
+        The message with those arguments spelled as flags; everything else as it was.
+    """
+    return _ARGUMENT.sub(lambda m: "--" + m.group(1).replace("_", "-") if m.group(1) in flags else m.group(0),
+                         message)
 
 
 class FusionSurgeryError(Exception):

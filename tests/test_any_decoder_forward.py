@@ -31,9 +31,9 @@ transformers = pytest.importorskip("transformers")
 hf = pytest.importorskip("fusionsurgery.hf")
 
 import fusionsurgery as fs  # noqa: E402
-from fusionsurgery.export import unfuse  # noqa: E402
+from fusionsurgery.exporting import unfuse  # noqa: E402
 from fusionsurgery.io.checkpoint import Checkpoint  # noqa: E402
-from fusionsurgery.verify import verify  # noqa: E402
+from fusionsurgery.verification import verify  # noqa: E402
 
 #: Outcome per model type and step (written to $FUSIONSURGERY_SUPPORT_JSON at the end of the module).
 RESULTS: dict[str, dict[str, str]] = {}

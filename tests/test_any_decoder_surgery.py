@@ -75,8 +75,8 @@ def _json_cli(args: list[str], capsys) -> tuple[int, dict]:
 
 @pytest.mark.parametrize("model_type", type_params())
 def test_fuse_inspect_verify_unfuse(model_type, bases, tmp_path, capsys, monkeypatch):
-    from fusionsurgery.verify import runner
-    from fusionsurgery.verify.engine import Engine
+    from fusionsurgery.verification import runner
+    from fusionsurgery.verification.engine import Engine
 
     # the no-forward checks only: the forward through transformers is test_any_decoder_forward.py's
     monkeypatch.setattr(runner, "forward_engine", lambda cfg: Engine("skip", "forward checks left out here"))
@@ -308,8 +308,8 @@ def test_commands_never_import_transformers(bases, tmp_path):
     script = (
         "import sys, fusionsurgery as fs\n"
         f"fs.fuse({str(base)!r}, {str(tmp_path / 'f')!r}, every=2)\n"
-        f"from fusionsurgery.inspect import inspect_checkpoint; inspect_checkpoint({str(tmp_path / 'f')!r})\n"
-        f"from fusionsurgery.export import unfuse; unfuse({str(tmp_path / 'f')!r}, {str(tmp_path / 'u')!r})\n"
+        f"from fusionsurgery.inspection import inspect_checkpoint; inspect_checkpoint({str(tmp_path / 'f')!r})\n"
+        f"from fusionsurgery.exporting import unfuse; unfuse({str(tmp_path / 'f')!r}, {str(tmp_path / 'u')!r})\n"
         "assert 'transformers' not in sys.modules, 'transformers was imported'\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

@@ -12,7 +12,7 @@ import torch
 
 import fusionsurgery as fs
 from any_decoder import save_tiny, type_params
-from fusionsurgery.verify import verify
+from fusionsurgery.verification import verify
 from helpers import open_gates
 
 transformers = pytest.importorskip("transformers")

@@ -123,7 +123,7 @@ def test_direct_and_buffered_fuse_give_identical_files(tmp_path, monkeypatch):
     base = make_base(tmp_path / "base", "llama")[0]
     fs.fuse(base, tmp_path / "direct", every=2, seed=4)
     monkeypatch.setattr(direct, "USE_DIRECT", False)
-    monkeypatch.setattr("fusionsurgery.io.copy.USE_DIRECT", False)
+    monkeypatch.setattr("fusionsurgery.io.copying.USE_DIRECT", False)
     fs.fuse(base, tmp_path / "buffered", every=2, seed=4)
     names = sorted(p.name for p in (tmp_path / "direct").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "buffered").iterdir())

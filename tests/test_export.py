@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import fusionsurgery as fs
 from fusionsurgery.cli import main
 from fusionsurgery.errors import UsageError
-from fusionsurgery.export import export
+from fusionsurgery.exporting import export
 from fusionsurgery.io.checkpoint import Checkpoint
 from helpers import make_base, read_json, tokens
 
@@ -175,13 +175,13 @@ def test_refusals_say_why(tmp_path):
         export(base, tmp_path / "a", to="mllama")
     wide = tmp_path / "wide"
     fs.fuse(base, wide, every=2, encoder_dim=48)
-    with pytest.raises(UsageError, match=r"--encoder-dim 48.*as wide as the decoder \(64\)"):
+    with pytest.raises(UsageError, match=r"`encoder_dim` 48.*as wide as the decoder \(64\)"):
         export(wide, tmp_path / "b", to="mllama")
     qwen, _ = make_base(tmp_path, "qwen2")
     fs.fuse(qwen, tmp_path / "qf", every=2)
     with pytest.raises(UsageError, match="q/k/v biases"):
         export(tmp_path / "qf", tmp_path / "c", to="mllama")
-    with pytest.raises(UsageError, match="--to must be one of"):
+    with pytest.raises(UsageError, match="`to` must be one of"):
         export(tmp_path / "qf", tmp_path / "d", to="gguf")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing half-written
 

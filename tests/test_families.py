@@ -158,7 +158,7 @@ def test_phi3_without_config_is_inferred_from_fused_shapes(tmp_path):
     ref.save_pretrained(str(base))
     (base / "config.json").unlink()
     ckpt = Checkpoint.open(base)
-    with pytest.raises(UsageError, match="--num-heads"):
+    with pytest.raises(UsageError, match="`num_heads`"):
         read_model_config(ckpt)
     cfg = read_model_config(ckpt, num_heads=4)
     assert cfg.model_type == "phi3" and cfg.num_kv_heads == 2 and cfg.rope_theta is None
@@ -178,9 +178,9 @@ def test_config_that_contradicts_the_tensors_is_refused(tmp_path):
 
 def test_streamed_verification_computes_the_reference_logits(fused):
     """verify --stream builds its layers, norms and embeddings the architecture's way."""
-    from fusionsurgery.verify import structure
-    from fusionsurgery.verify.probe import make_probe
-    from fusionsurgery.verify.stream import LayerStream, run_stream
+    from fusionsurgery.verification import structure
+    from fusionsurgery.verification.probe import make_probe
+    from fusionsurgery.verification.stream import LayerStream, run_stream
 
     _, _, ref, out = fused
     ckpt = Checkpoint.open(out)

@@ -330,7 +330,7 @@ def test_bad_flags_on_every_command(made, tmp_path, capsys, argv, contains):
 
 
 @pytest.mark.parametrize("kwargs,contains", [
-    ({"device": "tpu"}, "--device"), ({"dtype": "int8"}, "int8"), ({"rope_defaults": "x"}, "--rope-defaults"),
+    ({"device": "tpu"}, "`device`"), ({"dtype": "int8"}, "int8"), ({"rope_defaults": "x"}, "`rope_defaults`"),
     ({"base": "BASE"}, "not an adapter"),
 ])
 def test_bad_arguments_to_load_fused(made, kwargs, contains):

@@ -137,11 +137,11 @@ def test_mutated_manifests_and_configs_give_a_result_or_a_clean_error(fused_docs
     verify's header-level checks, unfuse's and export's opening, an adapter's base check) answers
     or raises a one-line FusionSurgeryError, never another exception."""
     from fusionsurgery.errors import FusionSurgeryError
-    from fusionsurgery.export.common import open_source
-    from fusionsurgery.inspect import inspect_checkpoint
+    from fusionsurgery.exporting.common import open_source
+    from fusionsurgery.inspection import inspect_checkpoint
     from fusionsurgery.io.checkpoint import Checkpoint
     from fusionsurgery.surgery.adapter import attach_base
-    from fusionsurgery.verify import originals, structure
+    from fusionsurgery.verification import originals, structure
 
     base, root = fused_docs
     kind, name = which.split("/")

@@ -90,7 +90,7 @@ def test_the_base_is_gemma3_and_fuses_every_sixth_layer(base, fused):
 
 
 def test_verify_passes(fused):
-    from fusionsurgery.verify import verify
+    from fusionsurgery.verification import verify
 
     report = verify(fused, device="cpu", dtype="fp32", seq_len=8, encoder_len=4, bench_len=16)
     assert report.ok, [(c.name, c.details) for c in report.failures]

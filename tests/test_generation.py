@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fusionsurgery import DeepFusionModel, fuse, generate, load_fused
-from fusionsurgery.generation import pick
+from fusionsurgery.native.generation import pick
 from helpers import open_gates
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-llama"

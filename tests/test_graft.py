@@ -10,9 +10,9 @@ import torch
 import fusionsurgery as fs
 from fusionsurgery.cli import main
 from fusionsurgery.errors import UsageError
-from fusionsurgery.export import export, unfuse
+from fusionsurgery.exporting import export, unfuse
 from fusionsurgery.io.checkpoint import Checkpoint
-from fusionsurgery.verify import verify
+from fusionsurgery.verification import verify
 from helpers import hf_model, image_inputs, make_base, mllama_model, read_json, save_sharded, tokens
 
 VOCAB = 128

@@ -10,9 +10,9 @@ import torch
 
 import fusionsurgery as fs
 from fusionsurgery.errors import UsageError
-from fusionsurgery.export import export, unfuse
+from fusionsurgery.exporting import export, unfuse
 from fusionsurgery.io.checkpoint import Checkpoint
-from fusionsurgery.verify import verify
+from fusionsurgery.verification import verify
 from helpers import ARCHS, make_base, open_gates, tokens
 
 transformers = pytest.importorskip("transformers")

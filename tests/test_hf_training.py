@@ -8,9 +8,9 @@ import torch
 
 import fusionsurgery as fs
 from fusionsurgery.errors import UsageError
-from fusionsurgery.export import export
+from fusionsurgery.exporting import export
 from fusionsurgery.io.checkpoint import Checkpoint
-from fusionsurgery.verify import verify
+from fusionsurgery.verification import verify
 from helpers import make_base, open_gates
 
 transformers = pytest.importorskip("transformers")
@@ -243,19 +243,18 @@ def test_generate_with_the_encoder_cache_equals_generate_without_any_cache(fused
     assert sampled.shape == (2, 9)
 
 
-def test_readme_example_runs_and_verifies(tmp_path, monkeypatch):
-    """The README's copy-paste example, as written (output paths moved into tmp_path)."""
+def test_documented_example_runs_and_verifies(tmp_path, monkeypatch):
+    """docs/transformers.md's copy-paste example, as written (output paths moved into tmp_path)."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    text = (root / "README.md").read_text()
-    section = text[text.index("## Transformers models: `fusionsurgery.hf`"):]
+    section = (root / "docs" / "transformers.md").read_text()
     code = section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
     code = code.replace("/tmp/tiny-fused", str(tmp_path / "tiny-fused")).replace("/tmp/tiny-trained",
                                                                                str(tmp_path / "tiny-trained"))
     monkeypatch.chdir(root)
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, "docs/transformers.md", "exec"), scope)
     assert scope["new"].shape == (2, 12)
     report = verify(tmp_path / "tiny-trained", root / "examples" / "tiny-llama", device="cpu")
     assert report.ok, [c.message for c in report.failures]

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import fusionsurgery as fs
-from fusionsurgery.export import export, unfuse
+from fusionsurgery.exporting import export, unfuse
 from fusionsurgery.io.checkpoint import Checkpoint
-from fusionsurgery.verify import verify
+from fusionsurgery.verification import verify
 from helpers import hf_model, image_inputs, mllama_model, open_gates, read_json, save_sharded, tokens
 
 transformers = pytest.importorskip("transformers")

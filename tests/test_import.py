@@ -11,9 +11,9 @@ from safetensors.torch import save_file
 import fusionsurgery as fs
 from fusionsurgery.cli import main
 from fusionsurgery.errors import CheckpointError, UsageError
-from fusionsurgery.export import export, unfuse
+from fusionsurgery.exporting import export, unfuse
 from fusionsurgery.io.checkpoint import Checkpoint
-from fusionsurgery.verify import verify
+from fusionsurgery.verification import verify
 from helpers import image_inputs, make_base, mllama_model, read_json, same_checkpoint, tokens
 
 VOCAB = 128

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fusionsurgery.cli import main
-from fusionsurgery.inspect import diff_keys, inspect_checkpoint
+from fusionsurgery.inspection import diff_keys, inspect_checkpoint
 from fusionsurgery.io.checkpoint import Checkpoint
 from fusionsurgery.surgery.fuse import fuse
 from helpers import make_base
@@ -106,7 +106,7 @@ def test_single_file_tied_embeddings_and_no_config(tmp_path: Path) -> None:
     (base / "config.json").unlink()
     bare = inspect_checkpoint(base)
     assert bare.num_heads is None and bare.num_layers == 4 and bare.dim == 64
-    assert any("--num-heads" in n for n in bare.notes)
+    assert any("`num_heads`" in n for n in bare.notes)  # the CLI prints it as --num-heads
 
 
 def test_reads_headers_only(fused: Path, monkeypatch) -> None:
@@ -119,7 +119,7 @@ def test_reads_headers_only(fused: Path, monkeypatch) -> None:
 
 
 def test_inspect_never_imports_torch(fused: Path) -> None:
-    code = ("import sys; from fusionsurgery.cli import main; import fusionsurgery.inspect, fusionsurgery.cli.inspect_cmd; "
+    code = ("import sys; from fusionsurgery.cli import main; import fusionsurgery.inspection, fusionsurgery.cli.inspect_cmd; "
             f"rc = main(['inspect', {str(fused)!r}, '--tensors', '--json']); "
             "assert rc == 0, rc; assert 'torch' not in sys.modules, 'torch was imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

@@ -68,7 +68,7 @@ def test_all_layouts_load_to_the_same_logits(outputs):
 
 
 def test_adapter_refuses_a_missing_or_different_base(outputs, tmp_path):
-    with pytest.raises(UsageError, match="--base"):
+    with pytest.raises(UsageError, match="`base` BASE"):
         fs.load_fused(outputs / "adapter")
     other = tmp_path / "other"
     save_sharded(hf_model("llama", seed=1), other, "200KB")
@@ -153,7 +153,7 @@ def test_sha256_digests_are_checked_like_blake3_ones(outputs, tmp_path, capsys):
 
 def test_verify_reads_a_file_shared_with_the_base_once(outputs, monkeypatch):
     """An adapter's base and a --link output's shards are the base's own files: digested once, not twice."""
-    from fusionsurgery.verify import originals
+    from fusionsurgery.verification import originals
 
     real, calls = originals.tensor_digests, []
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from fusionsurgery import FusionEmbedding, FusionLayer, get_fusion_params, set_trainable_params
 from fusionsurgery.arch.config import FusionConfig, ModelConfig
-from fusionsurgery.builders import build_decoder, build_fusion_layer, build_self_attention_layer
+from fusionsurgery.native.builders import build_decoder, build_fusion_layer, build_self_attention_layer
 from fusionsurgery.modules import RotaryEmbedding, TransformerDecoder
 from fusionsurgery.modules.norm import RMSNorm
 from helpers import open_gates

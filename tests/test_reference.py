@@ -106,8 +106,8 @@ def test_interleaved_layout_on_hf_weights_is_wrong(fused):
     """The RoPE layout matters: HF q/k rows read with torchtune's layout give other logits."""
     _, _, ref, out, _ = fused
     loaded = fs.open_model(out, dtype=torch.float32)
-    from fusionsurgery.builders import build_empty
-    from fusionsurgery.loading import load_tensors
+    from fusionsurgery.native.builders import build_empty
+    from fusionsurgery.native.loading import load_tensors
 
     wrong = build_empty(loaded.config, loaded.fusion, dtype=torch.float32, device="cpu", rope_layout="interleaved")
     load_tensors(wrong, loaded.checkpoint)

@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 import fusionsurgery as fs
 from fusionsurgery.arch.config import FusionConfig, read_model_config
 from fusionsurgery.arch.families import FAMILIES
-from fusionsurgery.builders import build_decoder
+from fusionsurgery.native.builders import build_decoder
 from fusionsurgery.cli import main
 from fusionsurgery.errors import UsageError
-from fusionsurgery.export import export
+from fusionsurgery.exporting import export
 from fusionsurgery.io.checkpoint import Checkpoint
 from helpers import make_base, read_json, tokens
 from test_export import mllama, set_gates
@@ -147,9 +147,9 @@ def test_without_config_rope_needs_config_or_defaults(setup):
     fused = tmp / "bare-fused"
     fs.fuse(bare, fused, every=2, seed=1, num_heads=HEADS)
     assert "rope_theta" not in read_json(fused / "config.json")
-    with pytest.raises(UsageError, match="--config PATH .* or --rope-defaults llama3"):
+    with pytest.raises(UsageError, match="`config` PATH .* or `rope_defaults` llama3"):
         fs.load_fused(fused, dtype=torch.float32)
-    with pytest.raises(UsageError, match="--config PATH"):
+    with pytest.raises(UsageError, match="`config` PATH"):
         export(fused, tmp / "bare-m", to="mllama")
     model = fs.load_fused(fused, dtype=torch.float32, rope_defaults="llama3")
     t = tokens(vocab=128)
@@ -166,9 +166,9 @@ def test_without_config_rope_needs_config_or_defaults(setup):
 
 def test_bad_rope_defaults_and_unsupported_architecture(tmp_path):
     qwen, _ = make_base(tmp_path, "qwen2")
-    with pytest.raises(UsageError, match="--to torchtune supports llama, mistral"):
+    with pytest.raises(UsageError, match="`to` torchtune supports llama, mistral"):
         export(qwen, tmp_path / "q", to="torchtune")
-    with pytest.raises(UsageError, match="--rope-defaults must be one of llama3"):
+    with pytest.raises(UsageError, match="`rope_defaults` must be one of llama3"):
         fs.load_fused(qwen, rope_defaults="llama9")
 
 

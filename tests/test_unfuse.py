@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 import fusionsurgery as fs
 from fusionsurgery.cli import main
 from fusionsurgery.errors import UsageError
-from fusionsurgery.export import export, unfuse
+from fusionsurgery.exporting import export, unfuse
 from helpers import hf_model, make_base, read_json, same_checkpoint, save_sharded
 
 

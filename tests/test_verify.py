@@ -14,8 +14,8 @@ from fusionsurgery.cli import main
 from fusionsurgery.errors import CheckpointError, UsageError
 from fusionsurgery.io.checkpoint import INDEX_NAME, MANIFEST_NAME, Checkpoint
 from fusionsurgery.surgery.fuse import fuse
-from fusionsurgery.verify import verify
-from fusionsurgery.verify import memory
+from fusionsurgery.verification import verify
+from fusionsurgery.verification import memory
 from helpers import make_base
 
 CHECKS = ["structure", "originals", "identity", "live", "backward", "kv_cache", "figures"]
@@ -110,9 +110,9 @@ def test_sound_checkpoint_passes_every_check(fused: Path, base: Path, stream: bo
 
 
 def test_streamed_engine_computes_what_the_plain_engine_computes(fused: Path) -> None:
-    from fusionsurgery.verify import plain, structure
-    from fusionsurgery.verify.probe import make_probe
-    from fusionsurgery.verify.stream import LayerStream, run_stream
+    from fusionsurgery.verification import plain, structure
+    from fusionsurgery.verification.probe import make_probe
+    from fusionsurgery.verification.stream import LayerStream, run_stream
 
     ckpt = Checkpoint.open(fused)
     _, layout = structure.check_structure(ckpt)
@@ -270,7 +270,7 @@ def test_gradients_reaching_the_base_fail(fused: Path, monkeypatch, engine: str)
     def unfrozen(model, names):  # "forgets" to freeze the base
         model.requires_grad_(True)
 
-    monkeypatch.setattr(f"fusionsurgery.verify.{engine}.set_trainable_params", unfrozen)
+    monkeypatch.setattr(f"fusionsurgery.verification.{engine}.set_trainable_params", unfrozen)
     report = verify(fused, device="cpu", stream=engine == "stream")
     assert report.check("backward").failed
     assert "frozen base parameter(s) got gradients" in details(report, "backward")
@@ -305,7 +305,7 @@ def test_memory_estimate_refuses_before_starting(fused: Path) -> None:
 
 
 def test_streaming_fits_where_the_whole_model_does_not(fused: Path) -> None:
-    from fusionsurgery.verify import structure
+    from fusionsurgery.verification import structure
 
     ckpt = Checkpoint.open(fused)
     _, layout = structure.check_structure(ckpt)
@@ -314,7 +314,7 @@ def test_streaming_fits_where_the_whole_model_does_not(fused: Path) -> None:
     whole, streamed = memory.estimate(*args, stream=False, **sizes), memory.estimate(*args, stream=True, **sizes)
     assert streamed.total < whole.total
     limit = (streamed.total + whole.total) // 2
-    with pytest.raises(UsageError, match="--stream needs"):
+    with pytest.raises(UsageError, match="`stream` needs"):
         verify(fused, device="cpu", memory_limit=limit)
     assert verify(fused, device="cpu", memory_limit=limit, stream=True).ok
 

@@ -88,7 +88,7 @@ def family_of_checkpoint(ckpt: Checkpoint) -> Family:
             return detect_family(ckpt.keys())
         except CheckpointError as exc:
             raise CheckpointError(f"{exc}; without a config.json only Llama-recipe checkpoints are read: any other "
-                                  "decoder needs its config.json (beside the weights, or --config PATH)") from None
+                                  "decoder needs its config.json (beside the weights, or `config` PATH)") from None
     if not isinstance(model_type, str) or is_native(model_type):
         return detect_family(ckpt.keys())
     fusion = doc.get("fusion")

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, listed
 
 # Tensors of one decoder layer, canonical suffix -> family suffix (both under a layer prefix).
 _HF_LAYER = {
@@ -199,7 +199,7 @@ def detect_family(keys: list[str]) -> Family:
         if family.marker in keyset:
             unknown = [k for k in keys if not family.knows(k)]
             if unknown:
-                shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+                shown = listed(unknown, 3)
                 raise CheckpointError(
                     f"unsupported tensors for a Llama-family decoder in {family.name} naming: {shown}; "
                     f"supported: {supported_text()}"

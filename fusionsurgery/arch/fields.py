@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import CheckpointError
+from ..io.manifest_schema import is_number
 
 #: Spellings of each fact, first found wins.
 SPELLINGS: dict[str, tuple[str, ...]] = {
@@ -67,7 +68,7 @@ class ConfigFields:
         name, value = found
         if isinstance(value, list) and value:
             value = value[0]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value <= 0:
+        if not is_number(value) or int(value) != value or value <= 0:
             raise CheckpointError(f"{self.where}: {name} is {value!r}, expected a positive integer")
         return int(value)
 
@@ -76,7 +77,7 @@ class ConfigFields:
         if found is None:
             return default
         name, value = found
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_number(value):
             raise CheckpointError(f"{self.where}: {name} is {value!r}, expected a number")
         return float(value)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import CheckpointError, UsageError
 from ..io.checkpoint import Checkpoint
+from ..io.manifest_schema import is_int, is_number
 from .families import Family
 from .fields import ConfigFields
 from .model_config import ModelConfig
@@ -61,10 +62,10 @@ def read_generic_config(ckpt: Checkpoint, family: Family, *, num_heads: int | No
     emb = ckpt.info(embedding_key).shape
     if len(emb) != 2 or emb[1] != dim:
         raise CheckpointError(f"{where} says the width is {dim} but the token embedding {embedding_key} is {list(emb)}")
-    heads = _option(fields.int_of("num_heads"), num_heads, "--num-heads", "num_attention_heads", where)
+    heads = _option(fields.int_of("num_heads"), num_heads, "`num_heads`", "num_attention_heads", where)
     if heads is None:
         fields.int_of("num_heads", required=True)  # raises, naming the fields looked for
-    kv = _option(fields.int_of("num_kv_heads"), num_kv_heads, "--num-kv-heads", "num_key_value_heads", where) or heads
+    kv = _option(fields.int_of("num_kv_heads"), num_kv_heads, "`num_kv_heads`", "num_key_value_heads", where) or heads
     assert heads is not None and kv is not None
     head_dim = fields.int_of("head_dim")
     if head_dim is None:
@@ -113,7 +114,7 @@ def _theta(fields: ConfigFields) -> float | None:
     for layer in fields.layers:
         params = layer.get("rope_parameters")
         for value in ((params or {}).get("rope_theta") if isinstance(params, dict) else None, layer.get("rope_theta")):
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if is_number(value):
                 return float(value)
     return None
 
@@ -123,6 +124,6 @@ def _max_positions(doc: dict[str, Any]) -> int:
         if isinstance(source, dict):
             for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
                 value = source.get(name)
-                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                if is_int(value) and value > 0:
                     return value
     return 4096

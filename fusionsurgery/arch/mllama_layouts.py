@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, listed
 from ..io.checkpoint import Checkpoint
-from ..io.copy import copy_checkpoint_files
+from ..io.copying import copy_checkpoint_files
+from ..io.manifest_schema import is_int
 
 #: The manifest section an import writes (and a graft carries): the source and its vision parts.
 ORIGIN_KEY = "mllama"
@@ -94,17 +95,17 @@ def read_origin(ckpt: Checkpoint, manifest: dict[str, Any] | None = None) -> Ori
     vision_doc = doc.get("vision")
     vision, digests = None, {}
     if vision_doc:
-        listed = {t.get("name"): t.get("digest") for t in vision_doc.get("tensors", []) if isinstance(t, dict)}
+        named = {t.get("name"): t.get("digest") for t in vision_doc.get("tensors", []) if isinstance(t, dict)}
         directory = ckpt.root / VISION_DIR
         if not directory.is_dir():
-            raise CheckpointError(f"{ckpt.root}: the manifest names {len(listed)} vision tensor(s) in {VISION_DIR}/, "
+            raise CheckpointError(f"{ckpt.root}: the manifest names {len(named)} vision tensor(s) in {VISION_DIR}/, "
                                   "which is missing")
         # the checkpoint's own link rule: vision/ is part of its tree (and may not lead out of it)
         vision = Checkpoint.open(ckpt.link_rule.check(directory, "vision directory"), links=ckpt.link_rule)
-        if set(vision.keys()) != set(listed):
-            odd = sorted(set(vision.keys()) ^ set(listed))
-            raise CheckpointError(f"{directory}: holds other tensors than the manifest names ({', '.join(odd[:3])})")
-        digests = listed
+        if set(vision.keys()) != set(named):
+            odd = sorted(set(vision.keys()) ^ set(named))
+            raise CheckpointError(f"{directory}: holds other tensors than the manifest names ({listed(odd, 3)})")
+        digests = named
     return Origin(LAYOUTS[doc["layout"]], doc["config"], vision, digests)
 
 
@@ -137,7 +138,7 @@ def origin_pad(origin: Origin | None) -> int | None:
     if origin is None:
         return None
     pad = text_config_of(origin.config).get("pad_token_id")
-    return pad if isinstance(pad, int) and not isinstance(pad, bool) else None
+    return pad if is_int(pad) else None
 
 
 def copy_vision(origin: Origin | None, root: Path, algorithm: str,
@@ -181,7 +182,7 @@ def expected_vision_keys(layout: MllamaLayout, vision_config: Any, where: str) -
     counts = {}
     for name, default in _VISION_DEFAULTS.items():
         value = vision_config.get(name, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if not is_int(value) or value < 0:
             raise CheckpointError(f"{where}: vision_config.{name} is {value!r}, expected a layer count")
         counts[name] = value
     tower, projector = layout.vision_prefixes

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import CheckpointError
-from ..io.manifest_schema import is_int
+from ..io.manifest_schema import has_type, is_int
 from .families import FAMILIES, Family, generic_family
 from .model_types import MODEL_TYPES, ModelType
 
@@ -19,7 +19,26 @@ INFERRED_MARK = "fusionsurgery_inferred"
 @dataclass
 class ModelConfig:
     """Everything needed to build the (unfused) decoder, or, for a type without native modules
-    (``native`` false), what the surgery needs: the layer list, the width and the head layout."""
+    (``native`` false), what the surgery needs: the layer list, the width and the head layout.
+
+    Made by ``arch.reading.read_model_config(ckpt)`` from ``config.json`` (or inferred from the
+    tensor shapes, listed in ``inferred``).
+
+    Attributes:
+        family: the naming family (``hf``, ``torchtune``) or the generic one of a non-native type.
+        model_type: the config's ``model_type``.
+        num_layers: decoder layers.
+        dim: the width (hidden size).
+        num_heads: attention heads.
+        num_kv_heads: key/value heads (grouped-query attention when fewer).
+        head_dim: width of one head.
+        intermediate_dim: the MLP's inner width.
+        vocab_size: rows of the token embedding.
+        rope_theta: RoPE base; ``rope_scaling`` its scaling (Llama 3's ``rope_type: llama3`` ...).
+        tie_embeddings: the output projection is the token embedding.
+        layer_prefix: where the layers are numbered (``model.layers``), for a non-native type.
+        embedding_key: the token embedding's key, for a non-native type.
+    """
 
     family: str
     model_type: str
@@ -83,6 +102,15 @@ class FusionConfig:
     The block fields (``layer_prefix`` ... ``norm_offset``) let every reader build the same fusion
     block without knowing the base's type. Sections written by older versions lack them (empty /
     zero / None): ``block(cfg)`` fills them from the base's config the old way.
+
+    Attributes:
+        layers: the fused layers' indices.
+        fusion_first: each fusion layer runs before its original layer (else after).
+        encoder_dim: width of the encoder states ``[b, e, encoder_dim]`` the cross-attention reads.
+        fusion_vocab: extra learnable token embeddings (ids ``>= vocab_size``).
+        init, init_std, seed, dtype: how the new weights were made, and their safetensors dtype.
+        qk_norm_eps, norm_eps: the fusion block's norm epsilons.
+        tool_version: the fusionsurgery version that fused.
     """
 
     layers: list[int]
@@ -136,7 +164,7 @@ class FusionConfig:
             raise CheckpointError(f"{where}: fusion.layers must be a list of layer indices")
         for name, kinds in _FUSION_FIELD_TYPES.items():
             value = getattr(fc, name)
-            if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+            if not has_type(value, kinds):
                 raise CheckpointError(f"{where}: fusion.{name} is {value!r}, expected {kinds[0].__name__}")
         for name in ("dim", "num_heads", "num_kv_heads", "head_dim", "intermediate_dim"):
             if getattr(fc, name) < 0:

@@ -17,7 +17,7 @@ def check_options(*, rope_defaults: str | None = None, num_heads: int | None = N
                   num_kv_heads: int | None = None) -> None:
     """Refuse (``UsageError``) option values no checkpoint could make sense of."""
     if rope_defaults is not None and rope_defaults not in ROPE_DEFAULTS:
-        raise UsageError(f"--rope-defaults must be one of {', '.join(ROPE_DEFAULTS)}, got {rope_defaults!r}")
-    for flag, value in (("--num-heads", num_heads), ("--num-kv-heads", num_kv_heads)):
+        raise UsageError(f"`rope_defaults` must be one of {', '.join(ROPE_DEFAULTS)}, got {rope_defaults!r}")
+    for flag, value in (("`num_heads`", num_heads), ("`num_kv_heads`", num_kv_heads)):
         if value is not None and value <= 0:
             raise UsageError(f"{flag} must be positive, got {value}")

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..io.checkpoint import Checkpoint
+from ..io.manifest_schema import is_number
 from .discovery import family_of_checkpoint
 from .families import Family, is_fusion_key
 from .fields import ConfigFields
@@ -115,6 +116,8 @@ def _from_hf_config(
         heads = int(doc.get("num_attention_heads") or num_heads or 0) or None
         kv = int(doc.get("num_key_value_heads") or num_kv_heads or heads or 0) or None
         head_dim = doc.get("head_dim")
+        if head_dim is not None and not (is_number(head_dim) and head_dim == int(head_dim) and head_dim > 0):
+            raise CheckpointError(f"config.json: head_dim is {head_dim!r}, expected a positive integer")
         if head_dim is None and heads:
             head_dim = int(doc.get("hidden_size", s["dim"])) // heads
         heads, kv, head_dim = heads_from_shapes(s, heads, kv, int(head_dim) if head_dim else None)

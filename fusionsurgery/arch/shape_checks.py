@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, listed
 from .model_config import ModelConfig
 
 
@@ -42,10 +42,10 @@ def check_shapes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
     expected = expected_shapes(cfg)
     missing = sorted(set(expected) - set(shapes))
     if missing:
-        raise CheckpointError(f"checkpoint is missing tensor(s) {', '.join(missing[:3])} (canonical names)")
+        raise CheckpointError(f"checkpoint is missing tensor(s) {listed(missing, 3)} (canonical names)")
     for key, shape in expected.items():
         if tuple(shapes[key]) != shape:
             raise CheckpointError(f"tensor {key} has shape {list(shapes[key])}, expected {list(shape)}")
     extra = sorted(set(shapes) - set(expected))
     if extra:
-        raise CheckpointError(f"unexpected tensor(s) for this architecture: {', '.join(extra[:3])} (canonical names)")
+        raise CheckpointError(f"unexpected tensor(s) for this architecture: {listed(extra, 3)} (canonical names)")

@@ -71,16 +71,16 @@ def heads_from_shapes(s: dict[str, Any], num_heads: int | None, num_kv_heads: in
         if num_heads is None:
             raise UsageError(
                 "the head count cannot be inferred from tensor shapes without a config.json: "
-                "pass --num-heads N (and --num-kv-heads N for grouped-query attention), or --config PATH"
+                "pass `num_heads` N (and `num_kv_heads` N for grouped-query attention), or `config` PATH"
             )
         if s["dim"] % num_heads:
-            raise UsageError(f"--num-heads {num_heads} does not divide the width {s['dim']}")
+            raise UsageError(f"`num_heads` {num_heads} does not divide the width {s['dim']}")
         head_dim = s["dim"] // num_heads
     q_out, kv_out = s["q_out"], s["kv_out"]
     if s["qkv_out"] is not None:  # fused q/k/v: the query head count splits it
         if num_heads is None:
             raise UsageError(
-                "a fused qkv_proj cannot be split without the head count: pass --num-heads N or --config PATH"
+                "a fused qkv_proj cannot be split without the head count: pass `num_heads` N or `config` PATH"
             )
         q_out = num_heads * head_dim
         rest = s["qkv_out"] - q_out
@@ -96,10 +96,10 @@ def heads_from_shapes(s: dict[str, Any], num_heads: int | None, num_kv_heads: in
         )
     heads = q_out // head_dim
     if num_heads is not None and num_heads != heads:
-        raise UsageError(f"--num-heads {num_heads} disagrees with the q_proj shape ({heads} heads of {head_dim})")
+        raise UsageError(f"`num_heads` {num_heads} disagrees with the q_proj shape ({heads} heads of {head_dim})")
     kv = kv_out // head_dim
     if num_kv_heads is not None and num_kv_heads != kv:
-        raise UsageError(f"--num-kv-heads {num_kv_heads} disagrees with the k_proj shape ({kv} heads of {head_dim})")
+        raise UsageError(f"`num_kv_heads` {num_kv_heads} disagrees with the k_proj shape ({kv} heads of {head_dim})")
     if kv == 0 or heads % kv:
         raise CheckpointError(f"{heads} query heads cannot be grouped over {kv} key/value heads")
     return heads, kv, head_dim

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from importlib import import_module
 
 import typer
 
@@ -22,6 +23,7 @@ _NO_ARGS_IS_HELP = getattr(_cx, "NoArgsIsHelpError", ())
 from ..errors import CheckFailed, FusionSurgeryError, LinkRefused, WriteError
 from ..version import __version__
 from .console import err_console
+from .options import FLAGS, in_cli_terms
 
 app = typer.Typer(
     name="fusionsurgery",
@@ -49,15 +51,26 @@ def _root(
     """fusionsurgery: deep-fusion model surgery."""
 
 
-def _register() -> None:
-    from . import fuse_cmd  # noqa: F401  (commands register themselves on `app`)
+#: Every command, in the order ``--help`` lists them: (command name, module of ``fusionsurgery.cli``,
+#: function). This is the one place commands are registered; command modules never import ``app``.
+COMMANDS = (
+    ("fuse", "fuse_cmd", "fuse"),
+    ("inspect", "inspect_cmd", "inspect"),
+    ("verify", "verify_cmd", "verify"),
+    ("export", "export_cmd", "export"),
+    ("unfuse", "export_cmd", "unfuse"),
+    ("import", "transplant_cmd", "import_"),
+    ("graft", "transplant_cmd", "graft"),
+)
 
-    for optional in ("inspect_cmd", "verify_cmd", "export_cmd", "transplant_cmd"):
-        try:
-            __import__(f"{__package__}.{optional}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{optional}":
-                raise
+
+def _register() -> None:
+    """Add every command of ``COMMANDS`` to ``app`` (once; the modules are imported here, not at start-up)."""
+    if app.registered_commands:
+        return
+    for name, module, function in COMMANDS:
+        app.command(name)(getattr(import_module(f"{__package__}.{module}"), function))
+    FLAGS.update(_flags())
 
 
 _interrupted: list[int] = []
@@ -67,6 +80,13 @@ def _terminate(signum: int, frame: object) -> None:
     """SIGINT/SIGTERM: unwind (so temporary outputs are removed), remembering why."""
     _interrupted.append(signum)
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _flags() -> set[str]:
+    """Every long option of every command, as a Python keyword (``--encoder-dim`` -> ``encoder_dim``)."""
+    group = typer.main.get_command(app)
+    return {opt[2:].replace("-", "_") for command in getattr(group, "commands", {}).values()
+            for param in command.params for opt in param.opts if opt.startswith("--")}
 
 
 def _error(message: str) -> None:
@@ -107,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(exc.message("--follow-symlinks"))
         return exc.exit_code
     except (FusionSurgeryError, CheckFailed, WriteError) as exc:
-        _error(str(exc))
+        _error(in_cli_terms(str(exc)))
         return exc.exit_code
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):

@@ -8,22 +8,12 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import app
-from .console import console, human_bytes, print_json
-from .options import FollowSymlinks, Force, JsonOut
+from .console import console, print_json
+from .options import FollowSymlinks, Force, JsonOut, RopeDefaults, in_cli_terms
 from .progress import byte_progress
+from .reports import checkpoint_bytes, print_files
 
 
-def _bytes_of(path: Path, follow_symlinks: bool = False) -> int:
-    from ..io.checkpoint import Checkpoint
-
-    try:
-        return Checkpoint.open(path, follow_symlinks=follow_symlinks).total_bytes()
-    except Exception:  # noqa: BLE001 - the command itself reports an unreadable input
-        return 0
-
-
-@app.command()
 def export(
     fused: Annotated[Path, typer.Argument(metavar="FUSED", help="A fused checkpoint directory (a plain base works "
                                           "for --to torchtune and --to hf).")],
@@ -36,9 +26,7 @@ def export(
                                                  "(fuse --adapter-only).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="config.json to use instead of the one beside "
                                                    "the weights.")] = None,
-    rope_defaults: Annotated[Optional[str], typer.Option("--rope-defaults", help="With no config: assume these RoPE "
-                                                         "settings. 'llama3' is torchtune's Llama 3 (theta 500000, "
-                                                         "llama3 scaling factor 8, low 1, high 4, context 8192).")] = None,
+    rope_defaults: RopeDefaults = None,
     force: Force = False,
     follow_symlinks: FollowSymlinks = False,
     json_out: JsonOut = False,
@@ -50,9 +38,9 @@ def export(
     in, a tied lm_head written out. export_manifest.json names each such tensor and how; every
     tensor's digest is recorded. Tokenizer, generation and chat-template files are carried along.
     """
-    from ..export import export as export_api
+    from ..exporting import export as export_api
 
-    total = _bytes_of(fused, follow_symlinks)
+    total = checkpoint_bytes(fused, follow_symlinks)
     with byte_progress(enabled=not json_out) as progress:
         result = export_api(fused, out, to=to, base=base, config=config, rope_defaults=rope_defaults, force=force,
                             follow_symlinks=follow_symlinks, progress=lambda n: progress("export", n, total))
@@ -73,11 +61,10 @@ def export(
             table.add_row(t["name"], t["transform"])
         console.print(table)
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
-    _files(result.output, result.files)
+        console.print(f"[yellow]note:[/] {in_cli_terms(note)}", highlight=False)
+    print_files(result.output, result.files)
 
 
-@app.command()
 def unfuse(
     fused: Annotated[Path, typer.Argument(metavar="FUSED", help="A fused checkpoint directory.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory [default: <input>-unfused "
@@ -92,9 +79,9 @@ def unfuse(
     config's fusion section are dropped. Original tensors whose digests differ from those recorded
     at fusion (trained since) are reported.
     """
-    from ..export import unfuse as unfuse_api
+    from ..exporting import unfuse as unfuse_api
 
-    total = _bytes_of(fused, follow_symlinks)
+    total = checkpoint_bytes(fused, follow_symlinks)
     with byte_progress(enabled=not json_out) as progress:
         result = unfuse_api(fused, out, force=force, follow_symlinks=follow_symlinks,
                             progress=lambda n: progress("copy", n, total))
@@ -103,14 +90,5 @@ def unfuse(
         return
     console.print(f"removed {len(result.removed)} fusion tensor(s); kept {result.kept} original tensor(s)")
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
-    _files(result.output, result.files)
-
-
-def _files(output: Path, files: list[dict]) -> None:
-    table = Table(title=f"Wrote {output}", title_justify="left")
-    table.add_column("file")
-    table.add_column("size", justify="right")
-    for f in files:
-        table.add_row(f["name"], human_bytes(f["bytes"]))
-    console.print(table)
+        console.print(f"[yellow]note:[/] {in_cli_terms(note)}", highlight=False)
+    print_files(result.output, result.files)

@@ -10,13 +10,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import UsageError
-from .app import app
-from .console import console, human_bytes, human_count, print_json
-from .options import FollowSymlinks, Force, JsonOut
+from .console import console, human_count, print_json
+from .options import FollowSymlinks, Force, JsonOut, RopeDefaults, in_cli_terms
 from .progress import byte_progress
+from .reports import print_files, print_verify_report, verify_notifier
 
 
-@app.command()
 def fuse(
     base: Annotated[Path, typer.Argument(metavar="BASE", help="Base checkpoint: a .safetensors file, or a directory with "
                                           "model.safetensors or shards and model.safetensors.index.json.")],
@@ -41,9 +40,7 @@ def fuse(
                                                      "shapes cannot tell.")] = None,
     num_kv_heads: Annotated[Optional[int], typer.Option("--num-kv-heads", help="Key/value heads (grouped-query attention), "
                                                         "when there is no config.")] = None,
-    rope_defaults: Annotated[Optional[str], typer.Option("--rope-defaults", help="With no config.json: write these RoPE "
-                                                         "settings into the output's config ('llama3' is torchtune's "
-                                                         "Llama 3: theta 500000, llama3 scaling factor 8).")] = None,
+    rope_defaults: RopeDefaults = None,
     link: Annotated[bool, typer.Option("--link", help="Hard-link the base's shard files into the output instead of copying "
                                        "them: only the new weights cost time and disk. The two directories then SHARE those "
                                        "files: editing one in place edits both. Needs one filesystem (else the shards are "
@@ -68,31 +65,28 @@ def fuse(
     name and renamed into place at the end, so a failed run leaves nothing behind.
     """
     from ..surgery.fuse import fuse as fuse_api
+    from ..surgery.options import FuseOptions
 
+    options = FuseOptions.pick(locals())  # this command's parameters are named like the options
     if verify_output:
-        from ..loading import resolve_device
+        from ..native.loading import resolve_device
 
         resolve_device(device)  # an unusable --device fails before anything is written
     elif device != "auto":
         raise UsageError("--device chooses where --verify runs; give it with --verify")
     with byte_progress(enabled=not json_out) as progress:
-        result = fuse_api(base, out, every=every, layers=layers, fusion_after=fusion_after, encoder_dim=encoder_dim,
-                          fusion_vocab=fusion_vocab, init=init, init_std=init_std, seed=seed, dtype=dtype,
-                          config=config, num_heads=num_heads, num_kv_heads=num_kv_heads, rope_defaults=rope_defaults,
-                          force=force, link=link, adapter_only=adapter_only, digest=digest,
-                          follow_symlinks=follow_symlinks, progress=progress)
+        result = fuse_api(base, out, options, force=force, progress=progress)
     if not verify_output:
         print_json(result.to_dict()) if json_out else _report(result)
         return
-    from .verify_cmd import raise_if_failed, run_verify
+    from ..verification import verify as verify_api
 
     if not json_out:
         _report(result)
-    report = run_verify(result.output, base=base, device=device, json_out=json_out, emit=not json_out,
-                        follow_symlinks=follow_symlinks)
-    if json_out:
-        print_json(dict(result.to_dict(), verify=report.to_dict()))
-    raise_if_failed(report)
+    report = verify_api(result.output, base, device=device, follow_symlinks=follow_symlinks,
+                        notify=verify_notifier(json_out))
+    print_json(dict(result.to_dict(), verify=report.to_dict())) if json_out else print_verify_report(report)
+    report.raise_if_failed()
 
 
 def _report(result) -> None:
@@ -120,11 +114,6 @@ def _report(result) -> None:
         f"encoder width {fusion.encoder_dim}"
     )
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {escape(note)}")
+        console.print(f"[yellow]note:[/] {escape(in_cli_terms(note))}")
     layout = {"copy": "", "link": " (base shards hard-linked)", "adapter": " (adapter only: new tensors and manifest)"}
-    files = Table(title=f"Wrote {result.output}{layout[result.layout]}", title_justify="left")
-    files.add_column("file")
-    files.add_column("size", justify="right")
-    for f in result.files:
-        files.add_row(f["name"] + (" (link)" if f.get("linked") else ""), human_bytes(f["bytes"]))
-    console.print(files)
+    print_files(result.output, result.files, layout[result.layout])

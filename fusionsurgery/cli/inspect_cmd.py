@@ -9,13 +9,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..inspect import Inspection, inspect_checkpoint
-from .app import app
+from ..inspection import Inspection, inspect_checkpoint
 from .console import console, human_bytes, human_count, print_json
-from .options import FollowSymlinks
+from .options import FollowSymlinks, in_cli_terms
 
 
-@app.command()
 def inspect(
     path: Annotated[Path, typer.Argument(metavar="PATH", help="A .safetensors file or a checkpoint directory (base or fused).")],
     base: Annotated[Optional[Path], typer.Option("--base", help="Compare keys with this checkpoint: added, removed, "
@@ -50,6 +48,7 @@ def _print_model(r: Inspection) -> None:
     kind = "fused checkpoint" if r.is_fused else "checkpoint"
     console.print(f"[bold]{r.path}[/]: {kind}, {r.family_description}")
     for note in r.notes:
+        note = in_cli_terms(note)
         kind, _, text = note.partition(": ") if note.startswith("warning: ") else ("note", "", note)
         console.print(f"[{'bold red' if kind == 'warning' else 'yellow'}]{kind}:[/] {text}", highlight=False)
     if r.inferred:

@@ -8,14 +8,12 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import app
 from .console import console, human_count, print_json
-from .export_cmd import _bytes_of, _files
-from .options import FollowSymlinks, Force, JsonOut
+from .options import FollowSymlinks, Force, JsonOut, in_cli_terms
 from .progress import byte_progress
+from .reports import checkpoint_bytes, print_files
 
 
-@app.command("import")
 def import_(
     mllama: Annotated[Path, typer.Argument(metavar="MLLAMA_DIR", help="A Hugging Face Mllama checkpoint: "
                                            "MllamaForCausalLM, or MllamaForConditionalGeneration (Llama 3.2 Vision) "
@@ -39,7 +37,7 @@ def import_(
     """
     from ..transplant import import_mllama
 
-    total = _bytes_of(mllama, follow_symlinks)
+    total = checkpoint_bytes(mllama, follow_symlinks)
     with byte_progress(enabled=not json_out) as progress:
         result = import_mllama(mllama, out, adapter_only=adapter_only, force=force, follow_symlinks=follow_symlinks,
                                progress=lambda n: progress("import", n, total))
@@ -57,11 +55,10 @@ def import_(
         if result.layout == "adapter" else "the whole model"
     console.print(f"{parts} ({kept})")
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
-    _files(result.output, result.files)
+        console.print(f"[yellow]note:[/] {in_cli_terms(note)}", highlight=False)
+    print_files(result.output, result.files)
 
 
-@app.command()
 def graft(
     adapter: Annotated[Path, typer.Argument(metavar="ADAPTER", help="An adapter: the output of fuse --adapter-only "
                                             "or import --adapter-only.")],
@@ -99,8 +96,8 @@ def graft(
     if result.drift is not None:
         _drift(result.drift)
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
-    _files(result.output, result.files)
+        console.print(f"[yellow]note:[/] {in_cli_terms(note)}", highlight=False)
+    print_files(result.output, result.files)
 
 
 def _drift(drift) -> None:

@@ -76,6 +76,23 @@ def from_pretrained(path: str | os.PathLike[str], base: str | os.PathLike[str] |
     --adapter-only``); it is refused unless its digests match the adapter's manifest.
     ``follow_symlinks`` follows symlinks leading outside the directories (``io.links``), here and
     when the model is saved.
+
+    Args:
+        path: a fused checkpoint directory (or an adapter, with ``base``).
+        base: the adapter's base checkpoint.
+        follow_symlinks: follow symlinks that lead outside the checkpoint directories.
+        **kwargs: transformers' ``from_pretrained`` arguments.
+
+    Returns:
+        The base's own ``...ForCausalLM`` class (a subclass with ``.fusion``, the fusion settings),
+        or ``(model, loading_info)`` with ``output_loading_info=True``. Its forward takes
+        ``cross_attention_states [b, e, encoder_dim]`` and ``cross_attention_mask`` (``[b, e]`` or
+        ``[b, s, e]``) besides the base's own arguments.
+
+    Raises:
+        UsageError: an adapter without its base; a torchtune-named, unfused or RoPE-less checkpoint;
+            a model type transformers has no causal-LM class for.
+        CheckpointError: an unreadable checkpoint, or a base that does not match the adapter.
     """
     ckpt = Checkpoint.open(path, follow_symlinks=follow_symlinks)
     manifest = ckpt.read_manifest()

@@ -31,6 +31,7 @@ from ..io.writer import AtomicDirectory, SafetensorsWriter, write_index, write_j
 from ..surgery.manifest import changed_since_fusion
 from ..arch.mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_origin
 from ..version import __version__
+from .training import unwrap_peft
 
 #: Segments PEFT adds to parameter names, and what they stand for in the checkpoint.
 _PEFT_PREFIX = "base_model.model."
@@ -44,7 +45,7 @@ def checkpoint_tensors(model: torch.nn.Module, state_dict: dict[str, torch.Tenso
     save); a ``modules_to_save`` copy stands for the module it copies. ``keys``: the checkpoint's keys;
     model names that are not among them are mapped back through transformers' key conversions.
     """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap_peft(model)
     if state_dict is None:
         state_dict = inner.state_dict()
     out: dict[str, torch.Tensor] = {}
@@ -98,8 +99,21 @@ def save_fused(model: torch.nn.Module, out: str | os.PathLike[str], *,
 
     ``out`` may exist (transformers' ``Trainer`` creates it first): the files written replace theirs
     and stale weight files are removed; other files stay.
+
+    Args:
+        model: the model, or a PEFT model wrapping it (its LoRA weights are PEFT's to save).
+        out: the output directory.
+        state_dict: the weights to write instead of ``model``'s (e.g. gathered from FSDP ranks).
+
+    Returns:
+        Path: ``out``, a fused directory: originals untouched keep their bytes, and the manifest's
+        ``history`` says what changed since fusion.
+
+    Raises:
+        UsageError: a model not loaded with ``from_pretrained``, a source without a manifest, weights
+            missing or of another shape than the source's, an ``out`` that is a file.
     """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap_peft(model)
     source = getattr(inner, "fusion_source", None)
     if source is None:
         raise UsageError("this model was not loaded from a fused checkpoint (fusionsurgery.hf.from_pretrained): "

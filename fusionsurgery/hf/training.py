@@ -18,6 +18,18 @@ from .model import decoder_layer_list, decoder_layer_path
 SELF_ATTENTION_TARGETS = r".*\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj|qkv_proj)"
 
 
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The model a PEFT wrapper holds (``get_base_model()``), or ``model`` itself when it is not wrapped.
+
+    Args:
+        model: a fused transformers model, or a PEFT model wrapping one.
+
+    Returns:
+        The fused transformers model.
+    """
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 #: Names of a decoder layer's self-attention sub-module across transformers' families.
 ATTENTION_MODULES = ("self_attn", "attn", "attention", "self_attention")
 
@@ -37,7 +49,7 @@ def attention_targets(model: nn.Module) -> list[str]:
         ValueError: when no layer has such a projection (a type whose layers have no self-attention
             module by these names: give PEFT your own ``target_modules``).
     """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap_peft(model)
     prefix = decoder_layer_path(inner)
     names = []
     for name, module in inner.named_modules():
@@ -52,7 +64,14 @@ def attention_targets(model: nn.Module) -> list[str]:
 
 
 def freeze_all_but_fusion(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Freeze every parameter except those fusion added; returns ``{name: parameter}`` of the trainable ones."""
+    """Freeze every parameter except those fusion added.
+
+    Args:
+        model: a fused transformers model, or a PEFT model wrapping one.
+
+    Returns:
+        dict[str, nn.Parameter]: ``{name: parameter}`` of the trainable ones.
+    """
     params = get_fusion_params(model)
     set_trainable_params(model, params)
     return params
@@ -69,8 +88,7 @@ def make_fusion_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder layers (fused or not) of a fused model, or of a PEFT model wrapping one."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return list(decoder_layer_list(inner))
+    return list(decoder_layer_list(unwrap_peft(model)))
 
 
 def shard_with_fsdp2(model: nn.Module, **fully_shard_kwargs: Any) -> nn.Module:

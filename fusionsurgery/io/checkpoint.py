@@ -34,7 +34,19 @@ SIDECAR_PATTERNS = (
 
 @dataclass
 class Checkpoint:
-    """Headers of every shard of a checkpoint, and where each key lives."""
+    """Headers of every shard of a checkpoint, and where each key lives; tensors are read on demand.
+
+    Made by ``Checkpoint.open(path)``, which reads and validates every safetensors header (offsets,
+    sizes, dtypes), the index and ``config.json``, and no tensor data. ``keys()``, ``info(key)``
+    (shape, dtype, offsets), ``read_bytes(key)`` (the raw bytes), ``read_tensor(key)`` (torch),
+    ``read_manifest()`` (``fusion_manifest.json``, type-checked) and ``sidecar_files()``.
+
+    Attributes:
+        root: the directory (or a single file's parent).
+        files: ``{file name relative to root: header}``.
+        key_to_file: ``{tensor key: file name}``.
+        config: the parsed ``config.json``, or None.
+    """
 
     root: Path  # the directory (or the file's parent for a single file)
     files: dict[str, SafetensorsHeader]  # file name (relative to root) -> header

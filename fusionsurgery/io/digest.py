@@ -15,7 +15,7 @@ import hashlib
 import mmap
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,13 +23,13 @@ import blake3
 
 from ..errors import CheckpointError
 from .safetensors_format import SafetensorsHeader
+from .progress import Progress
 
 ALGORITHMS = ("blake3", "sha256")
 DEFAULT_ALGORITHM = "blake3"
 #: What a manifest written before the algorithm was recorded used.
 LEGACY_ALGORITHM = "sha256"
 READ_CHUNK = 16 * 1024 * 1024
-Progress = Callable[[int], None]
 
 
 class Hash(Protocol):

@@ -58,15 +58,23 @@ def _fields(doc: dict[str, Any], spec: dict[str, type | tuple[type, ...]], where
         if name not in doc:
             raise CheckpointError(f"{where} has no {name!r}")
     for name, kind in spec.items():
-        if name in doc and not _has_type(doc[name], kind):
+        if name in doc and not has_type(doc[name], kind):
             raise CheckpointError(f"{where}: {name!r} is {_json_name(doc[name])}, expected {_type_name(kind)}")
 
 
 def is_int(value: Any) -> bool:
+    """Is ``value`` a JSON integer? (``True`` is an ``int`` to Python, not to JSON.)"""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _has_type(value: Any, kind: type | tuple[type, ...]) -> bool:
+def is_number(value: Any) -> bool:
+    """Is ``value`` a JSON number (an integer or a float, not a boolean)?"""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def has_type(value: Any, kind: type | tuple[type, ...]) -> bool:
+    """Is ``value`` of ``kind`` (a type or a tuple of types), a boolean counting as an ``int`` only where
+    ``bool`` is one of the kinds?"""
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if int in kinds and not is_int(value) and not any(k is not int and isinstance(value, k) for k in kinds):
         return False

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import CheckpointError
+from .manifest_schema import is_int
 
 #: Bytes per element for every dtype the format defines.
 DTYPE_SIZES: dict[str, int] = {
@@ -114,13 +115,13 @@ def _parse_entry(name: str, entry: Any, where: str) -> TensorInfo:
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise CheckpointError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
     shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
         raise CheckpointError(f"{where}: tensor {name!r} has an invalid shape {shape!r}")
     offsets = entry.get("data_offsets")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+        or not all(is_int(o) and o >= 0 for o in offsets)
         or offsets[1] < offsets[0]
     ):
         raise CheckpointError(f"{where}: tensor {name!r} has invalid data_offsets {offsets!r}")

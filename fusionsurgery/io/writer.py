@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
@@ -17,8 +17,8 @@ from .checkpoint import Checkpoint
 from .digest import DEFAULT_ALGORITHM, new_hash
 from .direct import DirectFile
 from .safetensors_format import build_header
+from .progress import Progress
 
-Progress = Callable[[int], None]
 
 
 class SafetensorsWriter:
@@ -148,7 +148,7 @@ class AtomicDirectory:
     def __enter__(self) -> "AtomicDirectory":
         self._remove_stale()
         if self.target.exists() and not self.force:
-            raise UsageError(f"{self.target} already exists; pass --force to replace it")
+            raise UsageError(f"{self.target} already exists; pass `force` to replace it")
         if not self.target.parent.is_dir():
             raise UsageError(f"{self.target.parent}: output's parent directory does not exist")
         while True:

@@ -58,7 +58,27 @@ class KVCache(nn.Module):
         return self.k_cache[:batch, :, : self.size], self.v_cache[:batch, :, : self.size]
 
 
-class SelfAttention(nn.Module):
+class _CachedAttention(nn.Module):
+    """What both attentions share: a key/value cache on the device of their weights."""
+
+    num_kv_heads: int
+    head_dim: int
+    output_proj: nn.Linear
+
+    def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int) -> None:
+        """Allocate (and enable) a ``KVCache`` of ``batch_size`` rows and ``max_seq_len`` positions.
+
+        Args:
+            batch_size: the most sequences decoded at once.
+            dtype: the cache's dtype.
+            max_seq_len: positions it holds (the encoder's length for cross-attention).
+        """
+        self.kv_cache = KVCache(batch_size, self.num_kv_heads, max_seq_len, self.head_dim, dtype,
+                                device=self.output_proj.weight.device)
+        self.cache_enabled = True
+
+
+class SelfAttention(_CachedAttention):
     """Causal grouped-query attention with RoPE, optional q/k biases and q/k RMSNorms.
 
     Options (all off for Llama): ``bias`` on q/k/v; ``qk_norm_eps`` adds RMSNorms over ``head_dim``
@@ -92,11 +112,6 @@ class SelfAttention(nn.Module):
         self.kv_cache: KVCache | None = None
         self.cache_enabled = False
 
-    def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int) -> None:
-        self.kv_cache = KVCache(batch_size, self.num_kv_heads, max_seq_len, self.head_dim, dtype,
-                                device=self.output_proj.weight.device)
-        self.cache_enabled = True
-
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.qkv_proj is not None:
             return self.qkv_proj(x).split(self.split, dim=-1)
@@ -125,21 +140,19 @@ class SelfAttention(nn.Module):
             mask = mask.to(torch.bool)
             if mask.shape[-1] < k.shape[2]:
                 mask = F.pad(mask, (0, k.shape[2] - mask.shape[-1]), value=False)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None] if mask.dim() == 3 else mask,
-                                                 enable_gqa=True)
         elif caching or windowed:
             gap = positions[..., :, None] - key_pos[..., None, :]  # query minus key position: [(b,) s, keys]
             mask = gap >= 0
             if windowed:
                 mask = mask & (gap < self.sliding_window)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if mask.dim() == 2 else mask[:, None],
-                                                 enable_gqa=True)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, enable_gqa=True)
+        if mask is not None and mask.dim() == 3:
+            mask = mask[:, None]  # [b, 1, s, keys]: one mask for every head
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and s > 1,
+                                             enable_gqa=True)
         return self.output_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_CachedAttention):
     """Non-causal grouped-query attention from decoder tokens to encoder states, no RoPE.
 
     Queries and keys pass through RMSNorm over ``head_dim``. Keys/values come from ``encoder_input``
@@ -159,11 +172,6 @@ class CrossAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, qk_norm_eps, offset=norm_offset, fp32_scale=norm_fp32_scale)
         self.kv_cache: KVCache | None = None
         self.cache_enabled = False
-
-    def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int) -> None:
-        self.kv_cache = KVCache(batch_size, self.num_kv_heads, max_seq_len, self.head_dim, dtype,
-                                device=self.q_proj.weight.device)
-        self.cache_enabled = True
 
     @property
     def has_cached_input(self) -> bool:

@@ -24,6 +24,10 @@ class ProjectedEncoder(nn.Module):
 
     The projection is registered as a fusion module (trainable with the fusion parameters). Its
     keys: ``encoder.*`` (the encoder's own) and ``projection.*``.
+
+    Args:
+        encoder: returns ``[b, e, in_dim]`` from its keyword arguments.
+        projection: maps ``[b, e, in_dim]`` to ``[b, e, encoder_dim]``.
     """
 
     def __init__(self, encoder: nn.Module, projection: nn.Module) -> None:
@@ -36,7 +40,17 @@ class ProjectedEncoder(nn.Module):
 
 
 def project_encoder(encoder: nn.Module, in_dim: int, out_dim: int, *, bias: bool = False) -> ProjectedEncoder:
-    """``encoder`` followed by a new linear projection ``in_dim -> out_dim`` (a fusion module)."""
+    """``encoder`` followed by a new linear projection ``in_dim -> out_dim`` (a fusion module).
+
+    Args:
+        encoder: returns ``[b, e, in_dim]``.
+        in_dim: the encoder's output width.
+        out_dim: the width the fusion layers read (the checkpoint's ``encoder_dim``).
+        bias: give the projection a bias.
+
+    Returns:
+        ProjectedEncoder: returns ``[b, e, out_dim]``.
+    """
     return ProjectedEncoder(encoder, nn.Linear(in_dim, out_dim, bias=bias))
 
 

@@ -28,6 +28,11 @@ class FusionLayer(CacheMethods, nn.Module):
     ``layer.`` segment); the new ones live under ``fusion_layer.``. Cache calls, in either torchtune
     spelling, go to both wrapped modules' own methods in whichever spelling each implements;
     ``cache_enabled`` / ``caches_are_enabled()`` / ``caches_are_setup()`` are the original layer's.
+
+    Args:
+        layer: the original decoder layer.
+        fusion_layer: the new layer (e.g. a ``GatedCrossAttentionLayer``).
+        fusion_first: run ``fusion_layer`` before ``layer`` (Flamingo, Llama 3.2 Vision), else after.
     """
 
     def __init__(self, layer: nn.Module, fusion_layer: nn.Module, fusion_first: bool = True) -> None:
@@ -56,6 +61,15 @@ class FusionLayer(CacheMethods, nn.Module):
         return [f"{_FUSION}{name}" for name, _ in self.fusion_layer.named_parameters()]
 
     def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Both layers, in order.
+
+        Args:
+            x: hidden states ``[b, s, dim]``.
+            **kwargs: given to both layers (``encoder_input``, ``encoder_mask``, ``mask``, ``input_pos`` ...).
+
+        Returns:
+            torch.Tensor: ``[b, s, dim]``.
+        """
         if self.fusion_first:
             return self.layer(self.fusion_layer(x, **kwargs), **kwargs)
         return self.fusion_layer(self.layer(x, **kwargs), **kwargs)
@@ -66,6 +80,11 @@ class FusionEmbedding(nn.Module):
 
     The original table keeps its key (``<prefix>.weight``); the new one is
     ``<prefix>.fusion_embedding.weight``. Shapes: ``tokens [b, s] -> [b, s, dim]``.
+
+    Args:
+        vocab_size: rows of the original table.
+        fusion_vocab_size: extra learnable rows, for ids ``vocab_size .. vocab_size + fusion_vocab_size - 1``.
+        embed_dim: the embedding width.
     """
 
     def __init__(self, vocab_size: int, fusion_vocab_size: int, embed_dim: int) -> None:
@@ -92,8 +111,14 @@ class FusionEmbedding(nn.Module):
 
 
 def register_fusion_module(module: nn.Module) -> nn.Module:
-    """Mark every parameter of ``module`` (e.g. an encoder's projection head) as a fusion parameter:
-    gives it a ``fusion_params()`` naming them all. Returns ``module``."""
+    """Mark every parameter of ``module`` (e.g. an encoder's projection head) as a fusion parameter.
+
+    Args:
+        module: any module; it gets a ``fusion_params()`` naming all its parameters.
+
+    Returns:
+        nn.Module: ``module`` itself.
+    """
     module.fusion_params = _AllParameterNames(module)
     return module
 
@@ -109,8 +134,17 @@ class _AllParameterNames:
 
 
 def get_fusion_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """``{parameter name: parameter}`` for every parameter that a module of ``model`` declares
-    through ``fusion_params()`` (``FusionLayer``, ``FusionEmbedding``, ``register_fusion_module``)."""
+    """Every parameter that a module of ``model`` declares through ``fusion_params()``.
+
+    Args:
+        model: any module (``FusionLayer``, ``FusionEmbedding`` and ``register_fusion_module`` declare).
+
+    Returns:
+        dict[str, nn.Parameter]: ``{parameter name in model: parameter}``.
+
+    Raises:
+        ValueError: a ``fusion_params()`` names a parameter its module does not have.
+    """
     out: dict[str, nn.Parameter] = {}
     for prefix, module in model.named_modules():
         declared = getattr(module, "fusion_params", None)
@@ -127,7 +161,12 @@ def get_fusion_params(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def set_trainable_params(model: nn.Module, names: set[str] | dict[str, Any]) -> None:
-    """Freeze every parameter of ``model`` except those named (e.g. ``get_fusion_params(model)``)."""
+    """Freeze every parameter of ``model`` except those named.
+
+    Args:
+        model: any module.
+        names: parameter names to keep trainable (e.g. ``get_fusion_params(model)``).
+    """
     for name, param in model.named_parameters():
         param.requires_grad_(name in names)
 

@@ -32,6 +32,12 @@ class DecoderLayer(AttentionCaches, nn.Module):
     mask where given. Encoder arguments are accepted and ignored, so a stack can pass the same keyword
     arguments to every layer. Cache methods in both torchtune spellings (``setup_caches`` needs
     ``decoder_max_seq_len``).
+
+    Args:
+        attn: the self-attention.
+        mlp: the feed-forward block.
+        sa_norm: the norm before the attention.
+        mlp_norm: the norm before the MLP.
     """
 
     _length = "decoder_max_seq_len"
@@ -55,6 +61,12 @@ class GatedCrossAttentionLayer(AttentionCaches, nn.Module):
     With zero gates the block is the identity; with no encoder input and an empty cache it returns
     ``x`` untouched, so a fused model runs text-only. Shapes: ``[b, s, dim] -> [b, s, dim]``.
     Cache methods in both torchtune spellings (``setup_caches`` needs ``encoder_max_seq_len``).
+
+    Args:
+        attn: the cross-attention to encoder states ``[b, e, encoder_dim]``.
+        mlp: the feed-forward block.
+        ca_norm: the norm before the cross-attention.
+        mlp_norm: the norm before the MLP.
     """
 
     _length = "encoder_max_seq_len"

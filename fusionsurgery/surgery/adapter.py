@@ -50,7 +50,7 @@ def attach_base(adapter: Checkpoint, base: Checkpoint | None, *, check: bool = T
         return adapter
     if base is None:
         raise UsageError(f"{adapter.root} holds only the fusion tensors (fuse --adapter-only): give its base "
-                         f"(--base BASE, or base=...){made_on(manifest)}")
+                         f"(`base` BASE){made_on(manifest)}")
     if check:
         check_base(base, manifest)
     return Checkpoint.combine(base, adapter)

@@ -7,6 +7,8 @@ checkpoint in one line; ``inspect`` describes it with a warning.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..arch.config import FusionConfig, ModelConfig
 from ..arch.families import Family, is_fusion_key
 from ..errors import CheckpointError, FusionSurgeryError, listed
@@ -17,6 +19,35 @@ from .plan import NewTensor, plan_new_tensors
 def is_fusion_name(family: Family, key: str) -> bool:
     """Whether ``key`` names a tensor fusion added (in ``family``'s dialect)."""
     return family.knows(key) and is_fusion_key(family.to_canonical(key))
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A planned fusion tensor the checkpoint lacks (``found`` None) or holds with another shape or dtype."""
+
+    planned: NewTensor
+    found: tuple[tuple[int, ...], str] | None  # (shape, dtype) in the checkpoint
+
+
+def mismatches(ckpt: Checkpoint, planned: list[NewTensor]) -> list[Mismatch]:
+    """How the checkpoint's tensors disagree with ``planned``, in the plan's order.
+
+    Args:
+        ckpt: the checkpoint (headers only are read).
+        planned: the tensors a fusion section implies (``plan_new_tensors``).
+
+    Returns:
+        One ``Mismatch`` per planned tensor that is missing or of another shape or dtype.
+    """
+    found = []
+    for t in planned:
+        if t.key not in ckpt.key_to_file:
+            found.append(Mismatch(t, None))
+        else:
+            info = ckpt.info(t.key)
+            if (info.shape, info.dtype) != (t.shape, t.dtype):
+                found.append(Mismatch(t, (info.shape, info.dtype)))
+    return found
 
 
 def planned_tensors(ckpt: Checkpoint, cfg: ModelConfig, fusion: FusionConfig) -> tuple[list[NewTensor], list[str]]:
@@ -33,15 +64,15 @@ def planned_tensors(ckpt: Checkpoint, cfg: ModelConfig, fusion: FusionConfig) ->
     except FusionSurgeryError as exc:
         return [], [f"config.json fusion section: {exc}"]
     problems: list[str] = []
-    missing = [t.key for t in planned if t.key not in ckpt.key_to_file]
+    wrong = mismatches(ckpt, planned)
+    missing = [m.planned.key for m in wrong if m.found is None]
     if missing:
         problems.append(f"{len(missing)} fusion tensor(s) missing: {listed(missing)}")
-    for t in planned:
-        if t.key in ckpt.key_to_file:
-            info = ckpt.info(t.key)
-            if info.shape != t.shape or info.dtype != t.dtype:
-                problems.append(f"wrong shape or dtype: {t.key} is {list(info.shape)} {info.dtype}, expected "
-                                f"{list(t.shape)} {t.dtype}")
+    for m in wrong:
+        if m.found is not None:
+            t = m.planned
+            problems.append(f"wrong shape or dtype: {t.key} is {list(m.found[0])} {m.found[1]}, expected "
+                            f"{list(t.shape)} {t.dtype}")
     return planned, problems
 
 

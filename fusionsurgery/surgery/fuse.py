@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
@@ -22,27 +21,37 @@ from ..arch.discovery import family_of_checkpoint
 from ..arch.families import is_fusion_key
 from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
-from ..io.copy import Cancelled, copy_and_digest, link_and_digest, same_filesystem
-from ..io.digest import ALGORITHMS, DEFAULT_ALGORITHM, tensor_digests
+from ..io.copying import Cancelled, copy_and_digest, link_and_digest, same_filesystem
+from ..io.digest import tensor_digests
+from ..io.progress import StageProgress
 from ..io.identity import input_name, public_config, public_manifest
 from ..io.writer import (AtomicDirectory, SafetensorsWriter, check_output_location, copy_sidecars,
                          default_output, group_into_shards, write_index, write_json)
 from ..version import __version__
 from .init import chunk_stream, num_chunks
 from .manifest import build_manifest, describe_base
-from .plan import INIT_CHOICES, NewTensor, check_copy_sources, plan_new_tensors
+from .options import DTYPE_CHOICES, FuseOptions
+from .plan import NewTensor, check_copy_sources, plan_new_tensors
 from .selection import select_layers
 
-#: progress(stage, bytes_done_increment, stage_total_bytes)
-ProgressFn = Callable[[str, int, int], None]
 #: Threads creating new-weight chunks (numpy fills arrays without the GIL).
 GENERATOR_THREADS = max(1, min(4, os.cpu_count() or 1))
-DTYPE_CHOICES = {"same": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 
 
 @dataclass
 class FuseResult:
-    """What ``fuse`` did, for reports and ``--json``."""
+    """What ``fuse`` did, for reports and ``--json`` (``to_dict()``).
+
+    Attributes:
+        output: the fused directory.
+        config: the base's architecture.
+        fusion: the fusion settings written into ``config.json``.
+        new_tensors: every tensor fusion added (key, shape, dtype, init).
+        layout: ``copy``, ``link`` or ``adapter``.
+        files: ``{"name", "bytes", "linked"}`` of every file written.
+        base_params: the base's parameter count.
+        notes: what the report should say besides (shards copied instead of linked ...).
+    """
 
     output: Path
     config: ModelConfig
@@ -109,13 +118,8 @@ def check_not_fused(ckpt: Checkpoint) -> None:
         )
 
 
-def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *, every: int | None = None,
-         layers: str | None = None, fusion_after: bool = False, encoder_dim: int | None = None,
-         fusion_vocab: int = 0, init: str = "normal", init_std: float = 0.02, seed: int = 0, dtype: str = "same",
-         config: str | os.PathLike[str] | None = None, num_heads: int | None = None,
-         num_kv_heads: int | None = None, rope_defaults: str | None = None, force: bool = False, link: bool = False,
-         adapter_only: bool = False, digest: str = DEFAULT_ALGORITHM, follow_symlinks: bool = False,
-         progress: ProgressFn | None = None) -> FuseResult:
+def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, options: FuseOptions | None = None,
+         *, force: bool = False, progress: StageProgress | None = None, **settings: Any) -> FuseResult:
     """Fuse gated cross-attention layers into a decoder checkpoint and write the fused directory.
 
     Every original tensor keeps its key and bytes (its shard file is copied as is, or hard-linked
@@ -123,23 +127,41 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
     ``fusion-*.safetensors`` files; an index maps every key; ``config.json`` gains a ``fusion``
     section; ``fusion_manifest.json`` records settings and digests (``digest``: blake3 or sha256)
     and names the base by its name, never its path. A symlink in the base leading outside it is
-    refused unless ``follow_symlinks`` (``io.links``). Returns a summary.
+    refused unless ``follow_symlinks`` (``io.links``).
+
+    Args:
+        base: a ``.safetensors`` file, or a directory with ``model.safetensors`` or shards and an index.
+        out: the output directory (default ``<base name>-fused`` beside the base).
+        options: what to fuse and how (``FuseOptions``, whose fields the CLI's flags are).
+        force: replace an existing output (only once the new one is complete).
+        progress: told ``(stage, bytes, total)`` as originals are copied and new weights written.
+        **settings: ``FuseOptions`` fields as keywords (``every=4, seed=1``), over ``options``.
+
+    Returns:
+        FuseResult: the output, the base's config, the fusion settings, the new tensors, the files
+        written and notes.
+
+    Raises:
+        UsageError: an option that cannot be honoured (named), an already fused base, an output
+            inside the base or existing without ``force``.
+        CheckpointError: an unreadable, unsupported or inconsistent base.
+        TypeError: a keyword that is not a ``FuseOptions`` field.
     """
-    if link and adapter_only:
-        raise UsageError("--link and --adapter-only exclude each other")
-    if digest not in ALGORITHMS:
-        raise UsageError(f"--digest must be one of {', '.join(ALGORITHMS)}, got {digest!r}")
+    opts = (options or FuseOptions()).with_settings(settings)
+    opts.check()
     base_path = Path(base)
-    ckpt = Checkpoint.open(base_path, config=config, follow_symlinks=follow_symlinks)
+    ckpt = Checkpoint.open(base_path, config=opts.config, follow_symlinks=opts.follow_symlinks)
     check_not_fused(ckpt)
-    cfg = read_model_config(ckpt, num_heads=num_heads, num_kv_heads=num_kv_heads, rope_defaults=rope_defaults)
-    chosen = select_layers(cfg.num_layers, every, layers)
-    fusion = _fusion_config(cfg, ckpt, chosen, fusion_after, encoder_dim, fusion_vocab, init, init_std, seed, dtype)
+    cfg = read_model_config(ckpt, num_heads=opts.num_heads, num_kv_heads=opts.num_kv_heads,
+                            rope_defaults=opts.rope_defaults)
+    chosen = select_layers(cfg.num_layers, opts.every, opts.layers)
+    fusion = _fusion_config(cfg, ckpt, chosen, opts)
     new = plan_new_tensors(cfg, fusion)
     check_copy_sources(ckpt, cfg, new)
     out_path = Path(out) if out is not None else default_output(base_path, "fused")
     check_output_location(base_path, out_path)
-    layout = "adapter" if adapter_only else "link" if link else "copy"
+    layout = "adapter" if opts.adapter_only else "link" if opts.link else "copy"
+    digest = opts.digest
     result = FuseResult(out_path, cfg, fusion, new, layout, base_params=sum(ckpt.info(k).numel for k in ckpt.keys()))
     if not cfg.native:
         result.notes.append(f"model type {cfg.model_type} (layers under {fusion.layer_prefix}.N.) has no native "
@@ -182,29 +204,18 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
     return result
 
 
-def _fusion_config(cfg: ModelConfig, ckpt: Checkpoint, chosen: list[int], fusion_after: bool, encoder_dim: int | None,
-                   fusion_vocab: int, init: str, init_std: float, seed: int, dtype: str) -> FusionConfig:
-    if encoder_dim is not None and encoder_dim <= 0:
-        raise UsageError(f"--encoder-dim must be positive, got {encoder_dim}")
-    if fusion_vocab < 0:
-        raise UsageError(f"--fusion-vocab must be 0 or more, got {fusion_vocab}")
-    if init not in INIT_CHOICES:
-        raise UsageError(f"--init must be one of {', '.join(INIT_CHOICES)}, got {init!r}")
-    if not 0 < init_std < float("inf"):
-        raise UsageError(f"--init-std must be positive and finite, got {init_std}")
-    if dtype not in DTYPE_CHOICES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
+def _fusion_config(cfg: ModelConfig, ckpt: Checkpoint, chosen: list[int], opts: FuseOptions) -> FusionConfig:
     base_dtype = ckpt.info(cfg.family_obj.global_key("tok_embeddings.weight")).dtype
-    if DTYPE_CHOICES[dtype] is None and base_dtype not in ("BF16", "F16", "F32"):
-        raise CheckpointError(f"base embeddings are {base_dtype}; pass --dtype bf16, fp16 or fp32 for the new weights")
+    if DTYPE_CHOICES[opts.dtype] is None and base_dtype not in ("BF16", "F16", "F32"):
+        raise CheckpointError(f"base embeddings are {base_dtype}; pass `dtype` bf16, fp16 or fp32 for the new weights")
     return FusionConfig(
-        layers=chosen, fusion_first=not fusion_after, encoder_dim=encoder_dim or cfg.dim, fusion_vocab=fusion_vocab,
-        init=init, init_std=init_std, seed=seed, dtype=DTYPE_CHOICES[dtype] or base_dtype,
-        qk_norm_eps=1e-5, norm_eps=cfg.norm_eps, tool_version=__version__,
+        layers=chosen, fusion_first=not opts.fusion_after, encoder_dim=opts.encoder_dim or cfg.dim,
+        fusion_vocab=opts.fusion_vocab, init=opts.init, init_std=opts.init_std, seed=opts.seed,
+        dtype=DTYPE_CHOICES[opts.dtype] or base_dtype, qk_norm_eps=1e-5, norm_eps=cfg.norm_eps, tool_version=__version__,
     ).block(cfg)
 
 
-def bring_originals(ckpt: Checkpoint, tmp: Path, layout: str, algorithm: str, progress: ProgressFn | None,
+def bring_originals(ckpt: Checkpoint, tmp: Path, layout: str, algorithm: str, progress: StageProgress | None,
                      cancel: threading.Event) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Copy (or link, or only digest) every base shard; digests describe the bytes in the output."""
     total = ckpt.total_bytes()
@@ -232,7 +243,7 @@ def bring_originals(ckpt: Checkpoint, tmp: Path, layout: str, algorithm: str, pr
 
 
 def _write_new(ckpt: Checkpoint, new: list[NewTensor], seed: int, tmp: Path, algorithm: str,
-               progress: ProgressFn | None, pool: ThreadPoolExecutor) -> tuple[dict[str, str], dict[str, str]]:
+               progress: StageProgress | None, pool: ThreadPoolExecutor) -> tuple[dict[str, str], dict[str, str]]:
     """Write the new tensors into ``fusion-XXXXX-of-YYYYY.safetensors``, one tensor at a time."""
     shards = group_into_shards(new)
     total = sum(t.nbytes for t in new)

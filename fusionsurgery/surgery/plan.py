@@ -85,7 +85,7 @@ def plan_new_tensors(cfg: ModelConfig, fusion: FusionConfig) -> list[NewTensor]:
     encoder_dim = fusion.encoder_dim or block.dim
     if fusion.init == "copy" and encoder_dim != block.dim:
         raise UsageError(
-            f"--init copy needs --encoder-dim equal to the decoder width ({cfg.dim}): the cross-attention "
+            f"`init` copy needs `encoder_dim` equal to the decoder width ({cfg.dim}): the cross-attention "
             f"keys/values read {encoder_dim}-wide states, so the self-attention's k/v weights do not fit"
         )
     out: list[NewTensor] = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,13 +22,13 @@ from ..errors import UsageError
 from ..io.checkpoint import Checkpoint
 from ..io.digest import DEFAULT_ALGORITHM, new_hash
 from ..io.float_bits import FLOAT_DTYPES, to_float32
-from ..export.tensors import OutTensor, Part, chunks
+from ..exporting.tensors import OutTensor, Part, chunks
+from ..io.progress import Progress
 
 #: Bytes of one tensor read at a time (per checkpoint).
 BLOCK_BYTES = 8 * 1024 * 1024
 #: Layers listed as having moved most.
 TOP_LAYERS = 5
-Progress = Callable[[int], None]
 
 
 @dataclass
@@ -108,7 +108,7 @@ def _blocks(ckpt: Checkpoint, key: str) -> Iterator[bytes]:
 
 def _floats(raw: bytes, dtype: str, key: str) -> np.ndarray:
     if dtype not in FLOAT_DTYPES:
-        raise UsageError(f"--was: {key} is {dtype}; only float tensors can be compared")
+        raise UsageError(f"`was`: {key} is {dtype}; only float tensors can be compared")
     return to_float32(raw, dtype)
 
 

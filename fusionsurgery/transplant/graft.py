@@ -19,17 +19,19 @@ from typing import Any
 
 from ..arch.config import FusionConfig, ModelConfig, read_fusion_config, read_model_config, to_hf_config
 from ..arch.families import is_fusion_key
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
-from ..io.copy import copy_checkpoint_files, same_filesystem
+from ..io.copying import copy_checkpoint_files, same_filesystem
 from ..io.digest import algorithm_of, file_digest
 from ..io.identity import input_name, public_config, public_manifest
+from ..io.progress import StageProgress
 from ..io.writer import AtomicDirectory, check_output_location, default_output, write_index, write_json
 from ..surgery.adapter import is_adapter
-from ..surgery.fuse import ProgressFn, bring_originals, check_not_fused
+from ..surgery.consistency import mismatches
+from ..surgery.fuse import bring_originals, check_not_fused
 from ..surgery.manifest import build_manifest, describe_base
 from ..surgery.plan import plan_new_tensors
-from ..export.common import listed_files
+from ..exporting.common import listed_files
 from ..io.writer import copy_sidecars
 from ..arch.mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_origin
 from .drift import Drift, compare
@@ -115,17 +117,16 @@ def check_dimensions(adapter: Adapter, cfg: ModelConfig, what: str) -> None:
 def check_tensors(adapter: Adapter, cfg: ModelConfig, what: str) -> None:
     """Every fusion tensor the adapter must hold for ``cfg``, with its shape and dtype, and nothing else."""
     planned = plan_new_tensors(cfg, adapter.fusion)
-    for p in planned:
-        if p.key not in adapter.ckpt.key_to_file:
+    for m in mismatches(adapter.ckpt, planned)[:1]:
+        p = m.planned
+        if m.found is None:
             raise UsageError(f"cannot graft {adapter.path} onto {what}: the adapter lacks {p.key}")
-        info = adapter.ckpt.info(p.key)
-        if (info.shape, info.dtype) != (p.shape, p.dtype):
-            raise UsageError(f"cannot graft {adapter.path} onto {what}: {p.key} is {list(info.shape)} {info.dtype}, "
-                             f"{what} needs {list(p.shape)} {p.dtype}")
+        raise UsageError(f"cannot graft {adapter.path} onto {what}: {p.key} is {list(m.found[0])} {m.found[1]}, "
+                         f"{what} needs {list(p.shape)} {p.dtype}")
     extra = sorted(set(adapter.ckpt.keys()) - {p.key for p in planned})
     if extra:
         raise UsageError(f"cannot graft {adapter.path}: tensor(s) its fusion section does not explain: "
-                         f"{', '.join(extra[:3])}")
+                         f"{listed(extra, 3)}")
 
 
 def _open_base(path: Path, adapter: Adapter, what: str, *, fused_ok: bool = False,
@@ -150,20 +151,40 @@ def _open_reference(path: Path, adapter: Adapter, base: Checkpoint) -> Checkpoin
     theirs = {k for k in ref.keys() if not is_fusion_key(family.to_canonical(k))}
     for key in base.keys():
         if key not in theirs:
-            raise UsageError(f"--was {path} has no tensor {key}, which BASE has")
+            raise UsageError(f"`was` {path} has no tensor {key}, which BASE has")
         if ref.info(key).shape != base.info(key).shape:
-            raise UsageError(f"--was {path}: {key} is {list(ref.info(key).shape)}, BASE's is {list(base.info(key).shape)}")
+            raise UsageError(f"`was` {path}: {key} is {list(ref.info(key).shape)}, BASE's is {list(base.info(key).shape)}")
     return ref
 
 
 def graft(adapter: str | os.PathLike[str], onto: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
           *, was: str | os.PathLike[str] | None = None, link: bool = False, force: bool = False,
-          follow_symlinks: bool = False, progress: ProgressFn | None = None) -> GraftResult:
-    """Attach the adapter at ``adapter`` to the base at ``onto``; write the fused checkpoint at ``out``
-    (default ``<base name>-grafted``). ``was``: the adapter's own base (a plain base, or a fused
-    checkpoint whose originals are it), to report how far ``onto`` is from it. The manifest names
-    the three by name, never by path; a symlink in them leading outside is refused unless
-    ``follow_symlinks`` (``io.links``)."""
+          follow_symlinks: bool = False, progress: StageProgress | None = None) -> GraftResult:
+    """Attach the adapter at ``adapter`` to the base at ``onto``, writing a fused checkpoint of ``onto``.
+
+    Args:
+        adapter: an adapter (``fuse --adapter-only`` or ``import --adapter-only``).
+        onto: the base to attach it to: same layers, width, heads, MLP width and vocabulary as the
+            adapter's own base.
+        out: the output directory (default ``<base name>-grafted`` beside ``onto``).
+        was: the adapter's own base (a plain base, or a fused checkpoint whose originals are it),
+            to report how far ``onto`` is from it (``result.drift``).
+        link: hard-link the base's shard files instead of copying them.
+        force: replace an existing output (only once the new one is complete).
+        follow_symlinks: follow symlinks in the three inputs that lead outside them (``io.links``).
+        progress: told ``(stage, bytes, total)`` as the base is copied or digested.
+
+    Returns:
+        GraftResult: the output, its config and fusion settings, tensor counts, the adapter's
+        digest, the drift report (with ``was``), notes and files.
+
+    Raises:
+        UsageError: a base whose dimensions differ from the adapter's base (the first difference
+            named), or an input that is not an adapter.
+        CheckpointError: an unreadable input.
+
+    The manifest names the three inputs by name, never by path.
+    """
     a = open_adapter(Path(adapter), follow_symlinks)
     base_path = Path(onto)
     base, cfg = _open_base(base_path, a, "BASE", follow_symlinks=follow_symlinks)
@@ -222,7 +243,7 @@ def graft(adapter: str | os.PathLike[str], onto: str | os.PathLike[str], out: st
 
 
 def _copy_files(ckpt: Checkpoint, directory: Path, algorithm: str,
-                progress: ProgressFn | None) -> tuple[dict[str, str], list[dict[str, Any]]]:
+                progress: StageProgress | None) -> tuple[dict[str, str], list[dict[str, Any]]]:
     """Copy every weight file of ``ckpt`` into ``directory``; (tensor digests, [{name, bytes, digest}])."""
     total = ckpt.total_bytes()
     step = (lambda n: progress("copy adapter", n, total)) if progress else None

@@ -24,15 +24,16 @@ from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
 from ..io.digest import ALGORITHMS, DEFAULT_ALGORITHM, file_digest
 from ..io.identity import input_name, public_config, public_manifest
+from ..io.manifest_schema import is_int
 from ..io.writer import AtomicDirectory, check_output_location, default_output, write_index, write_json
 from ..surgery.manifest import build_manifest, describe_base
 from ..surgery.plan import plan_new_tensors
 from ..version import __version__
-from ..export.common import listed_files
+from ..exporting.common import listed_files
 from ..io.writer import copy_sidecars
 from ..arch.mllama_layouts import (ORIGIN_KEY, VISION_DIR, MllamaLayout, detect_layout, expected_vision_keys,
                                     text_config_of)
-from ..export.tensors import OutTensor, Part, PlannedShard, Progress, plan_shards, same, write_shards
+from ..exporting.tensors import OutTensor, Part, PlannedShard, Progress, plan_shards, same, write_shards
 
 HF = FAMILIES["hf"]
 #: Text-config fields the imported base's (Llama) config.json keeps as they are.
@@ -88,7 +89,7 @@ class ImportResult:
 # ---------------------------------------------------------------------- planning
 def _int_field(doc: dict[str, Any], name: str, where: str) -> int:
     value = doc.get(name)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    if not is_int(value) or value <= 0:
         raise CheckpointError(f"{where}: text config needs a positive integer {name!r}, got {value!r}")
     return value
 
@@ -232,7 +233,7 @@ def _check_fusion_tensors(cfg: ModelConfig, fusion: FusionConfig, new: dict[str,
         ordered.append(t)
     extra = sorted(set(new) - {p.key for p in planned})
     if extra:
-        raise CheckpointError(f"{source}: tensor(s) no fusion layer has: {', '.join(new[k].sources[0] for k in extra[:3])}")
+        raise CheckpointError(f"{source}: tensor(s) no fusion layer has: {listed([new[k].sources[0] for k in extra], 3)}")
     return ordered
 
 
@@ -262,15 +263,31 @@ def _base_config(text: dict[str, Any], doc: dict[str, Any], num_layers: int, voc
 def import_mllama(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
                   adapter_only: bool = False, force: bool = False, digest: str = DEFAULT_ALGORITHM,
                   follow_symlinks: bool = False, progress: Progress | None = None) -> ImportResult:
-    """Import the Mllama checkpoint at ``path`` into the fused layout at ``out`` (default ``<name>-imported``).
+    """Import the Mllama checkpoint at ``path`` into the fused layout.
 
-    With ``adapter_only`` only the fusion tensors (and the vision parts) are written, and the text
-    base is named by the digests of the files a full import writes (which ``unfuse`` of it gives back).
-    The manifest names the source by its name, never its path; a symlink in it leading outside is
-    refused unless ``follow_symlinks`` (``io.links``).
+    Args:
+        path: a Hugging Face ``MllamaForCausalLM`` or ``MllamaForConditionalGeneration`` directory.
+        out: the output directory (default ``<name>-imported`` beside ``path``).
+        adapter_only: write only the fusion tensors (and the vision parts); the text base is named
+            by the digests of the files a full import writes (which ``unfuse`` of it gives back).
+        force: replace an existing output (only once the new one is complete).
+        digest: ``blake3`` or ``sha256``, for the manifest's digests.
+        follow_symlinks: follow symlinks in ``path`` that lead outside it (``io.links``).
+        progress: told how many bytes were written.
+
+    The manifest names the source by its name, never its path.
+
+    Returns:
+        ImportResult: the output, the source's architecture and layout, the fused and
+        cross-attention layers, notes and files.
+
+    Raises:
+        CheckpointError: not an Mllama, no config.json, tensors with no place in a Llama decoder,
+            or cross-attention layers no FusionLayer can express.
+        UsageError: an unknown digest, or an output inside the input.
     """
     if digest not in ALGORITHMS:
-        raise UsageError(f"--digest must be one of {', '.join(ALGORITHMS)}, got {digest!r}")
+        raise UsageError(f"`digest` must be one of {', '.join(ALGORITHMS)}, got {digest!r}")
     source = Path(path)
     ckpt = Checkpoint.open(source, follow_symlinks=follow_symlinks)
     plan = plan_import(ckpt, source)

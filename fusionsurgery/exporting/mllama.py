@@ -1,0 +1,275 @@
+"""``--to mllama``: a fused checkpoint as transformers' ``MllamaForCausalLM`` (Llama 3.2 Vision's text model).
+
+Mllama keeps cross-attention as decoder layers of their own, numbered among the self-attention
+layers, so each fusion layer becomes the layer just before the one it wraps (or just after it, for
+``--fusion-after``). Its per-layer names are the HF fusion names already (DESIGN.md section 3), so
+the layers are renumbered, not rewritten. Mllama's ``embed_tokens`` has ``vocab_size + 8`` rows: the
+fusion vocabulary is folded in (padded with zero rows or trimmed to 8, and said so), and ``lm_head``
+keeps ``vocab_size`` rows (written out for a tied base). A torchtune-named source has its q/k rows
+permuted back to Hugging Face's RoPE layout. Everything else keeps its bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..arch.families import FAMILIES, FUSION_SEGMENT
+from ..errors import UsageError, listed
+from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
+from ..io.identity import public_config
+from ..io.writer import AtomicDirectory
+from .common import (EXPORT_MANIFEST_NAME, ExportResult, Source, copy_sidecars, export_manifest, listed_files,
+                     tensor_entries, write_json, write_source_tensors)
+from ..arch.mllama_layouts import VISION_DIR, origin_config, origin_pad, read_origin
+from .rope import describe, head_permutation, rotates
+from .tensors import OutTensor, Part, Progress, index_doc, same
+
+#: Rows Mllama's ``embed_tokens`` has beyond ``vocab_size``.
+MLLAMA_EXTRA_TOKENS = 8
+HF = FAMILIES["hf"]
+
+
+def check_supported(src: Source) -> None:
+    """Mllama's text model is the Llama recipe exactly: refuse what it cannot express, saying why."""
+    cfg, fusion = src.cfg, src.fusion
+    if fusion is None or not fusion.layers:
+        raise UsageError(f"{src.path} is not a fused checkpoint (no fusion layers): Mllama needs cross-attention "
+                         "layers; run `fusionsurgery fuse` first")
+    if fusion.encoder_dim and fusion.encoder_dim != cfg.dim:
+        raise UsageError(
+            f"this checkpoint was fused with `encoder_dim` {fusion.encoder_dim}, but Mllama's cross-attention reads "
+            f"states as wide as the decoder ({cfg.dim}); fuse again without `encoder_dim` (project the encoder "
+            f"states to {cfg.dim} first) to export to Mllama"
+        )
+    if not cfg.native:
+        raise UsageError(
+            f"--to mllama needs a Llama-shaped base (Mllama's text model is Llama's); this one is "
+            f"{cfg.model_type}, whose decoder layers Mllama cannot express")
+    problems = []
+    if cfg.attn_bias:
+        problems.append("q/k/v biases")
+    if cfg.qk_norm:
+        problems.append("self-attention q/k norms")
+    if cfg.fused_qkv or cfg.fused_gate_up:
+        problems.append("fused qkv / gate_up projections")
+    if cfg.norm_offset or cfg.norm_fp32_scale:
+        problems.append("1 + w RMSNorms")
+    if cfg.embed_scale is not None:
+        problems.append("scaled embeddings")
+    if cfg.activation != "silu":
+        problems.append(f"the {cfg.activation} activation")
+    if cfg.head_dim * cfg.num_heads != cfg.dim:
+        problems.append(f"head_dim {cfg.head_dim} with {cfg.num_heads} heads on width {cfg.dim}")
+    if cfg.sliding_window is not None:
+        problems.append(f"a sliding attention window ({cfg.sliding_window})")
+    if problems:
+        raise UsageError(
+            f"Mllama's text model is a plain Llama decoder; this {cfg.model_type} checkpoint has "
+            f"{', '.join(problems)}, which it cannot express"
+        )
+    if cfg.rope_theta is None:
+        raise UsageError(
+            "RoPE theta and scaling are unknown (no config.json), and Mllama's defaults differ from most bases: "
+            "pass `config` PATH with the base's config, or `rope_defaults` llama3 for torchtune's Llama 3 settings"
+        )
+
+
+def layer_order(num_layers: int, fused: list[int], fusion_first: bool) -> list[tuple[str, int]]:
+    """The Mllama stack in execution order: ("self", i) for original layer i, ("cross", i) for its fusion layer."""
+    chosen = set(fused)
+    order: list[tuple[str, int]] = []
+    for i in range(num_layers):
+        if i in chosen and fusion_first:
+            order.append(("cross", i))
+        order.append(("self", i))
+        if i in chosen and not fusion_first:
+            order.append(("cross", i))
+    return order
+
+
+def plan_mllama(src: Source) -> tuple[list[OutTensor], list[dict[str, Any]], list[str]]:
+    """(tensors, layer map, notes) of the Mllama export."""
+    cfg, fusion, ckpt = src.cfg, src.fusion, src.ckpt
+    assert fusion is not None
+    family = cfg.family_obj
+    key = family.to_family
+    perm = head_permutation(cfg.head_dim, family.rope_layout, "half")
+    moved = perm != tuple(range(cfg.head_dim))
+    notes: list[str] = []
+    out: list[OutTensor] = []
+
+    # embeddings: vocab rows, then the fusion vocabulary folded in, padded or trimmed to 8 rows
+    embed = key("tok_embeddings.weight")
+    einfo = ckpt.info(embed)
+    parts = [Part(embed)]
+    sources = [embed]
+    kept = 0
+    if fusion.fusion_vocab:
+        extra = key("tok_embeddings.fusion_embedding.weight")
+        kept = min(fusion.fusion_vocab, MLLAMA_EXTRA_TOKENS)
+        parts.append(Part(extra, 0, kept))
+        sources.append(extra)
+        if fusion.fusion_vocab > MLLAMA_EXTRA_TOKENS:
+            notes.append(f"fusion vocabulary trimmed from {fusion.fusion_vocab} to Mllama's {MLLAMA_EXTRA_TOKENS} "
+                         f"extra rows: ids {cfg.vocab_size + MLLAMA_EXTRA_TOKENS} and up are dropped")
+        if ckpt.info(extra).dtype != einfo.dtype:
+            notes.append(f"fusion embedding rows cast from {ckpt.info(extra).dtype} to {einfo.dtype} "
+                         "(embed_tokens is one tensor)")
+    if kept < MLLAMA_EXTRA_TOKENS:
+        parts.append(Part(None, rows=MLLAMA_EXTRA_TOKENS - kept))
+        notes.append(f"embed_tokens padded with {MLLAMA_EXTRA_TOKENS - kept} zero row(s) "
+                     f"(ids {cfg.vocab_size + kept}..{cfg.vocab_size + MLLAMA_EXTRA_TOKENS - 1}): Mllama has "
+                     f"vocab_size + {MLLAMA_EXTRA_TOKENS} embedding rows"
+                     + (f", the fusion vocabulary {fusion.fusion_vocab}" if fusion.fusion_vocab else ""))
+    fold = f"vocab rows of {embed}" + (f", then rows 0:{kept} of {sources[1]}" if kept else "") + (
+        f", then {MLLAMA_EXTRA_TOKENS - kept} zero rows" if kept < MLLAMA_EXTRA_TOKENS else "")
+    out.append(OutTensor("model.embed_tokens.weight", einfo.dtype,
+                         (cfg.vocab_size + MLLAMA_EXTRA_TOKENS, cfg.dim), parts, f"concatenated: {fold}", sources))
+
+    # decoder layers, renumbered
+    layer_map: list[dict[str, Any]] = []
+    cross_keys = {c.split(f"{FUSION_SEGMENT}.", 1)[1] for c in HF.table if f".{FUSION_SEGMENT}." in c}
+    for j, (kind, i) in enumerate(layer_order(cfg.num_layers, fusion.layers, fusion.fusion_first)):
+        layer_map.append({"mllama_layer": j, "kind": kind, "source_layer": i})
+        prefix = f"layers.{i}.{FUSION_SEGMENT}." if kind == "cross" else f"layers.{i}."
+        suffixes = sorted(cross_keys) if kind == "cross" else sorted(
+            c[len("layers.{i}."):] for c in HF.table
+            if c.startswith("layers.{i}.") and f".{FUSION_SEGMENT}." not in c)
+        for suffix in suffixes:
+            canonical = prefix + suffix
+            source = key(canonical)
+            if source not in ckpt.key_to_file:
+                continue  # optional tensors this architecture does not have
+            target = HF.to_family(canonical).replace(f"model.layers.{i}.", f"model.layers.{j}.", 1)
+            if kind == "cross":
+                target = target.replace(f"model.layers.{j}.{FUSION_SEGMENT}.", f"model.layers.{j}.", 1)
+            if moved and kind == "self" and rotates(canonical):
+                heads = ckpt.info(source).shape[0] // cfg.head_dim
+                out.append(same(ckpt, source, target, head_perm=perm,
+                                transform=describe(family.rope_layout, "half", heads, cfg.head_dim)))
+            else:
+                out.append(same(ckpt, source, target))
+
+    out.append(same(ckpt, key("norm.scale"), "model.norm.weight"))
+    if cfg.tie_embeddings:
+        out.append(OutTensor("lm_head.weight", einfo.dtype, (cfg.vocab_size, cfg.dim), [Part(embed)],
+                             f"copy of the tied {embed} (Mllama's lm_head is its own tensor)", [embed]))
+        notes.append("the base ties its output to the embeddings: exported untied, with lm_head.weight written out")
+    else:
+        out.append(same(ckpt, key("output.weight"), "lm_head.weight"))
+    used = {s for t in out for s in t.sources}
+    left = sorted(set(ckpt.keys()) - used)
+    if left:
+        raise UsageError(f"tensor(s) with no place in Mllama's layout: {listed(left, 3)}")
+    if moved:
+        notes.append("self-attention q/k rows permuted per head from torchtune's interleaved RoPE layout to "
+                     "Hugging Face's half layout")
+    if abs(fusion.qk_norm_eps - cfg.norm_eps) > 0 or abs(fusion.norm_eps - cfg.norm_eps) > 0:
+        notes.append(f"Mllama uses one eps (rms_norm_eps {cfg.norm_eps:g}) for every norm; the fusion layers were "
+                     f"built with q/k norm eps {fusion.qk_norm_eps:g} and norm eps {fusion.norm_eps:g}: outputs "
+                     "differ slightly")
+    return out, layer_map, notes
+
+
+_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def mllama_config(src: Source, num_layers: int, cross_layers: list[int], notes: list[str],
+                  fallback_pad: int | None = None) -> dict[str, Any]:
+    """An ``MllamaTextConfig`` document carrying the base's RoPE, norms eps and token ids
+    (``fallback_pad``: the pad token to use when the base names none inside the table)."""
+    cfg = src.cfg
+    base = src.ckpt.config or {}
+    rope: dict[str, Any] = {"rope_type": "default"}
+    rope.update(cfg.rope_scaling or {})
+    rope["rope_theta"] = cfg.rope_theta
+    table_rows = cfg.vocab_size + MLLAMA_EXTRA_TOKENS
+    pad = base.get("pad_token_id")
+    if not (isinstance(pad, int) and 0 <= pad < table_rows) and fallback_pad is not None \
+            and 0 <= fallback_pad < table_rows:
+        pad = fallback_pad
+    if not (isinstance(pad, int) and 0 <= pad < table_rows):
+        kept = min(src.fusion.fusion_vocab, MLLAMA_EXTRA_TOKENS) if src.fusion else 0
+        eos = base.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        if kept < MLLAMA_EXTRA_TOKENS:
+            chosen, why = table_rows - 1, "the last padding row of embed_tokens"
+        elif isinstance(eos, int) and 0 <= eos < cfg.vocab_size:
+            chosen, why = eos, "the eos token"
+        else:
+            chosen, why = 0, "token 0"
+        notes.append(f"pad_token_id set to {chosen} ({why}): "
+                     + ("the base's is outside the table" if pad is not None else "the base names none")
+                     + " and Mllama's default (128004) must index embed_tokens")
+        pad = chosen
+    dtype = src.ckpt.info(cfg.family_obj.global_key("tok_embeddings.weight")).dtype
+    doc: dict[str, Any] = {
+        "architectures": ["MllamaForCausalLM"],
+        "model_type": "mllama_text_model",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.intermediate_dim,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "hidden_act": cfg.activation,
+        "rms_norm_eps": cfg.norm_eps,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rope_parameters": rope,
+        "cross_attention_layers": cross_layers,
+        "tie_word_embeddings": False,
+        "pad_token_id": pad,
+        "use_cache": True,
+    }
+    for name in ("bos_token_id", "eos_token_id"):
+        if base.get(name) is not None:
+            doc[name] = base[name]
+        else:
+            notes.append(f"the base's config names no {name}: set it in config.json (Mllama's default is Llama 3's)")
+    if dtype in _DTYPE_NAMES:
+        doc["dtype"] = _DTYPE_NAMES[dtype]
+    return doc
+
+
+def export_mllama(src: Source, out: Path, *, force: bool = False, progress: Progress | None = None) -> ExportResult:
+    """Write ``src`` as an Mllama checkpoint. One that ``import`` made (or a graft of its adapter) comes back
+    in the layout it was imported from, with its vision tower and projector, as ``MllamaForConditionalGeneration``
+    when the source was one."""
+    check_supported(src)
+    tensors, layer_map, notes = plan_mllama(src)
+    cross = [m["mllama_layer"] for m in layer_map if m["kind"] == "cross"]
+    origin = read_origin(src.ckpt, src.manifest)
+    config = mllama_config(src, len(layer_map), cross, notes, origin_pad(origin))
+    reader = src.ckpt
+    if origin is not None:
+        for t in tensors:
+            t.key = origin.layout.text_key(t.key)
+        config = origin_config(origin, config)
+        if origin.vision is not None:
+            reader = Checkpoint.combine(src.ckpt, origin.vision)
+            tensors += [same(origin.vision, k, k) for k in origin.vision.keys()]
+            notes.append(f"vision tower and projector: {len(origin.vision.keys())} tensor(s) carried from "
+                         f"{VISION_DIR}/ as they are")
+    result = ExportResult(out, "mllama", src.cfg.family, notes=notes, layer_map=layer_map)
+    with AtomicDirectory(out, force=force) as staging:
+        tmp = staging.tmp
+        files, digests = write_source_tensors(src, tensors, tmp, notes, progress, reader=reader)
+        if origin is not None:
+            changed = sorted(k for k, d in origin.vision_digests.items() if d and digests.get(k) != d)
+            if changed:
+                notes.append(f"{len(changed)} vision tensor(s) differ from the digests recorded at import "
+                             f"(trained since?): {listed(changed, 3)}")
+        if len(set(files.values())) > 1:
+            write_json(tmp / INDEX_NAME, index_doc(files, tensors))
+        write_json(tmp / CONFIG_NAME, public_config(config))
+        carried = copy_sidecars(src.ckpt, tmp)
+        if not any(n.startswith("tokenizer") for n in carried):
+            notes.append("no tokenizer files beside the source: add the base's tokenizer before serving")
+        entries = tensor_entries(tensors, files, digests)
+        write_json(tmp / EXPORT_MANIFEST_NAME, export_manifest(
+            src, "mllama", entries, notes, {"layer_map": layer_map, "cross_attention_layers": cross}))
+        result.tensors = entries
+        result.files = listed_files(tmp)
+        staging.commit()
+    return result
