@@ -16,11 +16,10 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from ..io.checkpoint import Checkpoint
 from .outputs import GradInfo, Outputs
-from .plain import bench_forward, grad_info, module_bytes
+from .plain import backward_once, bench_forward, module_bytes
 from .probe import Probe, block_sensitivity, captured_inputs, gate_values, opened_gates
 
 
@@ -105,17 +104,8 @@ def _backward(model: torch.nn.Module, blocks: dict, probe: Probe) -> tuple[bool,
     from ..hf.training import freeze_all_but_fusion
 
     fusion_params = freeze_all_but_fusion(model)
-    model.zero_grad(set_to_none=True)
-    with opened_gates(blocks):
-        logits = model(probe.train_tokens, cross_attention_states=probe.enc_a).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), probe.targets.flatten())
-        loss.backward()
-    grads = {name: grad_info(p.grad) for name, p in fusion_params.items()}
-    leaked = [n for n, p in model.named_parameters() if n not in fusion_params and p.grad is not None]
-    finite = bool(torch.isfinite(logits).all())
-    model.zero_grad(set_to_none=True)
-    model.requires_grad_(False)
-    return finite, float(loss.detach()), grads, leaked
+    return backward_once(model, fusion_params, blocks, probe,
+                         lambda: model(probe.train_tokens, cross_attention_states=probe.enc_a).logits)
 
 
 def _decode(model: torch.nn.Module, blocks: dict, probe: Probe) -> tuple[torch.Tensor, list[str], torch.Tensor]:

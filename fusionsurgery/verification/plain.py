@@ -75,9 +75,27 @@ def _backward(model: TransformerDecoder, blocks: dict, probe: Probe) -> tuple[bo
     """Freeze the base, open the gates, one backward pass: which parameters got gradients."""
     fusion_params = get_fusion_params(model)
     set_trainable_params(model, fusion_params)
+    return backward_once(model, fusion_params, blocks, probe,
+                         lambda: model(probe.train_tokens, encoder_input=probe.enc_a))
+
+
+def backward_once(model: torch.nn.Module, fusion_params: dict[str, torch.nn.Parameter], blocks: dict, probe: Probe,
+                  forward: Callable[[], torch.Tensor]) -> tuple[bool, float, dict[str, GradInfo], list[str]]:
+    """One backward pass through ``forward()`` (logits ``[b, s, vocab]``) with the gates opened.
+
+    Args:
+        model (torch.nn.Module): the fused model, only ``fusion_params`` trainable.
+        fusion_params (dict[str, torch.nn.Parameter]): the parameters that should get gradients.
+        blocks (dict): ``{layer: fusion block}`` whose gates are opened for the pass.
+        probe (Probe): the targets of the loss.
+        forward (Callable[[], torch.Tensor]): runs the model on the probe's training tokens.
+
+    Returns:
+        tuple: (logits finite, loss, gradient figures per fusion parameter, base parameters that got one).
+    """
     model.zero_grad(set_to_none=True)
     with opened_gates(blocks):
-        logits = model(probe.train_tokens, encoder_input=probe.enc_a)
+        logits = forward()
         loss = F.cross_entropy(logits.float().flatten(0, 1), probe.targets.flatten())
         loss.backward()
     grads = {name: grad_info(p.grad) for name, p in fusion_params.items()}
