@@ -213,7 +213,9 @@ def _run_step(step: str, box: Path, page: str) -> None:
         assert code == 0, f"{page}: `{step}` exited {code}"
         return
     script = f'fusionsurgery() {{ {shlex.quote(sys.executable)} -m fusionsurgery "$@"; }}\nset -e\n{_localise(step, box)}\n'
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               # `python` in a documented command is the interpreter running the tests (an unactivated venv too)
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     proc = subprocess.run(["bash", "-c", script], cwd=box, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"{page}: `{step}` exited {proc.returncode}: {proc.stderr[-2000:]}"
 
