@@ -170,3 +170,28 @@ def image_inputs(batch: int = 2, seq: int = 12, seed: int = 0) -> dict[str, torc
     return {"input_ids": ids, "pixel_values": torch.randn(batch, 1, tiles, 3, 28, 28, generator=g),
             "aspect_ratio_ids": torch.full((batch, 1), 2), "aspect_ratio_mask": torch.ones(batch, 1, tiles, dtype=torch.long),
             "cross_attention_mask": torch.ones(batch, seq, 1, tiles, dtype=torch.long)}
+
+
+def train_losses(model: Any, ids: torch.Tensor, states: torch.Tensor, steps: int, lr: float = 1e-2) -> list[float]:
+    """AdamW over ``model``'s trainable parameters for ``steps`` steps on one batch; the losses, in train mode.
+
+    Args:
+        model: a ``fusionsurgery.hf`` model (or its PEFT wrapper) taking ``cross_attention_states`` and ``labels``.
+        ids (torch.Tensor): token ids ``[b, s]``, also the labels.
+        states (torch.Tensor): encoder states ``[b, s_enc, encoder_dim]``.
+        steps (int): optimiser steps.
+        lr (float): learning rate.
+
+    Returns:
+        list[float]: the loss before each step. The model is left in train mode.
+    """
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, cross_attention_states=states, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from any_decoder import ALL_TYPES, REQUIRED, save_tiny, type_params
-from helpers import open_gates, same_checkpoint
+from helpers import open_gates, same_checkpoint, train_losses
 
 transformers = pytest.importorskip("transformers")
 hf = pytest.importorskip("fusionsurgery.hf")
@@ -135,15 +135,7 @@ def test_forward_chain(model_type, tmp_path, caplog):
     # a few training steps move the fusion parameters and nothing else
     params = hf.freeze_all_but_fusion(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model.train()
-    opt = torch.optim.AdamW(params.values(), lr=1e-2)
-    losses = []
-    for _ in range(3):
-        loss = model(ids, cross_attention_states=s, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, ids, s, 3)  # the fusion parameters are the trainable ones
     model.eval()
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved == set(params) and losses[-1] < losses[0]

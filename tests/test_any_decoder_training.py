@@ -13,7 +13,7 @@ import torch
 import fusionsurgery as fs
 from any_decoder import save_tiny, type_params
 from fusionsurgery.verification import verify
-from helpers import open_gates
+from helpers import open_gates, train_losses
 
 transformers = pytest.importorskip("transformers")
 hf = pytest.importorskip("fusionsurgery.hf")
@@ -102,16 +102,8 @@ def test_peft_lora_on_self_attention_with_fusion_trainable(fused_of, model_type,
     trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
     lora_params = {n for n in trainable if "lora_" in n}
     assert lora_params and trainable == set(fusion) | lora_params
-    opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
     ids, s = _batch(model)
-    losses = []
-    lora.train()
-    for _ in range(4):
-        loss = lora(input_ids=ids, cross_attention_states=s, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(lora, ids, s, 4)
     assert losses[-1] < losses[0]
     lora.eval()
     hf.save_fused(lora, tmp_path / "saved")  # originals untouched (LoRA is PEFT's to save), fusion trained

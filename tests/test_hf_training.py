@@ -11,7 +11,7 @@ from fusionsurgery.errors import UsageError
 from fusionsurgery.exporting import export
 from fusionsurgery.io.checkpoint import Checkpoint
 from fusionsurgery.verification import verify
-from helpers import make_base, open_gates
+from helpers import make_base, open_gates, train_losses
 
 transformers = pytest.importorskip("transformers")
 hf = pytest.importorskip("fusionsurgery.hf")
@@ -124,16 +124,8 @@ def test_peft_lora_on_self_attention_with_fusion_trainable(fused, tmp_path):
     trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
     assert {n for n in trainable if "lora_" in n} and all(".self_attn." in n for n in trainable if "lora_" in n)
     assert set(fusion) <= trainable and not trainable - set(fusion) - {n for n in trainable if "lora_" in n}
-    opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
     ids, s = batch(model, size=4)
-    losses = []
-    lora.train()
-    for _ in range(8):
-        loss = lora(input_ids=ids, cross_attention_states=s, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(lora, ids, s, 8)
     assert losses[-1] < losses[0] - 0.05
     lora.eval()
     lora.save_pretrained(tmp_path / "lora")  # PEFT's own adapter (the LoRA weights)
