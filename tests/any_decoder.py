@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 import torch
 
+from fusionsurgery._requirements import type_floor_problem
+
 #: Sizes every type starts from (names transformers configs accept; ``attribute_map`` maps the
 #: GPT-2 style spellings).
 TINY: dict[str, Any] = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
@@ -76,12 +78,21 @@ EXTRA: dict[str, dict[str, Any]] = {t: {} for t in (
     "helium", "hunyuan_v1_dense", "hunyuan_v1_moe", "hyperclovax", "internlm3", "iquestcoder", "jais2", "jetmoe",
     "lfm3", "mamba", "minimax", "modernbert-decoder", "mpt", "nanochat", "nemotron", "olmo", "olmo_hybrid",
     "openai-gpt", "opt", "persimmon", "phimoe", "recurrent_gemma", "rwkv", "seed_oss", "vaultgemma", "xglm",
+    # the embedding under another name (CPM-Ant's input_embedding, CTRL's w) or narrower / wider than the
+    # width (ELECTRA, RemBERT: factorised, projected by the base); no layer count but a per-layer list
+    # (Nemotron-H); a decoder whose own config spells its sizes decoder_* (TrOCR)
+    "cpmant", "ctrl", "electra", "rembert", "nemotron_h", "trocr",
 )}
+# BERT-style layers (ELECTRA, RemBERT) attend causally only when told they are a decoder
+EXTRA.update({t: {"is_decoder": True} for t in ("electra", "rembert")})
 #: Types that build tiny but have no single numbered layer list the surgery could wrap: type -> why.
 REFUSED: dict[str, str] = {
     "dory": "its config counts 8 layers where the tensors number 4 blocks",
     "hrm_text": "two layer stacks (H and L modules), neither of the config's layer count",
+    "xlm": "its layers are not modules: attention, FFN and both norms are four parallel numbered lists",
 }
+#: What the refusal of each REFUSED type says (default: no layer list of the config's count).
+REFUSAL_WORDS: dict[str, str] = {"xlm": "not modules but 4 parallel numbered lists"}
 
 #: Every type the suites run over.
 ALL_TYPES: list[str] = REQUIRED + [t for t in EXTRA if t not in OVERRIDES]
@@ -93,16 +104,9 @@ def overrides(model_type: str) -> dict[str, Any]:
     return dict(TINY, **extra)
 
 
-#: Types whose tiny models fail this suite with transformers 5.0.0, the declared floor (measured 2026-11-30 in
-#: ``scripts/check_versions.sh floors``: the forward chain, verify or an adapter round trip differ), and pass with
-#: 5.24.0, the newest tested; the releases between were not bisected. docs/install.md says so.
-NEEDS_NEWER_TRANSFORMERS: dict[str, str] = {
-    t: "5.24.0" for t in ("apertus", "falcon_h1", "gpt2", "gpt_oss", "phimoe", "qwen3_moe", "recurrent_gemma", "stablelm")
-}
-
-
 def missing_reason(model_type: str) -> str | None:
-    """Why ``model_type`` cannot be built here (transformers missing or too old), else None."""
+    """Why ``model_type`` cannot be built here (transformers missing, or older than the type needs:
+    ``fusionsurgery._requirements.TRANSFORMERS_FOR_TYPE``), else None."""
     try:
         import transformers
     except ImportError:
@@ -112,14 +116,8 @@ def missing_reason(model_type: str) -> str | None:
 
     if model_type not in CONFIG_MAPPING_NAMES or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return f"transformers {transformers.__version__} has no causal LM for model type {model_type!r}"
-    needed = NEEDS_NEWER_TRANSFORMERS.get(model_type)
-    if needed is not None:
-        from packaging.version import Version
-
-        if Version(transformers.__version__) < Version(needed):
-            return (f"{model_type} was measured failing with transformers 5.0.0 and passing with {needed}: "
-                    f"transformers {transformers.__version__} is older (docs/install.md)")
-    return None
+    # the library's own table of types that need a newer release than the [hf] floor (fusionsurgery.hf refuses them)
+    return type_floor_problem(model_type, transformers.__version__)
 
 
 def type_params(types: list[str] | None = None) -> list[Any]:

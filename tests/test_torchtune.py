@@ -164,10 +164,9 @@ def test_without_config_rope_needs_config_or_defaults(setup):
         assert torch.allclose(theirs(t).logits, ref(t).logits, atol=1e-4, rtol=0)
 
 
-def test_bad_rope_defaults_and_unsupported_architecture(tmp_path):
+def test_bad_rope_defaults(tmp_path):
+    """(The other native types' torchtune exports: test_torchtune_families.py.)"""
     qwen, _ = make_base(tmp_path, "qwen2")
-    with pytest.raises(UsageError, match="`to` torchtune supports llama, mistral"):
-        export(qwen, tmp_path / "q", to="torchtune")
     with pytest.raises(UsageError, match="`rope_defaults` must be one of llama3"):
         fs.load_fused(qwen, rope_defaults="llama9")
 

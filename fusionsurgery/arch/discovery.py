@@ -21,7 +21,10 @@ from .model_types import is_native
 _NUMBERED = re.compile(r"^(.+?)\.(\d+)\.")
 #: Names a token embedding goes by (``<...>.<name>.weight``), most specific first.
 EMBEDDING_NAMES = ("embed_tokens", "wte", "embed_in", "word_embeddings", "tok_embeddings", "tokens_embed", "embeddings",
-                   "embedding", "embed", "emb")
+                   "input_embedding", "embedding", "embed", "emb")
+#: Names too plain to mean an embedding on their own (CTRL's ``transformer.w``): taken only when the
+#: tensor has exactly the config's ``vocab_size`` rows and nothing better is there.
+PLAIN_EMBEDDING_NAMES = ("w",)
 
 
 def numbered_groups(keys: Iterable[str]) -> dict[str, dict[int, int]]:
@@ -48,12 +51,23 @@ def find_layer_prefix(keys: Iterable[str], num_layers: int) -> str:
                           sorted(groups.items(), key=lambda item: -sum(item[1].values()))[:3]) or "none"
         raise CheckpointError(f"no numbered list of {num_layers} decoder layers (the config's layer count) under any "
                               f"prefix; numbered groups found: {found}")
-    return max(fits, key=lambda p: (sum(groups[p].values()), -len(p)))
+    chosen = max(fits, key=lambda p: (sum(groups[p].values()), -len(p)))
+    parent = chosen.rpartition(".")[0]
+    siblings = sorted(p for p in fits if p.rpartition(".")[0] == parent)
+    if len(siblings) > 1:
+        lists = ", ".join(f"{p}.{{i}}" for p in siblings[:2])
+        raise CheckpointError(f"its layers are not modules but {len(siblings)} parallel numbered lists of sub-layers "
+                              f"({lists} ...): no decoder layer to wrap")
+    return chosen
 
 
 def find_embedding_key(shapes: Mapping[str, tuple[int, ...]], layer_prefix: str, dim: int,
                        vocab_size: int | None = None) -> str:
-    """The token embedding: a 2-D ``[vocab, dim]`` tensor outside the layers named like an embedding.
+    """The token embedding: a 2-D ``[vocab, width]`` tensor outside the layers named like an embedding.
+
+    One as wide as the decoder (``dim``) wins; else a factorised one (ELECTRA, RemBERT: narrower or
+    wider, projected to the width by the base) with exactly ``vocab_size`` rows; a plainly named one
+    (``PLAIN_EMBEDDING_NAMES``) only with ``vocab_size`` rows too.
 
     Raises:
         CheckpointError: none found (the message names the names looked for).
@@ -62,11 +76,16 @@ def find_embedding_key(shapes: Mapping[str, tuple[int, ...]], layer_prefix: str,
     for key, shape in shapes.items():
         parts = key.split(".")
         if (len(parts) < 2 or parts[-1] != "weight" or key.startswith(layer_prefix + ".")
-                or f".{FUSION_SEGMENT}." in key or "fusion_embedding" in key or len(shape) != 2 or shape[1] != dim):
+                or f".{FUSION_SEGMENT}." in key or "fusion_embedding" in key or len(shape) != 2):
             continue
-        if parts[-2] in EMBEDDING_NAMES:
-            rank = (EMBEDDING_NAMES.index(parts[-2]), shape[0] != vocab_size, len(key))
-            candidates.append((rank, key))
+        vocab_rows = vocab_size is not None and shape[0] == vocab_size
+        if parts[-2] in EMBEDDING_NAMES and (shape[1] == dim or vocab_rows):
+            rank = (shape[1] != dim, EMBEDDING_NAMES.index(parts[-2]), not vocab_rows, len(key))
+        elif parts[-2] in PLAIN_EMBEDDING_NAMES and vocab_rows:
+            rank = (shape[1] != dim, len(EMBEDDING_NAMES), False, len(key))
+        else:
+            continue
+        candidates.append((rank, key))
     if not candidates:
         names = ", ".join(f"*.{n}.weight" for n in EMBEDDING_NAMES[:4])
         raise CheckpointError(f"no token embedding of width {dim} found (looked for {names} ... outside "

@@ -17,7 +17,7 @@ from ..io.manifest_schema import is_number
 #: Spellings of each fact, first found wins.
 SPELLINGS: dict[str, tuple[str, ...]] = {
     "num_layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers"),
-    "dim": ("hidden_size", "n_embd", "d_model", "dim", "model_dim"),
+    "dim": ("hidden_size", "n_embd", "d_model", "dim", "model_dim", "emb_dim"),
     "num_heads": ("num_attention_heads", "n_head", "num_heads", "n_heads", "attention_heads", "decoder_attention_heads"),
     "num_kv_heads": ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num"),
     "head_dim": ("head_dim", "attention_head_dim", "kv_channels"),
@@ -27,6 +27,9 @@ SPELLINGS: dict[str, tuple[str, ...]] = {
     "activation": ("hidden_act", "hidden_activation", "activation_function", "hidden_activation_fn"),
     "norm_eps": ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "norm_epsilon"),
 }
+#: Per-layer lists whose length is the layer count where no count is written (Nemotron-H's
+#: ``layers_block_type``: transformers derives ``num_hidden_layers`` from it).
+LAYER_LISTS = ("layers_block_type", "layer_types")
 #: Sub-configs that hold the text decoder's fields in multimodal or wrapper configs.
 NESTED = ("text_config", "language_config", "llm_config")
 
@@ -61,9 +64,12 @@ class ConfigFields:
     def int_of(self, fact: str, *, required: bool = False) -> int | None:
         """``fact`` as a positive int; a per-layer list gives its first entry (the first layer's)."""
         found = self.raw(fact)
+        if found is None and fact == "num_layers":
+            found = self._layer_list()
         if found is None:
             if required:
-                raise CheckpointError(f"{self.where}: no {_what(fact)} (looked for {', '.join(SPELLINGS[fact])})")
+                also = f", or the length of {' / '.join(LAYER_LISTS)}" if fact == "num_layers" else ""
+                raise CheckpointError(f"{self.where}: no {_what(fact)} (looked for {', '.join(SPELLINGS[fact])}{also})")
             return None
         name, value = found
         if isinstance(value, list) and value:
@@ -71,6 +77,14 @@ class ConfigFields:
         if not is_number(value) or int(value) != value or value <= 0:
             raise CheckpointError(f"{self.where}: {name} is {value!r}, expected a positive integer")
         return int(value)
+
+    def _layer_list(self) -> tuple[str, int] | None:
+        """(spelling, length) of the first non-empty per-layer list (``LAYER_LISTS``), or None."""
+        for layer in self.layers:
+            for name in LAYER_LISTS:
+                if isinstance(layer.get(name), list) and layer[name]:
+                    return name, len(layer[name])
+        return None
 
     def float_of(self, fact: str, default: float) -> float:
         found = self.raw(fact)

@@ -60,7 +60,8 @@ def read_generic_config(ckpt: Checkpoint, family: Family, *, num_heads: int | No
     if embedding_key not in ckpt.key_to_file:
         raise CheckpointError(f"{ckpt.root}: no token embedding {embedding_key!r} (named by the fusion section)")
     emb = ckpt.info(embedding_key).shape
-    if len(emb) != 2 or emb[1] != dim:
+    factorised = len(emb) == 2 and emb[0] == fields.int_of("vocab_size")  # ELECTRA, RemBERT: projected to the width
+    if len(emb) != 2 or (emb[1] != dim and not factorised):
         raise CheckpointError(f"{where} says the width is {dim} but the token embedding {embedding_key} is {list(emb)}")
     heads = _option(fields.int_of("num_heads"), num_heads, "`num_heads`", "num_attention_heads", where)
     if heads is None:

@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import CheckpointError
 from ..io.manifest_schema import has_type, is_int
 from .families import FAMILIES, Family, generic_family
-from .model_types import MODEL_TYPES, ModelType
+from .model_types import MODEL_TYPES, ModelType, rope_layout_of
 
 #: Key of a config.json written from tensor shapes (no base config): the fields that were inferred.
 INFERRED_MARK = "fusionsurgery_inferred"
@@ -77,6 +77,12 @@ class ModelConfig:
         if self.family in FAMILIES:
             return FAMILIES[self.family]
         return generic_family(self.layer_prefix, self.embedding_key)
+
+    @property
+    def rope_layout(self) -> str:
+        """The RoPE layout its self-attention q/k rows follow: the naming family's, except in torchtune's
+        names, where it is the layout of torchtune's builder for the type (``half`` for Qwen2, Qwen3, Phi-3)."""
+        return rope_layout_of(self.family, self.family_obj.rope_layout, self.model_type)
 
     @property
     def model_type_obj(self) -> ModelType:

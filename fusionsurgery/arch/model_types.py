@@ -31,17 +31,22 @@ class ModelType:
     default_norm_eps: float = 1e-6
     default_theta: float = 10000.0
     sliding_window_flag: str | None = None  # config key that must be true for ``sliding_window`` to apply
+    #: The RoPE layout of torchtune's builder for this type, which its torchtune-named q/k rows follow:
+    #: ``interleaved`` where torchtune's hf->tune conversion permutes q/k (Llama, Mistral, Gemma),
+    #: ``half`` where its builder rotates halves and the conversion keeps the rows (Qwen2, Qwen3, Phi-3).
+    torchtune_rope: str = "interleaved"
 
 
 #: Hugging Face ``model_type`` values the native modules implement.
 MODEL_TYPES: dict[str, ModelType] = {
     "llama": ModelType("LlamaForCausalLM"),
     "mistral": ModelType("MistralForCausalLM"),
-    "qwen2": ModelType("Qwen2ForCausalLM", sliding_window_flag="use_sliding_window"),
-    "qwen3": ModelType("Qwen3ForCausalLM", sliding_window_flag="use_sliding_window"),
+    "qwen2": ModelType("Qwen2ForCausalLM", sliding_window_flag="use_sliding_window", torchtune_rope="half"),
+    "qwen3": ModelType("Qwen3ForCausalLM", sliding_window_flag="use_sliding_window", torchtune_rope="half"),
     "gemma": ModelType("GemmaForCausalLM", norm_offset=1.0, norm_fp32_scale=True, embed_scale_sqrt_dim=True,
                        activation_keys=("hidden_activation", "hidden_act"), default_activation="gelu_pytorch_tanh"),
-    "phi3": ModelType("Phi3ForCausalLM", fused_qkv=True, fused_gate_up=True, default_norm_eps=1e-5),
+    "phi3": ModelType("Phi3ForCausalLM", fused_qkv=True, fused_gate_up=True, default_norm_eps=1e-5,
+                      torchtune_rope="half"),
 }
 #: ``model_type`` -> the class name transformers uses (native types).
 SUPPORTED_MODEL_TYPES: dict[str, str] = {k: v.architecture for k, v in MODEL_TYPES.items()}
@@ -56,6 +61,36 @@ ONE_PLUS_W_NORM_TYPES = frozenset({
     "gemma", "gemma2", "gemma3", "gemma3_text", "recurrent_gemma", "vaultgemma",
     "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next", "qwen4_exp", "qwen4_exp_text",
 })
+
+
+#: The naming family whose names never fuse projections: torchtune splits Phi-3's ``qkv_proj`` into
+#: ``q_proj``/``k_proj``/``v_proj`` and its ``gate_up_proj`` into ``w1``/``w3``.
+SPLIT_NAMING = "torchtune"
+
+
+def rope_layout_of(family: str, family_layout: str, model_type: str) -> str:
+    """The RoPE layout the q/k rows of a ``model_type`` checkpoint in naming ``family`` follow.
+
+    Args:
+        family: the naming family (``hf``, ``torchtune``, ``generic``).
+        family_layout: that family's own layout (``Family.rope_layout``).
+        model_type: the config's ``model_type``.
+
+    Returns:
+        str: ``"half"`` or ``"interleaved"``: per type in torchtune's names (its builders differ), else the family's.
+    """
+    if family == SPLIT_NAMING and model_type in MODEL_TYPES:
+        return MODEL_TYPES[model_type].torchtune_rope
+    return family_layout
+
+
+def fused_projections(family: str, model_type: str) -> tuple[bool, bool]:
+    """(fused qkv, fused gate/up) of a ``model_type`` checkpoint in naming ``family``: the type's own
+    layout (Phi-3 fuses both) except in torchtune's names, which never fuse."""
+    if family == SPLIT_NAMING or model_type not in MODEL_TYPES:
+        return False, False
+    mt = MODEL_TYPES[model_type]
+    return mt.fused_qkv, mt.fused_gate_up
 
 
 def is_native(model_type: str | None) -> bool:

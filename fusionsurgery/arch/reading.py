@@ -111,7 +111,7 @@ def _from_hf_config(
             f"config.json: model_type {model_type!r} is not supported (supported: {', '.join(MODEL_TYPES)})"
         )
     mt = MODEL_TYPES[model_type]
-    check_fusedness(model_type, s)
+    check_fusedness(model_type, s, family.name)
     try:
         heads = int(doc.get("num_attention_heads") or num_heads or 0) or None
         kv = int(doc.get("num_key_value_heads") or num_kv_heads or heads or 0) or None

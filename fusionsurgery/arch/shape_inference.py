@@ -7,7 +7,7 @@ from typing import Any
 from ..errors import CheckpointError, UsageError
 from .families import Family
 from .model_config import ModelConfig
-from .model_types import MODEL_TYPES, ModelType
+from .model_types import MODEL_TYPES, SPLIT_NAMING, ModelType, fused_projections
 
 
 def _shape(shapes: dict[str, tuple[int, ...]], key: str) -> tuple[int, ...]:
@@ -113,13 +113,24 @@ def type_switches(mt: ModelType, dim: int) -> dict[str, Any]:
     }
 
 
-def check_fusedness(model_type: str, s: dict[str, Any]) -> None:
-    mt = MODEL_TYPES[model_type]
-    for flag, what in (("fused_qkv", "one fused self_attn.qkv_proj"), ("fused_gate_up", "one fused mlp.gate_up_proj")):
-        if getattr(mt, flag) != s[flag]:
-            has = "has" if s[flag] else "does not have"
+def check_fusedness(model_type: str, s: dict[str, Any], family: str = "hf") -> None:
+    """The checkpoint fuses exactly the projections ``model_type`` fuses in naming ``family`` (torchtune's
+    names split Phi-3's ``qkv_proj`` and ``gate_up_proj``).
+
+    Raises:
+        CheckpointError: it fuses more or fewer (the config is probably not the checkpoint's own).
+    """
+    expected = dict(zip(("fused_qkv", "fused_gate_up"), fused_projections(family, model_type)))
+    qkv, gate_up = ("attn.qkv_proj", "mlp.w13") if family == SPLIT_NAMING else ("self_attn.qkv_proj", "mlp.gate_up_proj")
+    names = {"fused_qkv": (f"one fused {qkv}", "separate q/k/v projections"),
+             "fused_gate_up": (f"one fused {gate_up}", "separate gate and up projections")}
+    for flag, (fused, split) in names.items():
+        if expected[flag] != s[flag]:
+            has = fused if s[flag] else split
+            wants = fused if expected[flag] else split
+            where = " in torchtune's names" if family == SPLIT_NAMING else ""
             raise CheckpointError(
-                f"config.json says model_type {model_type!r}, but the checkpoint {has} {what}; "
+                f"config.json says model_type {model_type!r}, which has {wants}{where}, but the checkpoint has {has}; "
                 "is the config the checkpoint's own?"
             )
 
@@ -131,7 +142,7 @@ def infer_from_shapes(family: Family, shapes: dict[str, tuple[int, ...]], num_he
         model_type = "phi3"
     else:
         model_type = "qwen3" if s["qk_norm"] else "qwen2" if s["attn_bias"] else "llama"
-    check_fusedness(model_type, s)
+    check_fusedness(model_type, s, family.name)
     inferred = ["num_layers", "dim", "num_heads", "num_kv_heads", "head_dim", "intermediate_dim", "vocab_size",
                 "tie_embeddings", "model_type"]
     mt = MODEL_TYPES[model_type]

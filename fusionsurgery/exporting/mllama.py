@@ -51,8 +51,11 @@ def check_supported(src: Source) -> None:
         problems.append("q/k/v biases")
     if cfg.qk_norm:
         problems.append("self-attention q/k norms")
-    if cfg.fused_qkv or cfg.fused_gate_up:
-        problems.append("fused qkv / gate_up projections")
+    mt = cfg.model_type_obj
+    if mt.fused_qkv or mt.fused_gate_up:  # the checkpoint fuses them too, except in torchtune's names
+        # a Phi-3 stays a Phi-3 when torchtune's names split its projections: --to mllama is for Llama bases
+        problems.append("fused qkv / gate_up projections" if cfg.fused_qkv or cfg.fused_gate_up else
+                        "Phi-3's layers (fused qkv / gate_up in its own layout, split only in torchtune's names)")
     if cfg.norm_offset or cfg.norm_fp32_scale:
         problems.append("1 + w RMSNorms")
     if cfg.embed_scale is not None:
@@ -94,7 +97,7 @@ def plan_mllama(src: Source) -> tuple[list[OutTensor], list[dict[str, Any]], lis
     assert fusion is not None
     family = cfg.family_obj
     key = family.to_family
-    perm = head_permutation(cfg.head_dim, family.rope_layout, "half")
+    perm = head_permutation(cfg.head_dim, cfg.rope_layout, "half")
     moved = perm != tuple(range(cfg.head_dim))
     notes: list[str] = []
     out: list[OutTensor] = []
@@ -147,7 +150,7 @@ def plan_mllama(src: Source) -> tuple[list[OutTensor], list[dict[str, Any]], lis
             if moved and kind == "self" and rotates(canonical):
                 heads = ckpt.info(source).shape[0] // cfg.head_dim
                 out.append(same(ckpt, source, target, head_perm=perm,
-                                transform=describe(family.rope_layout, "half", heads, cfg.head_dim)))
+                                transform=describe(cfg.rope_layout, "half", heads, cfg.head_dim)))
             else:
                 out.append(same(ckpt, source, target))
 

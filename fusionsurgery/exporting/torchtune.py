@@ -1,7 +1,9 @@
 """Exports that rename a checkpoint into another naming family: ``torchtune`` (and back to ``hf``).
 
-Every tensor keeps its dtype, shape and bytes under its new name, except the self-attention q/k rows,
-which are permuted per head when the RoPE layout of the two namings differs (``rope.py``). The
+Every tensor keeps its dtype, shape and bytes under its new name, except two documented moves of
+bytes: the self-attention q/k rows are permuted per head where the RoPE layouts of the two namings
+differ for the type (``rope.py``; Llama, Mistral, Gemma), and a fused projection is split into the
+parts torchtune names (Phi-3's ``qkv_proj`` and ``gate_up_proj``), or joined again going back. The
 fusion layers' cross-attention has no RoPE and is never permuted. The output is still a fused
 checkpoint of this tool (config.json with its ``fusion`` section, ``fusion_manifest.json`` in the
 new names), so ``load_fused``, ``verify``, ``inspect`` and ``unfuse`` read it.
@@ -10,10 +12,14 @@ new names), so ``load_fused``, ``verify``, ``inspect`` and ``unfuse`` read it.
 from __future__ import annotations
 
 import copy
+import math
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from ..arch.families import FAMILIES, Family
+from ..arch.config import ModelConfig
+from ..arch.families import FAMILIES, FUSION_SEGMENT, Family
+from ..arch.model_types import fused_projections, rope_layout_of
 from ..errors import UsageError
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME
 from ..io.identity import public_config, public_manifest
@@ -22,83 +28,215 @@ from .common import (EXPORT_MANIFEST_NAME, ExportResult, Source, copy_sidecars, 
                      source_name, tensor_entries, write_json, write_source_tensors)
 from ..arch.mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_origin
 from .rope import describe, head_permutation, rotates
-from .tensors import OutTensor, Progress, index_doc, same
+from .tensors import OutTensor, Part, Progress, index_doc, same
 
-#: Architectures whose torchtune builders use torchtune's interleaved RoPE with the standard q/k
-#: permutation (torchtune's Qwen and Phi-3 builders rotate halves and would not compute the same).
-TORCHTUNE_MODEL_TYPES = ("llama", "mistral")
+#: Native types torchtune has builders for, and how its names differ from Hugging Face's for each
+#: (checked against torchtune's ``models/*/_convert_weights.py`` and component builders): Llama,
+#: Mistral and Gemma rotate interleaved pairs (q/k rows permuted per head); Qwen2, Qwen3 and Phi-3
+#: rotate halves (rows kept); Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` are split into q/k/v and
+#: w1/w3. ``ModelType.torchtune_rope`` and ``model_types.fused_projections`` hold those facts.
+TORCHTUNE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+
+_LAYER = re.compile(r"layers\.(?P<i>\d+)\.(?P<suffix>.+)")
 
 
-def plan_renamed(src: Source, target: Family) -> tuple[list[OutTensor], dict[str, str]]:
-    """Every tensor of ``src`` under ``target``'s names; returns (tensors, old key -> new key)."""
-    family = src.cfg.family_obj
-    perm = head_permutation(src.cfg.head_dim, family.rope_layout, target.rope_layout)
-    moved = perm != tuple(range(src.cfg.head_dim))
+def _layer_suffix(canonical: str) -> tuple[int, str] | None:
+    """(layer, suffix) of a decoder layer's own canonical tensor (not a fusion layer's), else None."""
+    m = _LAYER.fullmatch(canonical)
+    if not m or m.group("suffix").startswith(FUSION_SEGMENT + "."):
+        return None
+    return int(m.group("i")), m.group("suffix")
+
+
+def _fused_groups(cfg: ModelConfig, fused_qkv: bool, fused_gate_up: bool) -> dict[str, list[tuple[str, int]]]:
+    """Canonical suffix of each fused projection the target spells as one tensor -> its parts' suffixes
+    and row counts, in the order of their rows (q, k, v; gate, up)."""
+    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.kv_dim, cfg.intermediate_dim
+    groups: dict[str, list[tuple[str, int]]] = {}
+    for kind in ("weight", "bias"):
+        groups[f"attn.qkv_proj.{kind}"] = [(f"attn.{p}.{kind}", n) for p, n in (("q_proj", q), ("k_proj", kv),
+                                                                                   ("v_proj", kv))]
+    groups["mlp.w13.weight"] = [("mlp.w1.weight", inter), ("mlp.w3.weight", inter)]
+    return {k: v for k, v in groups.items() if (fused_qkv if k.startswith("attn.") else fused_gate_up)}
+
+
+class RenamePlan(NamedTuple):
+    """What ``plan_renamed`` writes: the tensors, each source key's new key(s), the target's RoPE layout."""
+
+    tensors: list[OutTensor]
+    rename: dict[str, list[str]]
+    rope_layout: str  # the layout the target's q/k rows follow
+
+    @property
+    def permuted(self) -> bool:
+        """Some q/k rows move per head."""
+        return any(p.head_perm for t in self.tensors for p in t.parts)
+
+    @property
+    def split(self) -> bool:
+        """A fused projection is written as its parts (row ranges of one source)."""
+        return any(p.rows is not None for t in self.tensors for p in t.parts)
+
+    @property
+    def joined(self) -> bool:
+        """Parts are written as one fused projection."""
+        return any(len(t.parts) > 1 for t in self.tensors)
+
+
+def plan_renamed(src: Source, target: Family) -> RenamePlan:
+    """Every tensor of ``src`` under ``target``'s names, with each source key's new key(s).
+
+    Rows of the self-attention q/k move per head where the two namings' RoPE layouts differ for this
+    type; a fused projection is split where the target names its parts (Phi-3 into torchtune's names)
+    and joined where the target fuses them (back to Hugging Face's names). Bytes are moved, never changed.
+    """
+    cfg, ckpt = src.cfg, src.ckpt
+    family = cfg.family_obj
+    dst_layout = rope_layout_of(target.name, target.rope_layout, cfg.model_type)
+    perm = head_permutation(cfg.head_dim, cfg.rope_layout, dst_layout)
+    moved = perm != tuple(range(cfg.head_dim))
+    # what the source fuses and the target does not is split; what the target fuses and the source does not, joined
+    split = _fused_groups(cfg, cfg.fused_qkv, cfg.fused_gate_up)
+    join = _fused_groups(cfg, *fused_projections(target.name, cfg.model_type))
+    split, join = {k: v for k, v in split.items() if k not in join}, {k: v for k, v in join.items() if k not in split}
+    part_of = {part: fused for fused, parts in join.items() for part, _ in parts}
+    key_of = {family.to_canonical(name): name for name in ckpt.keys()}
+
+    def perm_for(canonical: str) -> tuple[int, ...] | None:
+        return perm if moved and rotates(canonical) else None
+
+    def how_moved(name: str) -> str:
+        return describe(cfg.rope_layout, dst_layout, ckpt.info(name).shape[0] // cfg.head_dim, cfg.head_dim)
+
     out: list[OutTensor] = []
-    rename: dict[str, str] = {}
-    for _, info in src.ckpt.tensors():
+    rename: dict[str, list[str]] = {}
+    for _, info in ckpt.tensors():
         canonical = family.to_canonical(info.name)
-        key = target.to_family(canonical)
-        rename[info.name] = key
-        if moved and rotates(canonical):
-            heads = info.shape[0] // src.cfg.head_dim
-            out.append(same(src.ckpt, info.name, key, head_perm=perm,
-                            transform=describe(family.rope_layout, target.rope_layout, heads, src.cfg.head_dim)))
+        i, suffix = _layer_suffix(canonical) or (-1, "")
+        if suffix in split:  # one source tensor -> its parts, row ranges
+            first, rename[info.name] = 0, []
+            for part, rows in split[suffix]:
+                key, p = target.to_family(f"layers.{i}.{part}"), perm_for(f"layers.{i}.{part}")
+                how = (f"rows {first}:{first + rows} of {info.name} (split as {target.name} names it)"
+                       + (f"; {how_moved(info.name)}" if p else ""))
+                out.append(OutTensor(key, info.dtype, (rows, *info.shape[1:]), [Part(info.name, first, rows, head_perm=p)],
+                                     how, [info.name]))
+                rename[info.name].append(key)
+                first += rows
+        elif suffix in part_of:  # the parts -> one tensor, written where its first part is met
+            fused = part_of[suffix]
+            key = target.to_family(f"layers.{i}.{fused}")
+            rename[info.name] = [key]
+            parts = [f"layers.{i}.{part}" for part, _ in join[fused]]
+            if canonical != parts[0]:
+                continue
+            names = [key_of[c] for c in parts]
+            rows = sum(ckpt.info(n).shape[0] for n in names)
+            how = (f"concatenated: rows of {', '.join(names)} (joined as {target.name} names it)"
+                   + (f"; q/k {how_moved(names[0])}" if any(perm_for(c) for c in parts) else ""))
+            out.append(OutTensor(key, info.dtype, (rows, *info.shape[1:]),
+                                 [Part(n, head_perm=perm_for(c)) for n, c in zip(names, parts)], how, names))
         else:
-            out.append(same(src.ckpt, info.name, key))
-    return out, rename
+            key = target.to_family(canonical)
+            rename[info.name] = [key]
+            p = perm_for(canonical)
+            out.append(same(ckpt, info.name, key, head_perm=p, transform=how_moved(info.name) if p else None))
+    return RenamePlan(out, rename, dst_layout)
 
 
-def translate_fusion_manifest(doc: dict[str, Any], rename: dict[str, str], files: dict[str, str],
-                              digests: dict[str, str], src: Source, target: Family) -> dict[str, Any] | None:
-    """The source's ``fusion_manifest.json`` in the new names, with the digests of the bytes written."""
+def translate_fusion_manifest(doc: dict[str, Any], rename: dict[str, list[str]], out: dict[str, OutTensor],
+                              files: dict[str, str], digests: dict[str, str], src: Source,
+                              target: Family) -> dict[str, Any] | None:
+    """The source's ``fusion_manifest.json`` in the new names, with the digests of the bytes written.
+
+    A tensor split by the export becomes one entry per part; tensors joined become one entry (at the
+    place of the first). ``base.num_tensors`` then counts the entries, so the manifest stays consistent.
+    """
     doc = copy.deepcopy(doc)
     entries = list(doc.get("new_tensors", [])) + list(doc.get("original_tensors", []))
     if not entries or any(e.get("name") not in rename for e in entries):
         return None
-    for entry in entries:
-        entry["name"] = rename[entry["name"]]
-        entry["file"] = files[entry["name"]]
-        entry["digest"] = digests[entry["name"]]
+    for section in ("new_tensors", "original_tensors"):
+        translated: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for entry in doc.get(section, []):
+            for key in rename[entry["name"]]:
+                if key in seen:
+                    continue
+                seen.add(key)
+                new = dict(entry, name=key, file=files[key], digest=digests[key])
+                if list(out[key].shape) != list(entry.get("shape", out[key].shape)):
+                    new["shape"] = list(out[key].shape)
+                    if "numel" in new:
+                        new["numel"] = math.prod(out[key].shape)
+                translated.append(new)
+        if section in doc:
+            doc[section] = translated
     for entry in doc.get("new_tensors", []):
         if isinstance(entry.get("init"), str) and entry["init"].startswith("copy("):
             entry["init"] += f" (source named in the {src.cfg.family} family)"
     doc.pop("layout", None)  # an export holds every tensor, whatever the source's layout
+    base = doc.get("base")
+    if isinstance(base, dict) and "num_tensors" in base:
+        base["num_tensors"] = len(doc.get("original_tensors", []))
     doc["export"] = {
         "from": source_name(src), "from_family": src.cfg.family, "to_family": target.name,
         "note": f"names and digests describe this export (see {EXPORT_MANIFEST_NAME}); "
-                "'base' describes the checkpoint that was fused",
+                "'base' describes the checkpoint that was fused (its tensor count: this export's)",
     }
     return doc
 
 
 def export_family(src: Source, out: Path, target_name: str, *, force: bool = False,
                   progress: Progress | None = None) -> ExportResult:
-    """Write ``src`` renamed into the ``target_name`` family (``torchtune`` or ``hf``) at ``out``."""
+    """Write ``src`` renamed into the ``target_name`` family (``torchtune`` or ``hf``) at ``out``.
+
+    Args:
+        src: the opened source (``common.open_source``): a native type.
+        out: the output directory (replaced only once complete, with ``force``).
+        target_name: ``torchtune`` or ``hf``.
+        force: replace an existing output.
+        progress: told how many bytes were written.
+
+    Returns:
+        ExportResult: every tensor with its sources, digest and transform; notes; files.
+
+    Raises:
+        UsageError: a type this export does not cover (only the native types), or ``hf`` for a non-native type.
+    """
     target = FAMILIES[target_name]
     cfg = src.cfg
+    covered = ", ".join(TORCHTUNE_MODEL_TYPES)
     if not cfg.native:
         raise UsageError(
             f"--to {target_name} renames a native family's tensors; this {cfg.model_type} checkpoint is "
             + ("already in transformers' own names (fusionsurgery.hf loads it as it is)" if target_name == "hf" else
-               f"of a type torchtune has no builders for (supported: {', '.join(TORCHTUNE_MODEL_TYPES)})"))
+               f"not one this export covers: it renames the types with native modules here ({covered}); "
+               "the checkpoint stays in transformers' names, which fusionsurgery.hf loads as it is"))
     if target_name == "torchtune" and cfg.model_type not in TORCHTUNE_MODEL_TYPES:
         raise UsageError(
-            f"`to` torchtune supports {', '.join(TORCHTUNE_MODEL_TYPES)} checkpoints (torchtune's Llama builders, "
-            f"interleaved RoPE); this one is {cfg.model_type}, whose torchtune builders name and rotate "
-            "differently"
+            f"`to` torchtune supports {covered} checkpoints (the types torchtune has builders for); "
+            f"this one is {cfg.model_type}"
         )
     notes: list[str] = []
     if cfg.family == target.name:
         notes.append(f"the source already uses {target.name} names: tensors are copied unchanged")
     if cfg.rope_theta is None:
         notes.append("RoPE theta and scaling are unknown (no config): readers need --config or --rope-defaults")
-    tensors, rename = plan_renamed(src, target)
-    if any(t.transform for t in tensors):
-        notes.append(f"self-attention q/k rows permuted per head for {target.rope_layout} RoPE "
-                     f"({cfg.family_obj.rope_layout} before); every other tensor keeps its bytes")
-    if target.name == "torchtune" and cfg.tie_embeddings:
-        notes.append("tied embeddings stay tied (no output.weight): build the torchtune decoder with a tied output")
+    plan = plan_renamed(src, target)
+    tensors, rename = plan.tensors, plan.rename
+    if plan.permuted:
+        notes.append(f"self-attention q/k rows permuted per head for {plan.rope_layout} RoPE "
+                     f"({cfg.rope_layout} before); every other tensor keeps its bytes")
+    elif cfg.family != target.name:
+        notes.append(f"self-attention q/k rows kept: {cfg.model_type} rotates the two halves of each head in both namings "
+                     f"(torchtune's {cfg.model_type} builder uses the same RoPE layout)")
+    if plan.split:
+        notes.append("fused qkv_proj / gate_up_proj split into q/k/v_proj and w1/w3 (row ranges, bytes kept)")
+    if plan.joined:
+        notes.append("q/k/v_proj and w1/w3 joined into the fused qkv_proj / gate_up_proj (rows in order, bytes kept)")
+    if target.name == "torchtune":
+        notes.extend(_torchtune_notes(src))
     result = ExportResult(out, target_name, cfg.family, notes=notes)
     with AtomicDirectory(out, force=force) as staging:
         tmp = staging.tmp
@@ -110,7 +248,8 @@ def export_family(src: Source, out: Path, target_name: str, *, force: bool = Fal
         copy_sidecars(src.ckpt, tmp)
         source_manifest = src.manifest
         if source_manifest is not None:
-            translated = translate_fusion_manifest(source_manifest, rename, files, digests, src, target)
+            translated = translate_fusion_manifest(source_manifest, rename, {t.key: t for t in tensors}, files,
+                                                   digests, src, target)
             if translated is not None:
                 vision = copy_vision(read_origin(src.ckpt, src.manifest), tmp, src.digest)
                 if vision is not None:
@@ -126,3 +265,20 @@ def export_family(src: Source, out: Path, target_name: str, *, force: bool = Fal
         result.files = listed_files(tmp)
         staging.commit()
     return result
+
+
+def _torchtune_notes(src: Source) -> list[str]:
+    """What a torchtune user must build to load this export (the builder's settings the names cannot say)."""
+    cfg, notes = src.cfg, []
+    if cfg.tie_embeddings:
+        notes.append("tied embeddings stay tied (no output.weight): build the torchtune decoder with a tied output")
+    elif (src.ckpt.config or {}).get("tie_word_embeddings") is True:
+        notes.append("config.json says tie_word_embeddings, but the checkpoint holds its own output.weight (kept): "
+                     "build the torchtune decoder untied to load it")
+    if cfg.model_type == "gemma" or cfg.norm_offset:
+        notes.append("norm scales are stored as w for an effective 1 + w (torchtune's GemmaRMSNorm); "
+                     "the fusion blocks' norms follow the same convention")
+    if cfg.sliding_window is not None:
+        notes.append(f"the base attends within a sliding window of {cfg.sliding_window}, which torchtune's "
+                     f"{cfg.model_type} builder does not implement")
+    return notes

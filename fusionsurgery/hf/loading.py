@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from .._requirements import type_floor_problem
 from ..arch.config import INFERRED_MARK, family_of_checkpoint, read_fusion_config
 from ..errors import UsageError
 from ..io.checkpoint import INDEX_NAME, Checkpoint
@@ -53,12 +54,16 @@ def base_class(doc: dict[str, Any], where: Any = "config.json") -> type:
     """transformers' causal-LM class for a config.json: by its ``model_type``, else its ``architectures``.
 
     Raises:
-        UsageError: when the installed transformers has no such class.
+        UsageError: when the installed transformers has no such class, or is older than the release the
+            type needs (``TRANSFORMERS_FOR_TYPE``).
     """
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = doc.get("model_type")
+    problem = type_floor_problem(model_type) if isinstance(model_type, str) else None
+    if problem is not None:
+        raise UsageError(f"{where}: {problem}")
     names = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)] + list(doc.get("architectures") or [])
     for name in names:
         if isinstance(name, str) and hasattr(transformers, name):

@@ -6,7 +6,8 @@ each decoder layer listed in ``config.fusion`` (and a fusion vocabulary to the e
 module tree, parameter names and state-dict keys are the fused checkpoint's keys. Its ``forward``
 declares Mllama's ``cross_attention_states`` / ``cross_attention_mask``, which travel down to the
 decoder layers with transformers' own keyword arguments (so gradient checkpointing and FSDP see them
-as inputs); ``prepare_inputs_for_generation`` drops the states after the first step of ``generate``,
+as inputs; where a release's code drops them on the way, a fused layer takes them from the model's
+call in progress, ``EncoderInputs``); ``prepare_inputs_for_generation`` drops the states after the first step of ``generate``,
 when every fusion block reads its keys/values from the generation's cache instead.
 
 Decoder layers and embeddings get a fusion-aware subclass of their own class (the instance's
@@ -48,6 +49,20 @@ class FusedDecoderLayerMixin:
 
     fusion_layer: FusionBlock
     fusion_first: bool = True
+    #: the encoder inputs of the model's current call (shared by the model's fused layers; see ``EncoderInputs``)
+    fusion_inputs: "EncoderInputs | None" = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Where the base's own code dropped the encoder inputs on the way down (GPT-2's head and StableLM's
+        # model in transformers 5.0 do not pass their keyword arguments on), they come from the model's call.
+        # Added here, before transformers' gradient checkpointing wraps the call, so that a recomputation
+        # in the backward pass sees them too.
+        inputs = self.fusion_inputs
+        if inputs is not None:
+            for name, value in inputs.items():
+                if value is not None and kwargs.get(name) is None:
+                    kwargs[name] = value
+        return super().__call__(*args, **kwargs)
 
     def forward(self, *args: Any, cross_attention_states: torch.Tensor | None = None,
                 cross_attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
@@ -67,6 +82,14 @@ class FusedDecoderLayerMixin:
         raise TypeError(f"{type(self).__name__} returned a {type(out).__name__}; a fusion block after the layer "
                         "needs a tensor or a tuple whose first element is the hidden states (fuse without "
                         "--fusion-after)")
+
+
+class EncoderInputs(dict):
+    """The encoder states and mask of a fused model's call in progress (empty between calls).
+
+    The fused ``*ForCausalLM`` fills it for the duration of its ``forward``; its fused decoder layers
+    read it where the keyword arguments they were called with lack the encoder inputs.
+    """
 
 
 #: Keyword names under which transformers' decoder layers receive the generation cache.
@@ -133,10 +156,13 @@ def attach_fusion(model: nn.Module, config: Any) -> None:
     bad = [i for i in fusion.layers if not 0 <= i < n]
     if bad or not fusion.layers:
         raise ValueError(f"config.fusion.layers {fusion.layers} are not layers of this {n}-layer model")
+    inputs = EncoderInputs()
+    model.fusion_inputs = inputs
     for i in fusion.layers:
         layer = layers[i]
         layer.__class__ = _with_mixin(FusedDecoderLayerMixin, type(layer))
         layer.fusion_first = fusion.fusion_first
+        layer.fusion_inputs = inputs
         layer.fusion_layer = FusionBlock(spec, i)
     if fusion.fusion_vocab:
         embed = model.get_input_embeddings()
@@ -207,8 +233,19 @@ class FusedCausalLMMixin:
         """The base class's answer: transformers treats "custom code" differently when it initialises
         buffers the checkpoint does not hold (Falcon-H1's ``mup_vector`` stayed uninitialised) and when
         it looks up key conversions; a fused class is the base's own code plus fusion blocks."""
-        base = next(c for c in cls.__mro__[1:] if not issubclass(c, FusedCausalLMMixin))
-        return base.is_custom_code()
+        return _base_of(cls).is_custom_code()
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        """The base class's answer. transformers decides it by reading the source file of the class's module
+        (for a fused class, this one): the fused class would get the eager attention where the base gets SDPA."""
+        return _base_of(cls)._can_set_attn_implementation()
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        """The base class's answer, as for the attention: otherwise a mixture-of-experts type (PhiMoE, GPT-OSS,
+        Qwen3-MoE) runs its experts eagerly where the base runs them grouped, and the logits differ."""
+        return _base_of(cls)._can_set_experts_implementation()
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -230,7 +267,14 @@ class FusedCausalLMMixin:
             kwargs["cross_attention_states"] = cross_attention_states
         if cross_attention_mask is not None:
             kwargs["cross_attention_mask"] = cross_attention_mask
-        return super().forward(*args, **kwargs)
+        inputs = getattr(self, "fusion_inputs", None)
+        if inputs is None:
+            return super().forward(*args, **kwargs)
+        inputs.update(cross_attention_states=cross_attention_states, cross_attention_mask=cross_attention_mask)
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            inputs.clear()
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """After the first step the encoder keys/values are in the cache: stop passing the states,
@@ -262,6 +306,11 @@ class FusedCausalLMMixin:
             raise ValueError("push_to_hub is not supported: save, then upload the directory")
         if is_main_process:
             save_fused(self, save_directory, state_dict=state_dict)
+
+
+def _base_of(cls: type) -> type:
+    """The base's own ``*ForCausalLM`` class of a fused class."""
+    return next(c for c in cls.__mro__[1:] if not issubclass(c, FusedCausalLMMixin))
 
 
 def _cached_length(cache: Any, inputs: dict[str, Any]) -> int:

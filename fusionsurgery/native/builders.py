@@ -21,7 +21,7 @@ def build_norm(cfg: ModelConfig, dim: int, eps: float) -> RMSNorm:
 
 
 def build_rope(cfg: ModelConfig, *, rope_layout: str | None = None, rope_theta: float | None = None) -> RotaryEmbedding:
-    """RoPE for ``cfg``, in the layout of its naming family unless ``rope_layout`` says otherwise."""
+    """RoPE for ``cfg``, in the layout its q/k rows follow (``cfg.rope_layout``) unless ``rope_layout`` says otherwise."""
     theta = rope_theta if rope_theta is not None else cfg.rope_theta
     if theta is None:
         raise UsageError(
@@ -29,7 +29,7 @@ def build_rope(cfg: ModelConfig, *, rope_layout: str | None = None, rope_theta: 
             "the base's config, or `rope_defaults` llama3 to assume torchtune's Llama 3 settings "
             "(theta 500000, llama3 scaling factor 8)"
         )
-    return RotaryEmbedding(cfg.head_dim, theta, cfg.rope_scaling, rope_layout or cfg.family_obj.rope_layout)
+    return RotaryEmbedding(cfg.head_dim, theta, cfg.rope_scaling, rope_layout or cfg.rope_layout)
 
 
 def build_self_attention_layer(cfg: ModelConfig, rope: RotaryEmbedding) -> DecoderLayer:
@@ -63,8 +63,8 @@ def build_decoder(cfg: ModelConfig, fusion: FusionConfig | None = None, *, rope_
     Args:
         cfg: the base's architecture.
         fusion: the fusion settings (layers, placement, encoder width, fusion vocabulary), or None.
-        rope_layout: ``"interleaved"`` (torchtune) or ``"half"`` (Hugging Face); default: the
-            layout of the checkpoint's naming family.
+        rope_layout: ``"interleaved"`` or ``"half"``; default: the layout the checkpoint's q/k rows
+            follow (``cfg.rope_layout``: its naming family's, per type in torchtune's names).
         rope_theta: RoPE base when ``cfg`` has none.
 
     Returns:

@@ -205,7 +205,14 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
 
 
 def _fusion_config(cfg: ModelConfig, ckpt: Checkpoint, chosen: list[int], opts: FuseOptions) -> FusionConfig:
-    base_dtype = ckpt.info(cfg.family_obj.global_key("tok_embeddings.weight")).dtype
+    embedding = cfg.family_obj.global_key("tok_embeddings.weight")
+    info = ckpt.info(embedding)
+    base_dtype, width = info.dtype, info.shape[1]
+    if opts.fusion_vocab and width != cfg.dim:
+        raise UsageError(
+            f"`fusion_vocab` needs a token embedding as wide as the decoder: {embedding} is {width} wide and the "
+            f"decoder {cfg.dim} (a factorised embedding the base projects to its width); fuse without `fusion_vocab`"
+        )
     if DTYPE_CHOICES[opts.dtype] is None and base_dtype not in ("BF16", "F16", "F32"):
         raise CheckpointError(f"base embeddings are {base_dtype}; pass `dtype` bf16, fp16 or fp32 for the new weights")
     return FusionConfig(

@@ -13,7 +13,9 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
+from .._requirements import type_floor_problem
 from ..arch.config import ModelConfig
+from ..errors import UsageError
 
 #: The one-line hint shown when the forward of a non-native type needs transformers.
 HF_HINT = 'pip install "fusionsurgery[hf]"'
@@ -28,10 +30,18 @@ class Engine:
 
 
 def forward_engine(cfg: ModelConfig) -> Engine:
-    """The engine for ``cfg``'s forward checks (see the module docstring)."""
+    """The engine for ``cfg``'s forward checks (see the module docstring).
+
+    Raises:
+        UsageError: the type runs through transformers and the installed release is older than the one
+            it needs (``fusionsurgery._requirements.TRANSFORMERS_FOR_TYPE``), before any check runs.
+    """
     if cfg.native:
         return Engine("native")
     if importlib.util.find_spec("transformers") is None:
         return Engine("skip", f"model type {cfg.model_type!r} has no native modules and its forward checks run "
                               f"through transformers: {HF_HINT}")
+    problem = type_floor_problem(cfg.model_type)
+    if problem is not None:
+        raise UsageError(problem)
     return Engine("hf")
