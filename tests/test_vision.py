@@ -71,25 +71,34 @@ def test_efficientnet_is_a_real_imagenet_classifier():
 
 @pytest.mark.slow
 def test_fused_smollm2_reads_the_images(tmp_path: Path):
-    """Two to three minutes on 2 idle cores (60 training steps); 18 minutes on the loaded shared machine."""
+    """120 training steps, about 300 CPU-seconds: 244 s as a pytest run on the shared 2 cores at load 1.4-4.5."""
     if WHY_NOT:
         pytest.skip(f"the vision example's parts are not installed: {WHY_NOT}")
     run = _module(VISION, "run", "vision_run")
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    s = run.Settings(steps=60, batch_size=16, train_images=240, held_out=24, warmup=5, log_every=20)
+    s = run.Settings(steps=120, batch_size=16, train_images=480, held_out=24, log_every=20)
     r = run.run(s, tmp_path, show_photos=False)
-    # Measured (60 steps, 1 thread on the shared machine; 24 held-out images, 24 of unseen pairs):
-    # shape 92% (held out) / 88% (unseen pairs) reading the image, 33% / 29% given another example's
-    # image, 0% text only; count 54% against 29%; colour and position need the longer run (the guide).
+    # Measured (120 steps, 1 thread; 24 held-out images, 24 of unseen pairs), seeds 0 and 1:
+    # held-out images, reading the image / another example's image (text only: 0% everywhere):
+    #   colour 96% / 21% and 75% / 12%; shape 100% / 29% (both); count 88% / 25%, 83% / 25%;
+    #   size 79% / 38%, 71% / 54%; position 75% / 38%, 71% / 25%; mean 88% / 30%, 80% / 29%.
+    # unseen pairs: shape 79% / 29%, 96% / 46%; mean 64% / 33%, 73% / 37%; colour 0% and 4%
+    # (not read on unseen colour-shape pairs: see the guide), so it is not asserted there.
+    mean = lambda x: sum(x[a] for a in scenes.ATTRIBUTES) / len(scenes.ATTRIBUTES)  # noqa: E731
     for name in ("held_out", "unseen"):
         sc = r["scores"][name]
         image, shuffled, text = sc["image"], sc["shuffled_images"], sc["text_only"]
         assert image["shape"] > shuffled["shape"] + 0.3, (name, sc)
         assert image["shape"] > text["shape"] + 0.5, (name, sc)
-        mean = lambda x: sum(x[a] for a in scenes.ATTRIBUTES) / len(scenes.ATTRIBUTES)  # noqa: E731
-        assert mean(image) > mean(text) + 0.3, (name, sc)
-        if name == "held_out":  # measured: 45% against 26% (unseen pairs: 41% against 29%)
-            assert mean(image) > mean(shuffled) + 0.1, (name, sc)
+        assert mean(image) > mean(text) + 0.4, (name, sc)
+        assert mean(image) > mean(shuffled) + 0.15, (name, sc)
+    held = r["scores"]["held_out"]
+    image, shuffled, text = held["image"], held["shuffled_images"], held["text_only"]
+    assert image["colour"] > shuffled["colour"] + 0.35, held
+    assert image["colour"] > text["colour"] + 0.5, held
+    assert image["colour"] > r["majority_answer"]["held_out"]["colour"] + 0.2, (held, r["majority_answer"])
+    for attr in scenes.ATTRIBUTES:  # every attribute of held-out images is read
+        assert image[attr] > shuffled[attr] + 0.1, (attr, held)
     assert r["same_after_reopen"]  # save_pretrained, reopened: the same captions
     gates = [abs(v) for k, v in r["gates"][-1].items() if k != "step"]
     assert max(gates) > 0.02, gates  # the gates opened

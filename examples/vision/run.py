@@ -4,9 +4,10 @@
    images, and held-out images of colour-shape pairs that training never shows.
 2. The encoder is real: EfficientNet-Lite0's top-5 ImageNet classes on the photos that ship inside
    scikit-image and scikit-learn.
-3. Its last feature map (``1280 x 4 x 4`` at 128 px) is computed once per image and cached (the
-   encoder is frozen); ``fusionsurgery.ImageEncoder`` turns it into 16 tokens through a trainable
-   projection and a learned position embedding.
+3. Its feature maps (by default the stem and the stride-8, -16 and -32 stages, max-pooled to the
+   ``4 x 4`` grid of the last one at 128 px) are computed once per image and cached (the encoder is
+   frozen); ``fusionsurgery.ImageEncoder`` turns them into 16 tokens: per-channel standardisation,
+   a trainable projection and a learned position embedding.
 4. ``fusionsurgery fuse SmolLM2 --every 4``: seven gated cross-attention layers; the model is opened
    with ``fusionsurgery.hf.from_pretrained`` (transformers' own Llama class) and reads the tokens as
    ``cross_attention_states``. Only the fusion layers and the adapter train (SmolLM2 frozen).
@@ -18,6 +19,9 @@
    red), the loss curve, the gates over training. The model is saved with ``save_pretrained``,
    reopened, and must write the same captions.
 
+Training is on whole captions; ``--qa`` mixes in one-attribute questions (``Image: colour?`` -> `` red.``)
+and ``--corrupt`` shows wrong earlier words in the input (both tried for colour, off by default).
+
     python examples/vision/run.py [--steps N] [--threads T] [--work DIR] [--out examples/vision/results]
 """
 
@@ -28,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import resource
 import subprocess
 import sys
@@ -65,6 +70,10 @@ class Settings:
     held_out: int = 64  # held-out images of seen colour-shape pairs, and as many of unseen pairs
     image_size: int = 128
     every: int = 4  # fusionsurgery fuse --every
+    stages: tuple[str, ...] = ("stem", "s8", "s16", "s32")  # EfficientNet-Lite0 stages read (vision_parts.STAGES)
+    standardize: bool = True  # per-channel standardisation of the features (training-set statistics)
+    qa: float = 0.0  # share of each batch that is a one-attribute question ("Image: colour?" -> " red.")
+    corrupt: float = 0.0  # chance that a caption's input shows another value of an attribute (labels stay true)
     seed: int = 0
     log_every: int = 10
 
@@ -111,9 +120,10 @@ def make_data(s: Settings) -> Data:
 
 def cached_features(backbone: LiteFeatures, items: list[Scene], size: int, work: Path,
                     log: Callable[[str], None] = print, chunk: int = 32) -> torch.Tensor:
-    """The frozen encoder's feature maps ``[n, 1280, h, w]`` of the scenes' pictures, cached in ``work``."""
+    """The frozen encoder's feature maps ``[n, C, h, w]`` of the scenes' pictures (``C``: the channels of
+    ``backbone.stages``), cached in ``work``."""
     key = hashlib.sha256(json.dumps([size, [asdict(x) for x in items]]).encode()).hexdigest()[:16]
-    path = work / "features" / f"lite0{'-stages' if backbone.stages else ''}-{size}px-{len(items)}-{key}.pt"
+    path = work / "features" / f"lite0-{'+'.join(backbone.stages)}-{size}px-{len(items)}-{key}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
     out = []
@@ -143,16 +153,31 @@ class Captions:
     def target(self, scene: Scene) -> list[int]:
         return self.tok(" " + scene.caption, add_special_tokens=False).input_ids + [self.eos]
 
-    def batch(self, items: list[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(input_ids, labels)`` ``[b, s]``: prompt + caption + EOS (right-padded with EOS); labels -100
-        on the prompt and the padding (transformers shifts them itself)."""
-        targets = [self.target(x) for x in items]
-        width = max(map(len, targets))
-        p = len(self.prompt)
-        ids = torch.tensor([self.prompt + t + [self.eos] * (width - len(t)) for t in targets])
+    def question(self, scene: Scene, attr: str) -> tuple[list[int], list[int]]:
+        """A one-attribute question and its answer: ``Image: colour?`` -> `` red.`` + EOS (token ids)."""
+        return (self.prompt + self.tok(f" {attr}?", add_special_tokens=False).input_ids,
+                self.tok(f" {getattr(scene, attr)}.", add_special_tokens=False).input_ids + [self.eos])
+
+    def batch(self, items: list[Scene], questions: list[str | None] | None = None,
+              shown: list[Scene | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, labels)`` ``[b, s]``: prompt + caption + EOS, or, where ``questions[i]`` names an
+        attribute, prompt + that question + its answer + EOS; right-padded with EOS, labels -100 on the
+        prompt, the question and the padding (transformers shifts them itself). Where ``shown[i]`` is a
+        scene, the input shows its caption while the labels keep the true one (every caption has the
+        same tokens per slot, so the two line up)."""
+        n = len(items)
+        pairs = [self.question(x, q) if q else (self.prompt, self.target(x))
+                 for x, q in zip(items, questions or [None] * n)]
+        width = max(len(a) + len(b) for a, b in pairs)
+        ids = torch.tensor([a + b + [self.eos] * (width - len(a) - len(b)) for a, b in pairs])
         labels = torch.full_like(ids, -100)
-        for i, t in enumerate(targets):
-            labels[i, p:p + len(t)] = torch.tensor(t)
+        for i, (a, b) in enumerate(pairs):
+            labels[i, len(a):len(a) + len(b)] = torch.tensor(b)
+        for i, (other, q) in enumerate(zip(shown or [None] * n, questions or [None] * n)):
+            if other is not None and not q:
+                fake = self.target(other)
+                if len(fake) == len(pairs[i][1]):
+                    ids[i, len(self.prompt):len(self.prompt) + len(fake)] = torch.tensor(fake)
         return ids, labels
 
     def text(self, ids: list[int]) -> str:
@@ -173,7 +198,10 @@ def gate_values(model: torch.nn.Module) -> dict[str, float]:
 
 def train(model: Any, encoder: ImageEncoder, captions: Captions, items: list[Scene], feats: torch.Tensor,
           s: Settings, log: Callable[[str], None] = print) -> tuple[list[float], list[dict[str, float]]]:
-    """AdamW on the fusion parameters and the adapter; returns the loss of every step and the gates at each log."""
+    """AdamW on the fusion parameters and the adapter; returns the loss of every step and the gates at each log.
+
+    A share ``s.qa`` of each batch asks about one attribute, drawn at random (so each attribute's
+    answer gets an equal part of that loss, not one word's share of a caption); the rest are whole captions."""
     params = {**get_fusion_params(model), **{f"adapter.{k}": v for k, v in encoder.tokens.named_parameters()}}
     gates = [p for n, p in params.items() if n.endswith("_gate")]
     rest = [p for n, p in params.items() if not n.endswith("_gate")]
@@ -181,6 +209,7 @@ def train(model: Any, encoder: ImageEncoder, captions: Captions, items: list[Sce
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: min(1.0, (step + 1) / max(1, s.warmup)) * 0.5 * (1 + math.cos(math.pi * min(step, s.steps) / s.steps)))
     gen = torch.Generator().manual_seed(s.seed + 1)
+    rng = random.Random(s.seed + 2)
     losses: list[float] = []
     gate_log: list[dict[str, float]] = [{"step": 0, **gate_values(model)}]
     start = time.perf_counter()
@@ -188,7 +217,12 @@ def train(model: Any, encoder: ImageEncoder, captions: Captions, items: list[Sce
     encoder.train()
     for step in range(1, s.steps + 1):
         pick = torch.randint(0, len(items), (s.batch_size,), generator=gen)
-        ids, labels = captions.batch([items[i] for i in pick.tolist()])
+        n_qa = round(s.qa * s.batch_size)
+        asked = torch.randint(0, len(ATTRIBUTES), (n_qa,), generator=gen).tolist()
+        questions = [ATTRIBUTES[a] for a in asked] + [None] * (s.batch_size - n_qa)
+        batch = [items[i] for i in pick.tolist()]
+        shown = [scenes.corrupted(x, s.corrupt, rng) if s.corrupt else None for x in batch]
+        ids, labels = captions.batch(batch, questions, shown)
         loss = model(input_ids=ids, cross_attention_states=encoder(features=feats[pick]), labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -296,7 +330,7 @@ def run(s: Settings, work: Path, log: Callable[[str], None] = print, show_photos
     clock = Clock()
     work.mkdir(parents=True, exist_ok=True)
     with clock.phase("encoder"):
-        backbone = LiteFeatures(vision_parts.efficientnet_lite0())
+        backbone = LiteFeatures(vision_parts.efficientnet_lite0(), s.stages)
         photo_top5 = {}
         if show_photos:
             photo_top5 = vision_parts.top5(backbone, vision_parts.photos(224))
@@ -312,7 +346,10 @@ def run(s: Settings, work: Path, log: Callable[[str], None] = print, show_photos
         model, tokenizer, fused = build(work, s, log)
     captions = Captions(tokenizer)
     torch.manual_seed(s.seed)
-    encoder = ImageEncoder(backbone, ImageTokens(feats["train"].shape[1], model.fusion.encoder_dim, grid))
+    encoder = ImageEncoder(backbone, ImageTokens(feats["train"].shape[1], model.fusion.encoder_dim, grid,
+                                                 standardize=s.standardize))
+    if s.standardize:
+        encoder.tokens.fit_standardization(feats["train"])
     trainable = sum(p.numel() for p in get_fusion_params(model).values()) + sum(p.numel() for p in encoder.tokens.parameters())
     log(f"{len(data.train)} training images, {len(data.held_out)} held-out images, {len(data.unseen)} of unseen "
         f"colour-shape pairs {list(scenes.UNSEEN)}; {grid[0]}x{grid[1]} = {grid[0] * grid[1]} image tokens; training "
@@ -374,6 +411,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gate-lr", type=float, default=d.gate_lr, help="learning rate of the tanh gates")
     ap.add_argument("--train-images", type=int, default=d.train_images)
     ap.add_argument("--held-out", type=int, default=d.held_out)
+    ap.add_argument("--qa", type=float, default=d.qa,
+                    help="share of each batch that asks about one attribute instead of the whole caption [%(default)s]")
+    ap.add_argument("--corrupt", type=float, default=d.corrupt,
+                    help="chance that a training caption's input shows another value of an attribute [%(default)s]")
+    ap.add_argument("--stages", default="+".join(d.stages),
+                    help=f"EfficientNet-Lite0 stages read, joined by + (of {'+'.join(vision_parts.STAGES)}) [%(default)s]")
+    ap.add_argument("--no-standardize", action="store_true", help="feed the features without per-channel standardisation")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"parts, cached features, saved model [{DEFAULT_WORK}]")
@@ -385,7 +429,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     s = Settings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, gate_lr=args.gate_lr,
-                 train_images=args.train_images, held_out=args.held_out, seed=args.seed)
+                 train_images=args.train_images, held_out=args.held_out, seed=args.seed, qa=args.qa, corrupt=args.corrupt,
+                 stages=tuple(args.stages.split("+")), standardize=not args.no_standardize)
+    bad = [f"--{name} {value} is not in [0, 1]" for name, value in (("qa", s.qa), ("corrupt", s.corrupt))
+           if not 0.0 <= value <= 1.0]
+    unknown = vision_parts.unknown_stages(s.stages)
+    if unknown:
+        bad.append(f"--stages {args.stages}: {', '.join(unknown)} not among {'+'.join(vision_parts.STAGES)} "
+                   "(each may be prefixed grey-)")
+    if bad:
+        print(f"error: {'; '.join(bad)}", file=sys.stderr)
+        return 2
     t, c = time.perf_counter(), cpu_seconds()
     try:
         r = run(s, args.work)

@@ -114,6 +114,15 @@ def _draw(draw, shape: str, cx: float, cy: float, r: float, turn: float, fill: t
     draw.polygon(pts, fill=fill)
 
 
+def corrupted(scene: Scene, p: float, rng: random.Random) -> Scene:
+    """``scene`` with each attribute, with chance ``p``, replaced by another value of it (a caption to show
+    as context in training while the labels keep the true one: no attribute can then be guessed from
+    the words written before it)."""
+    values = {**_WORDS, "position": POSITIONS}
+    changed = {a: rng.choice([v for v in vs if v != getattr(scene, a)]) for a, vs in values.items() if rng.random() < p}
+    return Scene(**{**asdict(scene), **changed})
+
+
 # -- reading a caption back ---------------------------------------------------------------------
 
 _WORDS = {"count": COUNTS, "size": tuple(SIZES), "colour": tuple(COLOURS), "shape": SHAPES}

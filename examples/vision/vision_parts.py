@@ -70,36 +70,55 @@ def efficientnet_lite0() -> nn.Module:
     return model.eval()
 
 
+#: the stages ``LiteFeatures`` can return: the stem (stride 2), the last block of each stride, the head
+STAGES = ("stem", "s2", "s4", "s8", "s16", "s32", "head")
+
+
+def unknown_stages(stages: tuple[str, ...]) -> list[str]:
+    """The names in ``stages`` that are not a stage of ``STAGES`` (each may be prefixed ``grey-``)."""
+    return [x for x in stages if x.removeprefix("grey-") not in STAGES]
+
+
 class LiteFeatures(nn.Module):
     """EfficientNet-Lite0's feature maps for RGB images ``[b, 3, H, W]`` in 0..255: ``[b, C, H/32, W/32]``.
 
-    The input is scaled ``(x - 127) / 128``, as the TF-Lite original was trained. With ``stages``
-    False it is the last feature map alone (``C = 1280``). By default the outputs of the stride-8
-    (40 channels) and stride-16 (112 channels) stages are max-pooled to the same grid and
-    concatenated (``C = 1432``): ImageNet training makes the last map nearly blind to colour,
-    earlier stages still see it.
+    The input is scaled ``(x - 127) / 128``, as the TF-Lite original was trained. ``stages`` names
+    the maps it returns, side by side: ``stem`` (32 channels, stride 2), ``s2`` ... ``s32`` (the
+    output of the last block at that stride: 16, 24, 40, 112, 320 channels) and ``head`` (the
+    1280-channel last feature map, what the classifier reads); the finer ones are max-pooled to
+    the stride-32 grid. ImageNet training ties the head's colour to shape (a linear probe names the
+    colour of colour-shape pairs it never saw for 30% of images from the head, 100% from
+    ``stem + s8 + s16 + s32``), so the default leaves the head out.
     """
 
-    def __init__(self, model: nn.Module, stages: bool = True) -> None:
+    def __init__(self, model: nn.Module, stages: tuple[str, ...] = ("stem", "s8", "s16", "s32")) -> None:
         super().__init__()
+        if unknown_stages(stages) or not stages:
+            raise ValueError(f"stages must be some of {STAGES}, each optionally prefixed grey-, not {stages}")
         self.net = model
-        self.stages = stages
+        self.stages = tuple(stages)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images - 127.0) / 128.0
-        if not self.stages:
-            return self.net.extract_features(x)
+    def _maps(self, x: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
         net = self.net
         side = x.shape[-1]
         x = net._swish(net._bn0(net._conv_stem(x)))
-        early: dict[int, torch.Tensor] = {}
+        maps: dict[str, torch.Tensor] = {"stem": x}
         for block in net._blocks:
             x = block(x)
-            early[side // x.shape[-1]] = x  # the last output at each stride
-        last = net._swish(net._bn1(net._conv_head(x)))
-        grid = last.shape[-2:]
-        pooled = [torch.nn.functional.adaptive_max_pool2d(early[k], grid) for k in (8, 16)]
-        return torch.cat([last, *pooled], dim=1)
+            maps[f"s{side // x.shape[-1]}"] = x  # the last output at each stride
+        if "head" in wanted:
+            maps["head"] = net._swish(net._bn1(net._conv_head(x)))
+        return maps
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images - 127.0) / 128.0
+        maps = self._maps(x, set(self.stages))
+        grey = {k.removeprefix("grey-") for k in self.stages if k.startswith("grey-")}
+        if grey:  # the same network on a grey copy: luminance only, the colours' hues gone
+            y = (0.299 * images[:, :1] + 0.587 * images[:, 1:2] + 0.114 * images[:, 2:3]).expand(-1, 3, -1, -1)
+            maps.update({f"grey-{k}": v for k, v in self._maps((y - 127.0) / 128.0, grey).items()})
+        grid = maps["s32"].shape[-2:]
+        return torch.cat([torch.nn.functional.adaptive_max_pool2d(maps[k], grid) for k in self.stages], dim=1)
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """ImageNet class probabilities ``[b, 1000]``."""

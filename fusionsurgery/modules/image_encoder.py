@@ -56,13 +56,18 @@ class ImageTokens(nn.Module):
         bias (bool): give the projection a bias. Default True.
         init_std (float): standard deviation of the position embedding's normal initialisation.
             Default 0.02.
+        standardize (bool): subtract a per-channel mean and divide by a per-channel standard
+            deviation before the projection (buffers ``feature_mean`` / ``feature_std``, saved with the
+            adapter; identity until ``fit_standardization`` sets them from training features).
+            Channels of very different scales (several stages of a backbone side by side) then
+            start on an equal footing. Default False.
 
     Raises:
         ValueError: if a size is not positive.
     """
 
     def __init__(self, channels: int, dim: int, grid: int | tuple[int, int], *, bias: bool = True,
-                 init_std: float = 0.02) -> None:
+                 init_std: float = 0.02, standardize: bool = False) -> None:
         super().__init__()
         h, w = (grid, grid) if isinstance(grid, int) else tuple(grid)
         if min(channels, dim, h, w) < 1:
@@ -73,7 +78,30 @@ class ImageTokens(nn.Module):
         self.position = nn.Parameter(torch.empty(h * w, dim))
         nn.init.normal_(self.position, std=init_std)
         self.init_std = init_std
+        self.standardize = standardize
+        if standardize:
+            self.register_buffer("feature_mean", torch.zeros(channels))
+            self.register_buffer("feature_std", torch.ones(channels))
         register_fusion_module(self)
+
+    @torch.no_grad()
+    def fit_standardization(self, features: torch.Tensor, eps: float = 1e-6) -> None:
+        """Set the per-channel mean and standard deviation from feature maps (over batch and cells).
+
+        Args:
+            features (torch.Tensor): ``[b, channels, h, w]``, typically the training set's.
+            eps (float): floor of the standard deviation (a constant channel is centred, not scaled up).
+
+        Raises:
+            ValueError: if the module was built without ``standardize`` or ``features`` has the wrong shape.
+        """
+        if not self.standardize:
+            raise ValueError("this ImageTokens was built with standardize=False")
+        if features.dim() != 4 or features.shape[1] != self.channels:
+            raise ValueError(f"expected feature maps [batch, {self.channels}, h, w], got {list(features.shape)}")
+        flat = features.transpose(0, 1).flatten(1).double()
+        self.feature_mean.copy_(flat.mean(1))
+        self.feature_std.copy_(flat.std(1, unbiased=False).clamp_min(eps))
 
     @property
     def num_tokens(self) -> int:
@@ -96,12 +124,14 @@ class ImageTokens(nn.Module):
             raise ValueError(f"expected feature maps [batch, {self.channels}, {self.grid[0]}, {self.grid[1]}], "
                              f"got {list(features.shape)}")
         tokens = features.flatten(2).transpose(1, 2).to(self.projection.weight.dtype)  # [b, h*w, c]
+        if self.standardize:
+            tokens = (tokens - self.feature_mean.to(tokens.dtype)) / self.feature_std.to(tokens.dtype)
         return self.projection(tokens) + self.position
 
     def settings(self) -> dict[str, Any]:
         """What rebuilds this module (``ImageTokens(**settings)``), as JSON-friendly values."""
         return {"channels": self.channels, "dim": self.dim, "grid": list(self.grid), "bias": self.bias,
-                "init_std": self.init_std}
+                "init_std": self.init_std, "standardize": self.standardize}
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, dim={self.dim}, grid={self.grid}"
@@ -163,7 +193,7 @@ class ImageEncoder(nn.Module):
             dim (int): the width of the tokens (the fusion layers' ``encoder_dim``).
             image_size (int | tuple[int, int]): ``(H, W)`` of the images it will read (an int: square).
             backbone_trainable (bool): as in the class.
-            **tokens_kwargs: ``bias`` / ``init_std`` of ``ImageTokens``.
+            **tokens_kwargs: ``bias`` / ``init_std`` / ``standardize`` of ``ImageTokens``.
 
         Returns:
             ImageEncoder: with a new ``ImageTokens`` adapter.
@@ -280,7 +310,7 @@ def load_image_tokens(directory: str | os.PathLike[str]) -> ImageTokens:
         if doc.get("format") != FORMAT:
             raise CheckpointError(f"{config}: format {doc.get('format')!r} is not {FORMAT!r}")
         tokens = ImageTokens(int(doc["channels"]), int(doc["dim"]), tuple(doc["grid"]), bias=bool(doc.get("bias", True)),
-                             init_std=float(doc.get("init_std", 0.02)))
+                             init_std=float(doc.get("init_std", 0.02)), standardize=bool(doc.get("standardize", False)))
         state = load_file(str(weights))
     except CheckpointError:
         raise
