@@ -36,16 +36,20 @@ class MissingPart(RuntimeError):
     """A wheel or library the example needs is not installed (the message says what to install)."""
 
 
-def wheel_file(package: str, name: str) -> Path:
-    """``name`` inside the installed ``package``, found without importing the package."""
+def wheel_file(package: str, name: str, hint: str = PIP_HINT) -> Path:
+    """``name`` inside the installed ``package``, found without importing the package.
+
+    Raises:
+        MissingPart: the package is not installed, or has no such file (``hint`` says what to install).
+    """
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise MissingPart(f"the wheel providing {package!r} is not installed: {PIP_HINT}")
+        raise MissingPart(f"the wheel providing {package!r} is not installed: {hint}")
     for folder in spec.submodule_search_locations:
         path = Path(folder) / name
         if path.is_file():
             return path
-    raise MissingPart(f"{package!r} is installed but has no {name} (a different version?): {PIP_HINT}")
+    raise MissingPart(f"{package!r} is installed but has no {name} (a different version?): {hint}")
 
 
 def missing_parts() -> str | None:

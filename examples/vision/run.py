@@ -300,17 +300,9 @@ def build(work: Path, s: Settings, log: Callable[[str], None] = print) -> tuple[
 
     import fusionsurgery.hf as fhf
 
-    real_parts = HERE.parent / "real_parts"
-    sys.path.insert(0, str(real_parts))
-    try:
-        from parts import MissingPart as SmolMissing
-        from parts import prepare_smollm2
-    finally:
-        sys.path.remove(str(real_parts))
-    try:
-        smol = prepare_smollm2(work / "SmolLM2-135M-Instruct")
-    except SmolMissing as exc:
-        raise MissingPart(str(exc)) from None
+    from parts import prepare_smollm2  # examples/real_parts/parts.py, on the path through vision_parts
+
+    smol = prepare_smollm2(work / "SmolLM2-135M-Instruct")
     fused = work / f"SmolLM2-135M-Instruct-fused-every{s.every}"
     if not (fused / "config.json").is_file():
         cmd = [sys.executable, "-m", "fusionsurgery", "fuse", str(smol), "-o", str(fused), "--every", str(s.every),

