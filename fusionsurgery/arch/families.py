@@ -218,10 +218,9 @@ def typed_family(model_type: str, naming: str) -> Family | None:
 
 
 def _typed_family(model_type: str, names: TorchtuneNames, naming: str) -> Family:
-    """The pass-through family of a type with torchtune rows: the Llama rows, overridden and extended
-    by the type's own, in transformers' names (``hf``) or torchtune's (``torchtune``)."""
-    layer = {c: f for c, f in _HF_LAYER.items() if c not in names.layer and f not in names.layer.values()}
-    layer.update(names.layer)
+    """The pass-through family of a type with torchtune rows (``model_types.TORCHTUNE_NAMES``), in
+    transformers' names (``hf``) or torchtune's (``torchtune``)."""
+    layer = dict(names.layer)
     stem = names.hf_embedding_key.removesuffix(".weight")
     glob = {"tok_embeddings.weight": names.hf_embedding_key,
             "tok_embeddings.fusion_embedding.weight": f"{stem}.fusion_embedding.weight", **names.globals}

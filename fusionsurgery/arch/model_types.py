@@ -73,8 +73,9 @@ class TorchtuneNames:
     """torchtune's names for a type torchtune builds that the native modules do not implement.
 
     Such a type is read like any decoder (its forward is transformers'); its torchtune export renames
-    it by these rows. Canonical names are torchtune's, so each row is canonical -> Hugging Face name;
-    the rows here override or add to the Llama rows of ``families.py`` for this type alone.
+    it by these rows. Canonical names are torchtune's, so each row is canonical -> Hugging Face name.
+    ``layer`` lists every tensor of one decoder layer (each layer holds them all); ``globals`` the
+    tensors outside the layers besides the token embedding (``output.weight`` only when untied).
     """
 
     layer: dict[str, str]  # canonical (torchtune) suffix -> Hugging Face suffix, under a layer prefix
@@ -95,7 +96,11 @@ class TorchtuneNames:
 #: 0.6.1 release swapped them.
 TORCHTUNE_NAMES: dict[str, TorchtuneNames] = {
     "gemma2": TorchtuneNames(
-        layer={"sa_norm.scale": "input_layernorm.weight", "sa_scale.scale": "post_attention_layernorm.weight",
+        layer={"attn.q_proj.weight": "self_attn.q_proj.weight", "attn.k_proj.weight": "self_attn.k_proj.weight",
+               "attn.v_proj.weight": "self_attn.v_proj.weight", "attn.output_proj.weight": "self_attn.o_proj.weight",
+               "mlp.w1.weight": "mlp.gate_proj.weight", "mlp.w3.weight": "mlp.up_proj.weight",
+               "mlp.w2.weight": "mlp.down_proj.weight",
+               "sa_norm.scale": "input_layernorm.weight", "sa_scale.scale": "post_attention_layernorm.weight",
                "mlp_norm.scale": "pre_feedforward_layernorm.weight",
                "mlp_scale.scale": "post_feedforward_layernorm.weight"},
         globals={"norm.rms_norm.scale": "model.norm.weight", "output.weight": "lm_head.weight"},

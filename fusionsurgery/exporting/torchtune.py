@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 from ..arch.config import ModelConfig
 from ..arch.families import FAMILIES, FUSION_SEGMENT, PASSTHROUGH, Family, typed_family
 from ..arch.model_types import TORCHTUNE_NAMES, fused_projections, rope_layout_of
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME
 from ..io.identity import public_config, public_manifest
 from ..io.writer import AtomicDirectory
@@ -212,6 +212,8 @@ def export_family(src: Source, out: Path, target_name: str, *, force: bool = Fal
     """
     cfg = src.cfg
     target = target_family(cfg, target_name)
+    if not cfg.native:
+        require_rows(src)
     notes: list[str] = []
     if cfg.family_obj == target:
         notes.append(f"the source already uses {target_name} names: tensors are copied unchanged")
@@ -238,7 +240,7 @@ def export_family(src: Source, out: Path, target_name: str, *, force: bool = Fal
         if len(set(files.values())) > 1:
             write_json(tmp / INDEX_NAME, index_doc(files, tensors))
         if src.ckpt.config is not None:
-            write_json(tmp / CONFIG_NAME, public_config(renamed_config(src.ckpt.config, cfg, target)))
+            write_json(tmp / CONFIG_NAME, public_config(renamed_fusion_section(src.ckpt.config, cfg, target)))
         copy_sidecars(src.ckpt, tmp)
         source_manifest = src.manifest
         if source_manifest is not None:
@@ -250,7 +252,7 @@ def export_family(src: Source, out: Path, target_name: str, *, force: bool = Fal
                     translated[ORIGIN_KEY]["vision"] = vision
                     notes.append(f"the imported vision tower and projector are carried in {VISION_DIR}/ under their "
                                  "Hugging Face names (export --to mllama puts them back)")
-                write_json(tmp / MANIFEST_NAME, public_manifest(translated))
+                write_json(tmp / MANIFEST_NAME, public_manifest(renamed_fusion_section(translated, cfg, target)))
             else:
                 notes.append(f"the source's {MANIFEST_NAME} does not match its tensors; not carried over")
         entries = tensor_entries(tensors, files, digests)
@@ -296,9 +298,27 @@ def target_family(cfg: ModelConfig, target_name: str) -> Family:
     return typed
 
 
-def renamed_config(doc: dict[str, Any], cfg: ModelConfig, target: Family) -> dict[str, Any]:
-    """``doc`` with its fusion section's layer prefix and embedding key in ``target``'s names (a type
-    without native modules is found by them); a native type's config is returned as it is."""
+def require_rows(src: Source) -> None:
+    """Refuse a checkpoint of a type with torchtune rows (``model_types.TORCHTUNE_NAMES``) that lacks a
+    tensor they name: every layer holds each layer row, and the model its embedding and final norm.
+
+    Raises:
+        CheckpointError: one line naming the missing tensors.
+    """
+    cfg, keys = src.cfg, set(src.ckpt.keys())
+    names, family = TORCHTUNE_NAMES[cfg.model_type], cfg.family_obj
+    wanted = [family.global_key("tok_embeddings.weight")]
+    wanted += [family.global_key(c) for c in names.globals if c != "output.weight"]  # output: only when untied
+    wanted += [family.layer_key(i, c) for i in range(cfg.num_layers) for c in names.layer]
+    missing = [k for k in wanted if k not in keys]
+    if missing:
+        raise CheckpointError(f"{src.ckpt.root}: not a complete {cfg.model_type} decoder: {len(missing)} tensor(s) "
+                              f"missing: {listed(missing)}")
+
+
+def renamed_fusion_section(doc: dict[str, Any], cfg: ModelConfig, target: Family) -> dict[str, Any]:
+    """``doc`` (a config.json or a fusion manifest) with its ``fusion`` section's layer prefix and embedding
+    key in ``target``'s names, by which a type without native modules is found; a native type's as it is."""
     fusion = doc.get("fusion")
     if cfg.native or not isinstance(fusion, dict) or not fusion.get("layer_prefix"):
         return doc

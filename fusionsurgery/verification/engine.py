@@ -40,9 +40,8 @@ def forward_engine(cfg: ModelConfig) -> Engine:
     if cfg.native:
         return Engine("native")
     if not cfg.family_obj.transformers_names:
-        return Engine("skip", f"model type {cfg.model_type!r} has no native modules and this checkpoint is in "
-                              "torchtune's names: its forward checks run through transformers, which reads Hugging "
-                              "Face names; `fusionsurgery export PATH --to hf` first, then verify that")
+        return Engine("skip", f"{cfg.model_type} in torchtune's names: the forward checks run through transformers, "
+                              "which reads Hugging Face names (`fusionsurgery export PATH --to hf` first)")
     if importlib.util.find_spec("transformers") is None:
         return Engine("skip", f"model type {cfg.model_type!r} has no native modules and its forward checks run "
                               f"through transformers: {HF_HINT}")
