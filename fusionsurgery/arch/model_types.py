@@ -87,6 +87,8 @@ class TorchtuneNames:
     notes: tuple[str, ...] = ()
     #: config.json key -> what its value means for torchtune's builder (``{value}`` stands for it).
     settings: dict[str, str] = field(default_factory=dict)
+    #: config.json key -> what its absence (or null) means for torchtune's builder.
+    unset: dict[str, str] = field(default_factory=dict)
 
 
 #: Types torchtune builds beyond the native ones (checked against torchtune's builders and converters).
@@ -122,6 +124,11 @@ TORCHTUNE_NAMES: dict[str, TorchtuneNames] = {
                                        "projection), so the two differ unless the cap is far above both",
             "query_pre_attn_scalar": "attention scores are scaled by {value}^-0.5, not head_dim^-0.5 (torchtune's "
                                      "query_pre_attn_scalar)",
+        },
+        unset={
+            "final_logit_softcapping": "transformers does not cap the final logits here, while torchtune's gemma2 "
+                                       "always caps the normed hidden state (final_capping_value, default 30): build "
+                                       "it with a cap far above the hidden state's range",
         },
     ),
 }

@@ -347,4 +347,5 @@ def _torchtune_notes(src: Source) -> list[str]:
         notes.extend(names.notes)
         doc = src.ckpt.config or {}
         notes.extend(text.format(value=doc[key]) for key, text in names.settings.items() if doc.get(key) is not None)
+        notes.extend(text for key, text in names.unset.items() if doc.get(key) is None)
     return notes
