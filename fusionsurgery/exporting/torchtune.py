@@ -2,7 +2,7 @@
 
 Every tensor keeps its dtype, shape and bytes under its new name, except two documented moves of
 bytes: the self-attention q/k rows are permuted per head where the RoPE layouts of the two namings
-differ for the type (``rope.py``; Llama, Mistral, Gemma), and a fused projection is split into the
+differ for the type (``rope.py``; Llama, Mistral, Gemma, Gemma 2), and a fused projection is split into the
 parts torchtune names (Phi-3's ``qkv_proj`` and ``gate_up_proj``), or joined again going back. The
 fusion layers' cross-attention has no RoPE and is never permuted. The output is still a fused
 checkpoint of this tool (config.json with its ``fusion`` section, ``fusion_manifest.json`` in the
@@ -198,7 +198,8 @@ def export_family(src: Source, out: Path, target_name: str, *, force: bool = Fal
     """Write ``src`` renamed into the ``target_name`` family (``torchtune`` or ``hf``) at ``out``.
 
     Args:
-        src: the opened source (``common.open_source``): a native type.
+        src: the opened source (``common.open_source``): a native type, or a type with torchtune rows
+            (``model_types.TORCHTUNE_NAMES``: Gemma 2) in transformers' or torchtune's names.
         out: the output directory (replaced only once complete, with ``force``).
         target_name: ``torchtune`` or ``hf``.
         force: replace an existing output.
@@ -208,7 +209,10 @@ def export_family(src: Source, out: Path, target_name: str, *, force: bool = Fal
         ExportResult: every tensor with its sources, digest and transform; notes; files.
 
     Raises:
-        UsageError: a type this export does not cover (only the native types), or ``hf`` for a non-native type.
+        UsageError: a type this export does not cover (``target_family``), or ``hf`` for a checkpoint
+            already in transformers' names.
+        CheckpointError: a Gemma 2 (a type with torchtune rows) missing a tensor, or holding one the rows
+            do not name.
     """
     cfg = src.cfg
     target = target_family(cfg, target_name)
