@@ -41,6 +41,10 @@ NOT_RUN: dict[tuple[str, str], str] = {
     ("docs/transformers.md", "fusionsurgery verify /tmp/tiny-trained"):
         "tests/test_hf_training.py::test_documented_example_runs_and_verifies runs the page's first python "
         "block, which writes /tmp/tiny-trained, and then this verify (and asserts the fusion tensors trained)",
+    ("docs/cli/export.md", "fusionsurgery export my-gemma2-fused"):
+        "tests/test_torchtune_gemma2.py runs this export on a tiny Gemma 2 that transformers builds in the test",
+    ("docs/cli/export.md", "fusionsurgery export my-gemma2-tune"):
+        "tests/test_torchtune_gemma2.py runs this round trip and compares the bytes",
 }
 
 #: Lines shown but not run (each pattern with why): they install software or take minutes, and the

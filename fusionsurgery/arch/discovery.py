@@ -113,9 +113,9 @@ def family_of_checkpoint(ckpt: Checkpoint) -> Family:
     fusion = doc.get("fusion")
     if isinstance(fusion, dict) and isinstance(fusion.get("layer_prefix"), str) and fusion.get("layer_prefix") \
             and isinstance(fusion.get("embedding_key"), str) and fusion.get("embedding_key"):
-        return generic_family(fusion["layer_prefix"], fusion["embedding_key"])
+        return generic_family(fusion["layer_prefix"], fusion["embedding_key"], model_type)
     layer_prefix, embedding_key = discover_layout(ckpt)
-    return generic_family(layer_prefix, embedding_key)
+    return generic_family(layer_prefix, embedding_key, model_type)
 
 
 def discover_layout(ckpt: Checkpoint) -> tuple[str, str]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 from ..errors import CheckpointError, listed
+from .model_types import TORCHTUNE_NAMES, TorchtuneNames
 
 # Tensors of one decoder layer, canonical suffix -> family suffix (both under a layer prefix).
 _HF_LAYER = {
@@ -81,6 +82,7 @@ class Family:
     marker: str  # a key every checkpoint of this family has
     description: str = ""
     passthrough: bool = False  # keys outside the table are the base's own, kept as they are (any decoder)
+    transformers_names: bool = True  # transformers' from_pretrained reads these names (a pass-through family)
 
     @cached_property
     def table(self) -> dict[str, str]:
@@ -170,13 +172,25 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+#: Where torchtune numbers the layers and keeps the token embedding, whatever the type.
+TUNE_LAYER_PREFIX, TUNE_EMBEDDING_KEY = "layers", "tok_embeddings.weight"
+
+
 @lru_cache(maxsize=64)
-def generic_family(layer_prefix: str, embedding_key: str) -> Family:
+def generic_family(layer_prefix: str, embedding_key: str, model_type: str = "") -> Family:
     """The family of any decoder: layers numbered under ``layer_prefix`` (dotted, e.g. ``transformer.h``),
     token embedding at ``embedding_key``, fusion tensors in the HF column of DESIGN.md section 3.
 
     Llama-named layer tensors (``self_attn.q_proj`` ...) get their canonical names, so ``--init copy``
-    finds them; every other key passes through under its own name."""
+    finds them; every other key passes through under its own name. A ``model_type`` torchtune builds
+    (``model_types.TORCHTUNE_NAMES``) laid out as transformers or torchtune lay it out gets that type's
+    rows too (``typed_family``), so each of its tensors has a canonical, torchtune name."""
+    names = TORCHTUNE_NAMES.get(model_type)
+    if names is not None:
+        if (layer_prefix, embedding_key) == (names.hf_layer_prefix, names.hf_embedding_key):
+            return _typed_family(model_type, names, "hf")
+        if (layer_prefix, embedding_key) == (TUNE_LAYER_PREFIX, TUNE_EMBEDDING_KEY):
+            return _typed_family(model_type, names, "torchtune")
     stem = embedding_key.removesuffix(".weight")
     return Family(
         name=GENERIC,
@@ -189,6 +203,42 @@ def generic_family(layer_prefix: str, embedding_key: str) -> Family:
         marker=embedding_key,
         description=f"transformers names, layers under {layer_prefix}.{{i}}. (wrapped as they are)",
         passthrough=True,
+    )
+
+
+def typed_family(model_type: str, naming: str) -> Family | None:
+    """The family of a ``model_type`` torchtune builds without native modules here, in ``naming``
+    (``hf`` or ``torchtune``); None for any other type."""
+    names = TORCHTUNE_NAMES.get(model_type)
+    if names is None:
+        return None
+    if naming == "hf":
+        return generic_family(names.hf_layer_prefix, names.hf_embedding_key, model_type)
+    return generic_family(TUNE_LAYER_PREFIX, TUNE_EMBEDDING_KEY, model_type)
+
+
+def _typed_family(model_type: str, names: TorchtuneNames, naming: str) -> Family:
+    """The pass-through family of a type with torchtune rows (``model_types.TORCHTUNE_NAMES``), in
+    transformers' names (``hf``) or torchtune's (``torchtune``)."""
+    layer = dict(names.layer)
+    stem = names.hf_embedding_key.removesuffix(".weight")
+    glob = {"tok_embeddings.weight": names.hf_embedding_key,
+            "tok_embeddings.fusion_embedding.weight": f"{stem}.fusion_embedding.weight", **names.globals}
+    if naming == "hf":
+        return Family(
+            name=GENERIC, layer_prefix=f"{names.hf_layer_prefix}.{{i}}.", global_keys=glob, layer_keys=layer,
+            fusion_keys=_HF_FUSION, rope_layout="half", marker=names.hf_embedding_key,
+            description=f"transformers names of {model_type}, layers under {names.hf_layer_prefix}.{{i}}. "
+                        "(wrapped as they are)",
+            passthrough=True,
+        )
+    return Family(
+        name=GENERIC, layer_prefix=f"{TUNE_LAYER_PREFIX}.{{i}}.", global_keys={c: c for c in glob},
+        layer_keys={c: c for c in layer}, fusion_keys=_TUNE_FUSION, rope_layout=names.rope,
+        marker=TUNE_EMBEDDING_KEY,
+        description=f"torchtune names of {model_type} (layers.{{i}}.attn.q_proj.weight; "
+                    "transformers reads it after export --to hf)",
+        passthrough=True, transformers_names=False,
     )
 
 

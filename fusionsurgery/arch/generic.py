@@ -76,11 +76,12 @@ def read_generic_config(ckpt: Checkpoint, family: Family, *, num_heads: int | No
     if heads % kv:
         raise CheckpointError(f"{where}: {heads} attention heads cannot be grouped over {kv} key/value heads")
     keys = ckpt.keys()
+    output_key = family.global_keys.get("output.weight")  # a type with torchtune rows names its own
     return ModelConfig(
         family=family.name, model_type=model_type, num_layers=num_layers, dim=dim, num_heads=heads,
         num_kv_heads=kv, head_dim=head_dim, intermediate_dim=fields.int_of("intermediate_dim") or 4 * dim,
         vocab_size=emb[0], norm_eps=fields.float_of("norm_eps", 1e-6), rope_theta=_theta(fields),
-        tie_embeddings=not any(".".join(k.split(".")[-2:]) in _OUTPUT_NAMES for k in keys),
+        tie_embeddings=not any(".".join(k.split(".")[-2:]) in _OUTPUT_NAMES or k == output_key for k in keys),
         max_seq_len=_max_positions(doc), activation=fusion_activation(fields.str_of("activation")),
         norm_offset=norm_offset_of(model_type), layer_prefix=layer_prefix, embedding_key=embedding_key,
     )

@@ -76,7 +76,7 @@ class ModelConfig:
     def family_obj(self) -> Family:
         if self.family in FAMILIES:
             return FAMILIES[self.family]
-        return generic_family(self.layer_prefix, self.embedding_key)
+        return generic_family(self.layer_prefix, self.embedding_key, self.model_type)
 
     @property
     def rope_layout(self) -> str:

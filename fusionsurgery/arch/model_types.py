@@ -9,7 +9,7 @@ as it is, its forward left to transformers (``fusionsurgery.hf``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,72 @@ ONE_PLUS_W_NORM_TYPES = frozenset({
 #: The naming family whose names never fuse projections: torchtune splits Phi-3's ``qkv_proj`` into
 #: ``q_proj``/``k_proj``/``v_proj`` and its ``gate_up_proj`` into ``w1``/``w3``.
 SPLIT_NAMING = "torchtune"
+
+
+@dataclass(frozen=True)
+class TorchtuneNames:
+    """torchtune's names for a type torchtune builds that the native modules do not implement.
+
+    Such a type is read like any decoder (its forward is transformers'); its torchtune export renames
+    it by these rows. Canonical names are torchtune's, so each row is canonical -> Hugging Face name.
+    ``layer`` lists every tensor of one decoder layer (each layer holds them all); ``globals`` the
+    tensors outside the layers besides the token embedding (``output.weight`` only when untied).
+    """
+
+    layer: dict[str, str]  # canonical (torchtune) suffix -> Hugging Face suffix, under a layer prefix
+    globals: dict[str, str]  # canonical (torchtune) key -> Hugging Face key, outside the layers
+    rope: str = "interleaved"  # the RoPE layout of torchtune's builder, which its q/k rows follow
+    hf_layer_prefix: str = "model.layers"  # where transformers numbers the layers of this type
+    hf_embedding_key: str = "model.embed_tokens.weight"
+    #: What the export tells a torchtune user whatever the config says (naming facts the rows cannot show).
+    notes: tuple[str, ...] = ()
+    #: config.json key -> what its value means for torchtune's builder (``{value}`` stands for it).
+    settings: dict[str, str] = field(default_factory=dict)
+    #: config.json key -> what its absence (or null) means for torchtune's builder.
+    unset: dict[str, str] = field(default_factory=dict)
+
+
+#: Types torchtune builds beyond the native ones (checked against torchtune's builders and converters).
+#: Gemma 2: four norms per layer and a final norm under ``norm.rms_norm`` (torchtune wraps it to cap
+#: the hidden state). The feed-forward norms follow what torchtune's ``TransformerSelfAttentionLayer``
+#: applies (``mlp_norm`` before the MLP, ``mlp_scale`` after), as torchtune's converter does since its
+#: 0.6.1 release swapped them.
+TORCHTUNE_NAMES: dict[str, TorchtuneNames] = {
+    "gemma2": TorchtuneNames(
+        layer={"attn.q_proj.weight": "self_attn.q_proj.weight", "attn.k_proj.weight": "self_attn.k_proj.weight",
+               "attn.v_proj.weight": "self_attn.v_proj.weight", "attn.output_proj.weight": "self_attn.o_proj.weight",
+               "mlp.w1.weight": "mlp.gate_proj.weight", "mlp.w3.weight": "mlp.up_proj.weight",
+               "mlp.w2.weight": "mlp.down_proj.weight",
+               "sa_norm.scale": "input_layernorm.weight", "sa_scale.scale": "post_attention_layernorm.weight",
+               "mlp_norm.scale": "pre_feedforward_layernorm.weight",
+               "mlp_scale.scale": "post_feedforward_layernorm.weight"},
+        globals={"norm.rms_norm.scale": "model.norm.weight", "output.weight": "lm_head.weight"},
+        notes=(
+            "post_attention_layernorm -> sa_scale.scale (applied to the attention output), pre_feedforward_layernorm "
+            "-> mlp_norm.scale (before the MLP), post_feedforward_layernorm -> mlp_scale.scale (after it), as "
+            "torchtune's TransformerSelfAttentionLayer applies them and its main-branch converter names them; "
+            "torchtune 0.6.1's own gemma2 converter swaps the two feed-forward norms, so convert back with "
+            "`fusionsurgery export --to hf`, not with that converter",
+            "the final norm is norm.rms_norm.scale (torchtune's Gemma2FinalNorm wraps the RMSNorm with a capping)",
+        ),
+        settings={
+            "sliding_window": "layers 0, 2, 4, ... attend within a sliding window of {value} tokens (torchtune's "
+                              "gemma2 sliding_window_size; it slides on the same even layers)",
+            "attn_logit_softcapping": "attention scores are soft-capped at {value} (tanh; torchtune's "
+                                      "hidden_capping_value)",
+            "final_logit_softcapping": "transformers soft-caps the final logits at {value}; torchtune's "
+                                       "final_capping_value caps the normed hidden state instead (before the output "
+                                       "projection), so the two differ unless the cap is far above both",
+            "query_pre_attn_scalar": "attention scores are scaled by {value}^-0.5, not head_dim^-0.5 (torchtune's "
+                                     "query_pre_attn_scalar)",
+        },
+        unset={
+            "final_logit_softcapping": "transformers does not cap the final logits here, while torchtune's gemma2 "
+                                       "always caps the normed hidden state (final_capping_value, default 30): build "
+                                       "it with a cap far above the hidden state's range",
+        },
+    ),
+}
 
 
 def rope_layout_of(family: str, family_layout: str, model_type: str) -> str:

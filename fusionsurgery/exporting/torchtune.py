@@ -2,7 +2,7 @@
 
 Every tensor keeps its dtype, shape and bytes under its new name, except two documented moves of
 bytes: the self-attention q/k rows are permuted per head where the RoPE layouts of the two namings
-differ for the type (``rope.py``; Llama, Mistral, Gemma), and a fused projection is split into the
+differ for the type (``rope.py``; Llama, Mistral, Gemma, Gemma 2), and a fused projection is split into the
 parts torchtune names (Phi-3's ``qkv_proj`` and ``gate_up_proj``), or joined again going back. The
 fusion layers' cross-attention has no RoPE and is never permuted. The output is still a fused
 checkpoint of this tool (config.json with its ``fusion`` section, ``fusion_manifest.json`` in the
@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..arch.config import ModelConfig
-from ..arch.families import FAMILIES, FUSION_SEGMENT, Family
-from ..arch.model_types import fused_projections, rope_layout_of
-from ..errors import UsageError
+from ..arch.families import FAMILIES, FUSION_SEGMENT, PASSTHROUGH, Family, typed_family
+from ..arch.model_types import TORCHTUNE_NAMES, fused_projections, rope_layout_of
+from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME
 from ..io.identity import public_config, public_manifest
 from ..io.writer import AtomicDirectory
@@ -36,6 +36,9 @@ from .tensors import OutTensor, Part, Progress, index_doc, same
 #: rotate halves (rows kept); Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` are split into q/k/v and
 #: w1/w3. ``ModelType.torchtune_rope`` and ``model_types.fused_projections`` hold those facts.
 TORCHTUNE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+#: Every type ``--to torchtune`` covers: the native ones above, and the types torchtune builds whose
+#: forward here is transformers' (renamed by their rows in ``model_types.TORCHTUNE_NAMES``: Gemma 2).
+TORCHTUNE_EXPORT_TYPES = TORCHTUNE_MODEL_TYPES + tuple(TORCHTUNE_NAMES)
 
 _LAYER = re.compile(r"layers\.(?P<i>\d+)\.(?P<suffix>.+)")
 
@@ -112,6 +115,9 @@ def plan_renamed(src: Source, target: Family) -> RenamePlan:
     rename: dict[str, list[str]] = {}
     for _, info in ckpt.tensors():
         canonical = family.to_canonical(info.name)
+        if canonical.startswith(PASSTHROUGH):
+            raise CheckpointError(f"{ckpt.root}: tensor {info.name!r} is not one {target.description} has a name "
+                                  f"for (a {cfg.model_type} checkpoint holds only the tensors its rows name)")
         i, suffix = _layer_suffix(canonical) or (-1, "")
         if suffix in split:  # one source tensor -> its parts, row ranges
             first, rename[info.name] = 0, []
@@ -146,7 +152,7 @@ def plan_renamed(src: Source, target: Family) -> RenamePlan:
 
 def translate_fusion_manifest(doc: dict[str, Any], rename: dict[str, list[str]], out: dict[str, OutTensor],
                               files: dict[str, str], digests: dict[str, str], src: Source,
-                              target: Family) -> dict[str, Any] | None:
+                              target: Family, target_name: str | None = None) -> dict[str, Any] | None:
     """The source's ``fusion_manifest.json`` in the new names, with the digests of the bytes written.
 
     A tensor split by the export becomes one entry per part; tensors joined become one entry (at the
@@ -180,7 +186,7 @@ def translate_fusion_manifest(doc: dict[str, Any], rename: dict[str, list[str]],
     if isinstance(base, dict) and "num_tensors" in base:
         base["num_tensors"] = len(doc.get("original_tensors", []))
     doc["export"] = {
-        "from": source_name(src), "from_family": src.cfg.family, "to_family": target.name,
+        "from": source_name(src), "from_family": src.cfg.family, "to_family": target_name or target.name,
         "note": f"names and digests describe this export (see {EXPORT_MANIFEST_NAME}); "
                 "'base' describes the checkpoint that was fused (its tensor count: this export's)",
     }
@@ -192,7 +198,8 @@ def export_family(src: Source, out: Path, target_name: str, *, force: bool = Fal
     """Write ``src`` renamed into the ``target_name`` family (``torchtune`` or ``hf``) at ``out``.
 
     Args:
-        src: the opened source (``common.open_source``): a native type.
+        src: the opened source (``common.open_source``): a native type, or a type with torchtune rows
+            (``model_types.TORCHTUNE_NAMES``: Gemma 2) in transformers' or torchtune's names.
         out: the output directory (replaced only once complete, with ``force``).
         target_name: ``torchtune`` or ``hf``.
         force: replace an existing output.
@@ -202,25 +209,18 @@ def export_family(src: Source, out: Path, target_name: str, *, force: bool = Fal
         ExportResult: every tensor with its sources, digest and transform; notes; files.
 
     Raises:
-        UsageError: a type this export does not cover (only the native types), or ``hf`` for a non-native type.
+        UsageError: a type this export does not cover (``target_family``), or ``hf`` for a checkpoint
+            already in transformers' names.
+        CheckpointError: a Gemma 2 (a type with torchtune rows) missing a tensor, or holding one the rows
+            do not name.
     """
-    target = FAMILIES[target_name]
     cfg = src.cfg
-    covered = ", ".join(TORCHTUNE_MODEL_TYPES)
+    target = target_family(cfg, target_name)
     if not cfg.native:
-        raise UsageError(
-            f"--to {target_name} renames a native family's tensors; this {cfg.model_type} checkpoint is "
-            + ("already in transformers' own names (fusionsurgery.hf loads it as it is)" if target_name == "hf" else
-               f"not one this export covers: it renames the types with native modules here ({covered}); "
-               "the checkpoint stays in transformers' names, which fusionsurgery.hf loads as it is"))
-    if target_name == "torchtune" and cfg.model_type not in TORCHTUNE_MODEL_TYPES:
-        raise UsageError(
-            f"`to` torchtune supports {covered} checkpoints (the types torchtune has builders for); "
-            f"this one is {cfg.model_type}"
-        )
+        require_rows(src)
     notes: list[str] = []
-    if cfg.family == target.name:
-        notes.append(f"the source already uses {target.name} names: tensors are copied unchanged")
+    if cfg.family_obj == target:
+        notes.append(f"the source already uses {target_name} names: tensors are copied unchanged")
     if cfg.rope_theta is None:
         notes.append("RoPE theta and scaling are unknown (no config): readers need --config or --rope-defaults")
     plan = plan_renamed(src, target)
@@ -228,14 +228,14 @@ def export_family(src: Source, out: Path, target_name: str, *, force: bool = Fal
     if plan.permuted:
         notes.append(f"self-attention q/k rows permuted per head for {plan.rope_layout} RoPE "
                      f"({cfg.rope_layout} before); every other tensor keeps its bytes")
-    elif cfg.family != target.name:
+    elif cfg.family_obj != target:
         notes.append(f"self-attention q/k rows kept: {cfg.model_type} rotates the two halves of each head in both namings "
                      f"(torchtune's {cfg.model_type} builder uses the same RoPE layout)")
     if plan.split:
         notes.append("fused qkv_proj / gate_up_proj split into q/k/v_proj and w1/w3 (row ranges, bytes kept)")
     if plan.joined:
         notes.append("q/k/v_proj and w1/w3 joined into the fused qkv_proj / gate_up_proj (rows in order, bytes kept)")
-    if target.name == "torchtune":
+    if target_name == "torchtune":
         notes.extend(_torchtune_notes(src))
     result = ExportResult(out, target_name, cfg.family, notes=notes)
     with AtomicDirectory(out, force=force) as staging:
@@ -244,19 +244,19 @@ def export_family(src: Source, out: Path, target_name: str, *, force: bool = Fal
         if len(set(files.values())) > 1:
             write_json(tmp / INDEX_NAME, index_doc(files, tensors))
         if src.ckpt.config is not None:
-            write_json(tmp / CONFIG_NAME, public_config(src.ckpt.config))
+            write_json(tmp / CONFIG_NAME, public_config(renamed_fusion_section(src.ckpt.config, cfg, target)))
         copy_sidecars(src.ckpt, tmp)
         source_manifest = src.manifest
         if source_manifest is not None:
             translated = translate_fusion_manifest(source_manifest, rename, {t.key: t for t in tensors}, files,
-                                                   digests, src, target)
+                                                   digests, src, target, target_name)
             if translated is not None:
                 vision = copy_vision(read_origin(src.ckpt, src.manifest), tmp, src.digest)
                 if vision is not None:
                     translated[ORIGIN_KEY]["vision"] = vision
                     notes.append(f"the imported vision tower and projector are carried in {VISION_DIR}/ under their "
                                  "Hugging Face names (export --to mllama puts them back)")
-                write_json(tmp / MANIFEST_NAME, public_manifest(translated))
+                write_json(tmp / MANIFEST_NAME, public_manifest(renamed_fusion_section(translated, cfg, target)))
             else:
                 notes.append(f"the source's {MANIFEST_NAME} does not match its tensors; not carried over")
         entries = tensor_entries(tensors, files, digests)
@@ -265,6 +265,71 @@ def export_family(src: Source, out: Path, target_name: str, *, force: bool = Fal
         result.files = listed_files(tmp)
         staging.commit()
     return result
+
+
+def target_family(cfg: ModelConfig, target_name: str) -> Family:
+    """The naming family ``--to target_name`` writes ``cfg``'s checkpoint in.
+
+    Args:
+        cfg: the source's description.
+        target_name: ``torchtune`` or ``hf``.
+
+    Returns:
+        Family: the shared table of a native type; for a type torchtune builds without native modules
+        here (Gemma 2), that type's family in the target's names (``families.typed_family``).
+
+    Raises:
+        UsageError: a type the export does not cover (named, with the covered ones), or ``hf`` for a
+            checkpoint already in transformers' names.
+    """
+    covered = ", ".join(TORCHTUNE_EXPORT_TYPES)
+    if cfg.native:
+        if target_name == "torchtune" and cfg.model_type not in TORCHTUNE_MODEL_TYPES:
+            raise UsageError(f"`to` torchtune supports {covered} checkpoints (the types torchtune has builders for); "
+                             f"this one is {cfg.model_type}")
+        return FAMILIES[target_name]
+    typed = typed_family(cfg.model_type, target_name)
+    if target_name == "hf" and cfg.family_obj.transformers_names:
+        raise UsageError(f"--to hf renames a native family's or a torchtune-named checkpoint's tensors; this "
+                         f"{cfg.model_type} checkpoint is already in transformers' own names (fusionsurgery.hf "
+                         "loads it as it is)")
+    if typed is None or cfg.family_obj not in (typed_family(cfg.model_type, "hf"),
+                                               typed_family(cfg.model_type, "torchtune")):
+        raise UsageError(
+            f"--to {target_name}: this {cfg.model_type} checkpoint is not one this export covers: it renames the "
+            f"types torchtune builds ({covered}), laid out as transformers or torchtune names them; the checkpoint "
+            "stays in transformers' names, which fusionsurgery.hf loads as it is")
+    return typed
+
+
+def require_rows(src: Source) -> None:
+    """Refuse a checkpoint of a type with torchtune rows (``model_types.TORCHTUNE_NAMES``) that lacks a
+    tensor they name: every layer holds each layer row, and the model its embedding and final norm.
+
+    Raises:
+        CheckpointError: one line naming the missing tensors.
+    """
+    cfg, keys = src.cfg, set(src.ckpt.keys())
+    names, family = TORCHTUNE_NAMES[cfg.model_type], cfg.family_obj
+    wanted = [family.global_key("tok_embeddings.weight")]
+    wanted += [family.global_key(c) for c in names.globals if c != "output.weight"]  # output: only when untied
+    wanted += [family.layer_key(i, c) for i in range(cfg.num_layers) for c in names.layer]
+    missing = [k for k in wanted if k not in keys]
+    if missing:
+        raise CheckpointError(f"{src.ckpt.root}: not a complete {cfg.model_type} decoder: {len(missing)} tensor(s) "
+                              f"missing: {listed(missing)}")
+
+
+def renamed_fusion_section(doc: dict[str, Any], cfg: ModelConfig, target: Family) -> dict[str, Any]:
+    """``doc`` (a config.json or a fusion manifest) with its ``fusion`` section's layer prefix and embedding
+    key in ``target``'s names, by which a type without native modules is found; a native type's as it is."""
+    fusion = doc.get("fusion")
+    if cfg.native or not isinstance(fusion, dict) or not fusion.get("layer_prefix"):
+        return doc
+    out = copy.deepcopy(doc)
+    out["fusion"]["layer_prefix"] = target.layer_prefix.removesuffix(".{i}.")
+    out["fusion"]["embedding_key"] = target.global_key("tok_embeddings.weight")
+    return out
 
 
 def _torchtune_notes(src: Source) -> list[str]:
@@ -281,4 +346,10 @@ def _torchtune_notes(src: Source) -> list[str]:
     if cfg.sliding_window is not None:
         notes.append(f"the base attends within a sliding window of {cfg.sliding_window}, which torchtune's "
                      f"{cfg.model_type} builder does not implement")
+    names = TORCHTUNE_NAMES.get(cfg.model_type)
+    if names is not None:
+        notes.extend(names.notes)
+        doc = src.ckpt.config or {}
+        notes.extend(text.format(value=doc[key]) for key, text in names.settings.items() if doc.get(key) is not None)
+        notes.extend(text for key, text in names.unset.items() if doc.get(key) is None)
     return notes

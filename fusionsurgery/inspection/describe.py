@@ -190,7 +190,7 @@ def _describe_adapter(ckpt: Checkpoint, manifest: dict[str, Any], path: str, ten
     cfg = base.get("config") or {}
     family = FAMILIES.get(base.get("family", "hf"))
     if base.get("family") == GENERIC and cfg.get("layer_prefix") and cfg.get("embedding_key"):
-        family = generic_family(str(cfg["layer_prefix"]), str(cfg["embedding_key"]))
+        family = generic_family(str(cfg["layer_prefix"]), str(cfg["embedding_key"]), str(base.get("model_type") or ""))
     if family is None:
         raise CheckpointError(f"{path}: the manifest names an unknown naming family {base.get('family')!r}")
     fusion = _fusion_summary(ckpt, family, base_params=int(base.get("num_params") or 0))

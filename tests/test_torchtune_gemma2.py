@@ -1,0 +1,205 @@
+"""export --to torchtune for Gemma 2, a type whose forward here is transformers' (no native modules).
+
+The torchtune names are written here from torchtune's Gemma 2 builder (``models/gemma2``): four
+norms per layer (``sa_norm`` before attention, ``sa_scale`` after it, ``mlp_norm`` before the MLP,
+``mlp_scale`` after it, as ``TransformerSelfAttentionLayer`` applies them), the final norm under
+``norm.rms_norm``, a tied output; q/k rows interleaved per head (its RoPE rotates pairs). The parity
+test builds torchtune's own ``gemma2`` and compares its logits with transformers' ``Gemma2ForCausalLM``;
+it is skipped with a reason where torchtune does not import.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import fusionsurgery as fs
+from fusionsurgery.exporting import export
+from fusionsurgery.io.checkpoint import Checkpoint
+from any_decoder import save_tiny
+from helpers import assert_clean_failure, read_json, run_cli, same_checkpoint, tokens
+
+HEAD_DIM, HEADS, KV_HEADS = 16, 4, 2  # any_decoder.TINY
+#: Gemma 2 settings that change the function, so that a builder ignoring one would show in the logits.
+SETTINGS = dict(attn_logit_softcapping=1.5, query_pre_attn_scalar=24, final_logit_softcapping=None,
+                attn_implementation="eager")
+
+# Hugging Face -> torchtune names of Gemma 2, per layer (what each norm does decides its name)
+_LAYER = {"self_attn.q_proj.weight": "attn.q_proj.weight", "self_attn.k_proj.weight": "attn.k_proj.weight",
+          "self_attn.v_proj.weight": "attn.v_proj.weight", "self_attn.o_proj.weight": "attn.output_proj.weight",
+          "mlp.gate_proj.weight": "mlp.w1.weight", "mlp.up_proj.weight": "mlp.w3.weight",
+          "mlp.down_proj.weight": "mlp.w2.weight", "input_layernorm.weight": "sa_norm.scale",
+          "post_attention_layernorm.weight": "sa_scale.scale", "pre_feedforward_layernorm.weight": "mlp_norm.scale",
+          "post_feedforward_layernorm.weight": "mlp_scale.scale"}
+# DESIGN.md section 3: the fusion block, HF column -> torchtune column
+_FUSION = {"cross_attn.q_proj.weight": "attn.q_proj.weight", "cross_attn.k_proj.weight": "attn.k_proj.weight",
+           "cross_attn.v_proj.weight": "attn.v_proj.weight", "cross_attn.o_proj.weight": "attn.output_proj.weight",
+           "cross_attn.q_norm.weight": "attn.q_norm.scale", "cross_attn.k_norm.weight": "attn.k_norm.scale",
+           "input_layernorm.weight": "ca_norm.scale", "post_attention_layernorm.weight": "mlp_norm.scale",
+           "mlp.gate_proj.weight": "mlp.w1.weight", "mlp.up_proj.weight": "mlp.w3.weight",
+           "mlp.down_proj.weight": "mlp.w2.weight", "cross_attn_attn_gate": "ca_scale.scale",
+           "cross_attn_mlp_gate": "mlp_scale.scale"}
+_GLOBAL = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.rms_norm.scale",
+           "lm_head.weight": "output.weight"}
+
+
+def load_dir(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory (a fused one keeps its new tensors in a file of their own)."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def interleave(w: torch.Tensor) -> torch.Tensor:
+    """Rows of each head from HF's half layout to interleaved pairs: split each head in halves, zip them."""
+    heads = w.shape[0] // HEAD_DIM
+    return w.reshape(heads, 2, HEAD_DIM // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def expected_torchtune(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, w in hf.items():
+        if key in _GLOBAL:
+            out[_GLOBAL[key]] = w
+            continue
+        _, _, i, rest = key.split(".", 3)
+        if rest.startswith("fusion_layer."):
+            out[f"layers.{i}.fusion_layer.{_FUSION[rest.removeprefix('fusion_layer.')]}"] = w
+        else:
+            moved = rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
+            out[f"layers.{i}.{_LAYER[rest]}"] = interleave(w) if moved else w
+    return out
+
+
+@pytest.fixture(scope="module")
+def gemma2(tmp_path_factory):
+    """(tmp, base, fused, its torchtune export, the base's torchtune export)."""
+    tmp = tmp_path_factory.mktemp("gemma2")
+    base = save_tiny("gemma2", tmp / "base", **SETTINGS)
+    fused = tmp / "fused"
+    fs.fuse(base, fused, every=2)
+    tune, tune_base = tmp / "tune", tmp / "tune-base"
+    export(fused, tune, to="torchtune")
+    export(base, tune_base, to="torchtune")
+    return tmp, base, fused, tune, tune_base
+
+
+def test_names_and_bytes_are_torchtunes(gemma2):
+    _, base, fused, tune, tune_base = gemma2
+    for source, out in ((fused, tune), (base, tune_base)):
+        want, got = expected_torchtune(load_dir(source)), load_dir(out)
+        assert sorted(got) == sorted(want)
+        for key in want:
+            assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+    assert "output.weight" not in load_dir(tune)  # Gemma 2 ties
+    notes = " ".join(read_json(tune / "export_manifest.json")["notes"])
+    for words in ("torchtune 0.6.1's own gemma2 converter swaps", "normed hidden state", "query_pre_attn_scalar",
+                  "soft-capped at 1.5", "sliding window", "1 + w", "tied"):
+        assert words in notes, words
+    fusion = read_json(tune / "config.json")["fusion"]
+    assert (fusion["layer_prefix"], fusion["embedding_key"]) == ("layers", "tok_embeddings.weight")
+    assert read_json(tune / "fusion_manifest.json")["fusion"]["layer_prefix"] == "layers"
+
+
+def _torchtune_gemma2(cfg: dict):
+    try:
+        from torchtune.models.gemma2._component_builders import gemma2
+    except Exception as e:  # torchtune needs torchao; an unusable install is a skip, not a failure
+        pytest.skip(f"torchtune's gemma2 builder does not import here: {type(e).__name__}: {e}")
+    return gemma2(vocab_size=cfg["vocab_size"], num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
+                  head_dim=cfg["head_dim"], num_kv_heads=cfg["num_key_value_heads"], embed_dim=cfg["hidden_size"],
+                  intermediate_dim=cfg["intermediate_size"], max_seq_len=cfg["max_position_embeddings"],
+                  norm_eps=cfg["rms_norm_eps"], rope_base=cfg["rope_theta"] if "rope_theta" in cfg
+                  else cfg["rope_parameters"]["rope_theta"],
+                  hidden_capping_value=cfg["attn_logit_softcapping"], final_capping_value=1e9,
+                  sliding_window_size=cfg["sliding_window"], query_pre_attn_scalar=cfg["query_pre_attn_scalar"])
+
+
+def test_torchtunes_own_gemma2_computes_what_transformers_does(gemma2):
+    import transformers
+
+    _, base, _, tune, tune_base = gemma2
+    cfg = read_json(base / "config.json")
+    ids = tokens(seq=12)
+    assert ids.shape[1] < cfg["sliding_window"]  # both slide on even layers; within the window no layer differs
+    hf = transformers.Gemma2ForCausalLM.from_pretrained(str(base), attn_implementation="eager").eval()
+    with torch.no_grad():
+        want = hf(ids).logits
+    state = load_dir(tune_base)
+    fused_base = {k: v for k, v in load_dir(tune).items() if ".fusion_layer." not in k}
+    assert sorted(fused_base) == sorted(state) and all(torch.equal(fused_base[k], state[k]) for k in state)
+    norms = [state[f"layers.{i}.mlp_norm.scale"] - state[f"layers.{i}.mlp_scale.scale"] for i in range(4)]
+    assert all(n.abs().max() > 1e-3 for n in norms)  # random and different: a swap would show
+    model = _torchtune_gemma2(cfg).eval()
+    model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        got = model(ids)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    # the names matter: torchtune 0.6.1's swapped feed-forward norms compute another function
+    swapped = dict(state)
+    for i in range(4):
+        swapped[f"layers.{i}.mlp_norm.scale"], swapped[f"layers.{i}.mlp_scale.scale"] = \
+            state[f"layers.{i}.mlp_scale.scale"], state[f"layers.{i}.mlp_norm.scale"]
+    model.load_state_dict(swapped, strict=True)
+    with torch.no_grad():
+        assert (model(ids) - want).abs().max() > 1e-3
+
+
+def test_round_trip_to_hf_is_bit_identical(gemma2):
+    tmp, base, fused, tune, tune_base = gemma2
+    for source, out, back in ((fused, tune, tmp / "back"), (base, tune_base, tmp / "back-base")):
+        export(out, back, to="hf")
+        same_checkpoint(source, back)
+        assert read_json(back / "config.json") == read_json(source / "config.json")
+    before, after = read_json(fused / "fusion_manifest.json"), read_json(tmp / "back" / "fusion_manifest.json")
+    assert after["export"]["to_family"] == "hf" and before.get("layout") == "copy"
+    # what an export changes by design: its note, the files it wrote (one file, not fuse's base + fusion
+    # shards) and the source's layout; every name, shape, digest and setting comes back
+    for doc in (before, after):
+        doc.pop("export", None)
+        doc.pop("layout", None)
+        for entry in doc["new_tensors"] + doc["original_tensors"]:
+            entry.pop("file")
+    assert after == before
+
+
+def test_inspect_unfuse_verify_read_the_export(gemma2):
+    tmp, _, fused, tune, tune_base = gemma2
+    info = fs.inspect_checkpoint(tune)
+    assert info.model_type == "gemma2" and info.layer_prefix == "layers" and info.fusion.layers == [1, 3]
+    assert "torchtune names" in info.family_description
+    unfused = tmp / "tune-unfused"
+    fs.unfuse(tune, unfused)
+    same_checkpoint(unfused, tune_base)  # the base, in torchtune names, bytes kept
+    report = fs.verify(tune)
+    assert report.ok, [c.details for c in report.failures]
+    by_name = {c.name: c for c in report.checks}
+    for name in ("structure", "originals", "gates"):
+        assert by_name[name].status == "passed", by_name[name]
+    forward = [c for c in report.checks if c.name not in ("structure", "originals", "gates")]
+    assert forward and all(c.status == "skipped" and "--to hf" in c.summary for c in forward)
+    # the forward checks, through transformers' Gemma2, pass once the names are transformers' again
+    back = export(tune, tmp / "verify-back", to="hf").output
+    report = fs.verify(back)
+    assert report.ok and report.settings["engine"] == "hf"
+    assert {c.name: c.status for c in report.checks}["identity"] == "passed"
+
+
+def test_cli_exports_and_refuses_an_incomplete_gemma2(gemma2, tmp_path, capsys):
+    _, base, fused, _, _ = gemma2
+    code, err = run_cli(["export", str(fused), "--to", "torchtune", "-o", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    assert Checkpoint.open(tmp_path / "out").info("layers.1.mlp_scale.scale").shape == (64,)
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.2.pre_feedforward_layernorm.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    code, err = run_cli(["export", str(broken), "--to", "torchtune", "-o", str(tmp_path / "bad")], capsys)
+    assert_clean_failure(code, err, tmp_path, contains="model.layers.2.pre_feedforward_layernorm.weight")
+    assert not (tmp_path / "bad").exists()
