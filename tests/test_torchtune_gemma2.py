@@ -183,6 +183,13 @@ def test_inspect_unfuse_verify_read_the_export(gemma2):
         assert by_name[name].status == "passed", by_name[name]
     forward = [c for c in report.checks if c.name not in ("structure", "originals", "gates")]
     assert forward and all(c.status == "skipped" and "--to hf" in c.summary for c in forward)
+    # against a base: the base in the export's own names passes; in transformers' names, the naming is named
+    originals = {c.name: c for c in fs.verify(tune, base=tune_base).checks}["originals"]
+    assert originals.status == "passed", originals
+    _, base, *_ = gemma2
+    report = fs.verify(tune, base=base)
+    assert not report.ok and [c.name for c in report.failures] == ["originals"]
+    assert any("shares no tensor name" in m and "own names" in m for m in report.failures[0].details), report.failures[0]
     # the forward checks, through transformers' Gemma2, pass once the names are transformers' again
     back = export(tune, tmp / "verify-back", to="hf").output
     report = fs.verify(back)

@@ -86,8 +86,13 @@ def _compare_vision(layout: Layout, progress: Progress | None, algorithm: str,
 def _compare_with_base(ckpt: Checkpoint, base: Checkpoint, actual: dict[str, str], originals: set[str],
                        result: CheckResult, progress: Progress | None, algorithm: str,
                        seen: dict[tuple[int, ...], dict[str, str]]) -> None:
-    base_digests = checkpoint_digests(base, progress, algorithm, seen)
     missing = [k for k in base.keys() if k not in ckpt.key_to_file]
+    if missing and len(missing) == len(base.keys()) and originals:
+        result.fail(f"the base shares no tensor name with the fused checkpoint (base {listed(missing[:1])}, fused "
+                    f"{listed(sorted(originals)[:1])}): the two use different names; an export (--to torchtune) is "
+                    "checked against a base in its own names, or against its manifest's digests alone")
+        return
+    base_digests = checkpoint_digests(base, progress, algorithm, seen)
     if missing:
         result.fail(f"{len(missing)} base tensor(s) missing from the fused checkpoint: {listed(missing)}")
     changed_meta, changed_bytes = [], []
