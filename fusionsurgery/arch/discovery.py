@@ -8,9 +8,11 @@ count. Header-level only.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from ..errors import CheckpointError
 from ..io.checkpoint import Checkpoint
@@ -128,3 +130,24 @@ def discover_layout(ckpt: Checkpoint) -> tuple[str, str]:
     layer_prefix = find_layer_prefix(ckpt.keys(), num_layers)
     shapes = {k: ckpt.info(k).shape for k in ckpt.keys()}
     return layer_prefix, find_embedding_key(shapes, layer_prefix, dim, fields.int_of("vocab_size"))
+
+
+def fusion_section_for(doc: dict[str, Any], family: Family) -> dict[str, Any]:
+    """``doc`` (a config.json or a fusion manifest) with its ``fusion`` section's layer prefix and
+    embedding key, by which a decoder without native modules is found, in ``family``'s names; ``doc``
+    itself when the section records none (a native type's).
+
+    Args:
+        doc: the document; not changed.
+        family: the naming family the tensors are (or will be) in.
+
+    Returns:
+        dict: a copy with the two fields renamed, or ``doc``.
+    """
+    fusion = doc.get("fusion")
+    if not isinstance(fusion, dict) or not fusion.get("layer_prefix"):
+        return doc
+    out = copy.deepcopy(doc)
+    out["fusion"]["layer_prefix"] = family.layer_prefix.removesuffix(".{i}.")
+    out["fusion"]["embedding_key"] = family.global_key("tok_embeddings.weight")
+    return out

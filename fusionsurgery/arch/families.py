@@ -82,7 +82,7 @@ class Family:
     marker: str  # a key every checkpoint of this family has
     description: str = ""
     passthrough: bool = False  # keys outside the table are the base's own, kept as they are (any decoder)
-    transformers_names: bool = True  # transformers' from_pretrained reads these names (a pass-through family)
+    transformers_names: bool = True  # transformers' from_pretrained reads these names as they are
 
     @cached_property
     def table(self) -> dict[str, str]:
@@ -168,6 +168,7 @@ FAMILIES: dict[str, Family] = {
         rope_layout="interleaved",
         marker="tok_embeddings.weight",
         description="torchtune names (layers.{i}.attn.q_proj.weight)",
+        transformers_names=False,
     ),
 }
 
@@ -237,7 +238,7 @@ def _typed_family(model_type: str, names: TorchtuneNames, naming: str) -> Family
         layer_keys={c: c for c in layer}, fusion_keys=_TUNE_FUSION, rope_layout=names.rope,
         marker=TUNE_EMBEDDING_KEY,
         description=f"torchtune names of {model_type} (layers.{{i}}.attn.q_proj.weight; "
-                    "transformers reads it after export --to hf)",
+                    "fusionsurgery.hf renames them for transformers as it loads)",
         passthrough=True, transformers_names=False,
     )
 

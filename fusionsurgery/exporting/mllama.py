@@ -22,7 +22,7 @@ from ..io.writer import AtomicDirectory
 from .common import (EXPORT_MANIFEST_NAME, ExportResult, Source, copy_sidecars, export_manifest, listed_files,
                      tensor_entries, write_json, write_source_tensors)
 from ..arch.mllama_layouts import VISION_DIR, origin_config, origin_pad, read_origin
-from .rope import describe, head_permutation, rotates
+from ..arch.rope_layout import describe, head_permutation, rotates
 from .tensors import OutTensor, Part, Progress, index_doc, same
 
 #: Rows Mllama's ``embed_tokens`` has beyond ``vocab_size``.
@@ -44,7 +44,7 @@ def check_supported(src: Source) -> None:
         )
     if not cfg.native:
         raise UsageError(
-            f"--to mllama needs a Llama-shaped base (Mllama's text model is Llama's); this one is "
+            f"`to` mllama needs a Llama-shaped base (Mllama's text model is Llama's); this one is "
             f"{cfg.model_type}, whose decoder layers Mllama cannot express")
     problems = []
     if cfg.attn_bias:

@@ -19,7 +19,7 @@ from ..io.digest import DEFAULT_ALGORITHM, new_hash
 from ..io.safetensors_format import DTYPE_SIZES, SafetensorsHeader, build_header, header_from_prefix, read_exact
 from ..io.writer import MAX_SHARD_BYTES, SafetensorsWriter, group_into_shards
 from ..version import __version__
-from .rope import permute_heads
+from ..arch.rope_layout import permute_heads
 from ..io.progress import Progress
 
 #: Bytes read per chunk.

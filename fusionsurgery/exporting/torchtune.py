@@ -2,7 +2,7 @@
 
 Every tensor keeps its dtype, shape and bytes under its new name, except two documented moves of
 bytes: the self-attention q/k rows are permuted per head where the RoPE layouts of the two namings
-differ for the type (``rope.py``; Llama, Mistral, Gemma, Gemma 2), and a fused projection is split into the
+differ for the type (``arch/rope_layout.py``; Llama, Mistral, Gemma, Gemma 2), and a fused projection is split into the
 parts torchtune names (Phi-3's ``qkv_proj`` and ``gate_up_proj``), or joined again going back. The
 fusion layers' cross-attention has no RoPE and is never permuted. The output is still a fused
 checkpoint of this tool (config.json with its ``fusion`` section, ``fusion_manifest.json`` in the
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..arch.config import ModelConfig
+from ..arch.discovery import fusion_section_for
 from ..arch.families import FAMILIES, FUSION_SEGMENT, PASSTHROUGH, Family, typed_family
 from ..arch.model_types import TORCHTUNE_NAMES, fused_projections, rope_layout_of
 from ..errors import CheckpointError, UsageError, listed
@@ -27,7 +28,7 @@ from ..io.writer import AtomicDirectory
 from .common import (EXPORT_MANIFEST_NAME, ExportResult, Source, copy_sidecars, export_manifest, listed_files,
                      source_name, tensor_entries, write_json, write_source_tensors)
 from ..arch.mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_origin
-from .rope import describe, head_permutation, rotates
+from ..arch.rope_layout import describe, head_permutation, rotates
 from .tensors import OutTensor, Part, Progress, index_doc, same
 
 #: Native types torchtune has builders for, and how its names differ from Hugging Face's for each
@@ -244,7 +245,7 @@ def export_family(src: Source, out: Path, target_name: str, *, force: bool = Fal
         if len(set(files.values())) > 1:
             write_json(tmp / INDEX_NAME, index_doc(files, tensors))
         if src.ckpt.config is not None:
-            write_json(tmp / CONFIG_NAME, public_config(renamed_fusion_section(src.ckpt.config, cfg, target)))
+            write_json(tmp / CONFIG_NAME, public_config(src.ckpt.config if cfg.native else fusion_section_for(src.ckpt.config, target)))
         copy_sidecars(src.ckpt, tmp)
         source_manifest = src.manifest
         if source_manifest is not None:
@@ -256,7 +257,7 @@ def export_family(src: Source, out: Path, target_name: str, *, force: bool = Fal
                     translated[ORIGIN_KEY]["vision"] = vision
                     notes.append(f"the imported vision tower and projector are carried in {VISION_DIR}/ under their "
                                  "Hugging Face names (export --to mllama puts them back)")
-                write_json(tmp / MANIFEST_NAME, public_manifest(renamed_fusion_section(translated, cfg, target)))
+                write_json(tmp / MANIFEST_NAME, public_manifest(translated if cfg.native else fusion_section_for(translated, target)))
             else:
                 notes.append(f"the source's {MANIFEST_NAME} does not match its tensors; not carried over")
         entries = tensor_entries(tensors, files, digests)
@@ -290,13 +291,13 @@ def target_family(cfg: ModelConfig, target_name: str) -> Family:
         return FAMILIES[target_name]
     typed = typed_family(cfg.model_type, target_name)
     if target_name == "hf" and cfg.family_obj.transformers_names:
-        raise UsageError(f"--to hf renames a native family's or a torchtune-named checkpoint's tensors; this "
+        raise UsageError(f"`to` hf renames a native family's or a torchtune-named checkpoint's tensors; this "
                          f"{cfg.model_type} checkpoint is already in transformers' own names (fusionsurgery.hf "
                          "loads it as it is)")
     if typed is None or cfg.family_obj not in (typed_family(cfg.model_type, "hf"),
                                                typed_family(cfg.model_type, "torchtune")):
         raise UsageError(
-            f"--to {target_name}: this {cfg.model_type} checkpoint is not one this export covers: it renames the "
+            f"`to` {target_name}: this {cfg.model_type} checkpoint is not one this export covers: it renames the "
             f"types torchtune builds ({covered}), laid out as transformers or torchtune names them; the checkpoint "
             "stays in transformers' names, which fusionsurgery.hf loads as it is")
     return typed
@@ -318,18 +319,6 @@ def require_rows(src: Source) -> None:
     if missing:
         raise CheckpointError(f"{src.ckpt.root}: not a complete {cfg.model_type} decoder: {len(missing)} tensor(s) "
                               f"missing: {listed(missing)}")
-
-
-def renamed_fusion_section(doc: dict[str, Any], cfg: ModelConfig, target: Family) -> dict[str, Any]:
-    """``doc`` (a config.json or a fusion manifest) with its ``fusion`` section's layer prefix and embedding
-    key in ``target``'s names, by which a type without native modules is found; a native type's as it is."""
-    fusion = doc.get("fusion")
-    if cfg.native or not isinstance(fusion, dict) or not fusion.get("layer_prefix"):
-        return doc
-    out = copy.deepcopy(doc)
-    out["fusion"]["layer_prefix"] = target.layer_prefix.removesuffix(".{i}.")
-    out["fusion"]["embedding_key"] = target.global_key("tok_embeddings.weight")
-    return out
 
 
 def _torchtune_notes(src: Source) -> list[str]:

@@ -31,6 +31,7 @@ from ..io.writer import AtomicDirectory, SafetensorsWriter, write_index, write_j
 from ..surgery.manifest import changed_since_fusion
 from ..arch.mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_origin
 from ..version import __version__
+from .loading import permute_head_rows, transformers_names
 from .training import unwrap_peft
 
 #: Segments PEFT adds to parameter names, and what they stand for in the checkpoint.
@@ -122,7 +123,14 @@ def save_fused(model: torch.nn.Module, out: str | os.PathLike[str], *,
     manifest = src.read_manifest()
     if manifest is None:
         raise UsageError(f"{source.path} has no {MANIFEST_NAME}: nothing to verify the saved checkpoint against")
-    tensors = checkpoint_tensors(model, state_dict, set(src.keys()))
+    renamed = transformers_names(src)
+    if renamed is None:
+        tensors = checkpoint_tensors(model, state_dict, set(src.keys()))
+    else:  # the source is in torchtune's names: each tensor back under its key, q/k rows in its RoPE layout
+        by_name = checkpoint_tensors(model, state_dict, set(renamed.names.values()))
+        tensors = {key: permute_head_rows(by_name[name], renamed.to_checkpoint[name])
+                   if name in renamed.to_checkpoint else by_name[name]
+                   for key, name in renamed.names.items() if name in by_name}
     missing = [k for k in src.keys() if k not in tensors]
     if missing:
         raise UsageError(f"the model has no tensor for {len(missing)} checkpoint key(s), e.g. {missing[0]}")

@@ -4,9 +4,8 @@
   phi3), dependency-free;
 - ``hf``: every other type, through the base's own transformers class with the fusion blocks
   attached (``fusionsurgery.hf``), when transformers is installed;
-- ``skip``: no transformers, or a type without native modules in torchtune's names (transformers
-  reads Hugging Face names: ``export --to hf`` first): the checks that need no forward still run, the
-  forward ones are reported skipped with a one-line reason.
+- ``skip``: no transformers: the checks that need no forward still run, the forward ones are
+  reported skipped with the one-line hint to install the ``[hf]`` extra.
 """
 
 from __future__ import annotations
@@ -39,9 +38,6 @@ def forward_engine(cfg: ModelConfig) -> Engine:
     """
     if cfg.native:
         return Engine("native")
-    if not cfg.family_obj.transformers_names:
-        return Engine("skip", f"{cfg.model_type} in torchtune's names: the forward checks run through transformers, "
-                              "which reads Hugging Face names (`fusionsurgery export PATH --to hf` first)")
     if importlib.util.find_spec("transformers") is None:
         return Engine("skip", f"model type {cfg.model_type!r} has no native modules and its forward checks run "
                               f"through transformers: {HF_HINT}")
