@@ -37,8 +37,8 @@ _LAYER = {"input_layernorm.weight": "sa_norm.scale", "post_attention_layernorm.w
           "self_attn.o_proj.weight": "attn.output_proj.weight", "self_attn.q_norm.weight": "attn.q_norm.scale",
           "self_attn.k_norm.weight": "attn.k_norm.scale", "mlp.gate_proj.weight": "mlp.w1.weight",
           "mlp.up_proj.weight": "mlp.w3.weight", "mlp.down_proj.weight": "mlp.w2.weight"}
-# the fusion block: DESIGN.md section 3, HF column -> torchtune column
-_FUSION = {"cross_attn.q_proj.weight": "attn.q_proj.weight", "cross_attn.k_proj.weight": "attn.k_proj.weight",
+# the fusion block: DESIGN.md section 3, HF column -> torchtune column (any type; test_torchtune_gemma2 too)
+FUSION = {"cross_attn.q_proj.weight": "attn.q_proj.weight", "cross_attn.k_proj.weight": "attn.k_proj.weight",
            "cross_attn.v_proj.weight": "attn.v_proj.weight", "cross_attn.o_proj.weight": "attn.output_proj.weight",
            "cross_attn.q_norm.weight": "attn.q_norm.scale", "cross_attn.k_norm.weight": "attn.k_norm.scale",
            "input_layernorm.weight": "ca_norm.scale", "post_attention_layernorm.weight": "mlp_norm.scale",
@@ -71,7 +71,7 @@ def expected_torchtune(arch: str, hf: dict[str, torch.Tensor]) -> tuple[dict[str
             continue
         _, _, i, rest = key.split(".", 3)
         if rest.startswith("fusion_layer."):
-            out[f"layers.{i}.fusion_layer.{_FUSION[rest.removeprefix('fusion_layer.')]}"] = w
+            out[f"layers.{i}.fusion_layer.{FUSION[rest.removeprefix('fusion_layer.')]}"] = w
         elif rest == "self_attn.qkv_proj.weight":  # Phi-3: q rows, k rows, v rows
             q, k, v = torch.split(w, [HEADS * hd, KV_HEADS * hd, KV_HEADS * hd])
             for name, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):

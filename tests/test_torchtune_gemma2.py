@@ -11,7 +11,6 @@ it is skipped with a reason where torchtune does not import.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from fusionsurgery.exporting import export
 from fusionsurgery.io.checkpoint import Checkpoint
 from any_decoder import save_tiny
 from helpers import assert_clean_failure, read_json, run_cli, same_checkpoint, tokens
+from test_torchtune_families import FUSION, all_tensors, interleave
 
 HEAD_DIM, HEADS, KV_HEADS = 16, 4, 2  # any_decoder.TINY
 #: Gemma 2 settings that change the function, so that a builder ignoring one would show in the logits.
@@ -35,30 +35,8 @@ _LAYER = {"self_attn.q_proj.weight": "attn.q_proj.weight", "self_attn.k_proj.wei
           "mlp.down_proj.weight": "mlp.w2.weight", "input_layernorm.weight": "sa_norm.scale",
           "post_attention_layernorm.weight": "sa_scale.scale", "pre_feedforward_layernorm.weight": "mlp_norm.scale",
           "post_feedforward_layernorm.weight": "mlp_scale.scale"}
-# DESIGN.md section 3: the fusion block, HF column -> torchtune column
-_FUSION = {"cross_attn.q_proj.weight": "attn.q_proj.weight", "cross_attn.k_proj.weight": "attn.k_proj.weight",
-           "cross_attn.v_proj.weight": "attn.v_proj.weight", "cross_attn.o_proj.weight": "attn.output_proj.weight",
-           "cross_attn.q_norm.weight": "attn.q_norm.scale", "cross_attn.k_norm.weight": "attn.k_norm.scale",
-           "input_layernorm.weight": "ca_norm.scale", "post_attention_layernorm.weight": "mlp_norm.scale",
-           "mlp.gate_proj.weight": "mlp.w1.weight", "mlp.up_proj.weight": "mlp.w3.weight",
-           "mlp.down_proj.weight": "mlp.w2.weight", "cross_attn_attn_gate": "ca_scale.scale",
-           "cross_attn_mlp_gate": "mlp_scale.scale"}
 _GLOBAL = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.rms_norm.scale",
            "lm_head.weight": "output.weight"}
-
-
-def load_dir(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint directory (a fused one keeps its new tensors in a file of their own)."""
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def interleave(w: torch.Tensor) -> torch.Tensor:
-    """Rows of each head from HF's half layout to interleaved pairs: split each head in halves, zip them."""
-    heads = w.shape[0] // HEAD_DIM
-    return w.reshape(heads, 2, HEAD_DIM // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def expected_torchtune(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -69,10 +47,10 @@ def expected_torchtune(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         _, _, i, rest = key.split(".", 3)
         if rest.startswith("fusion_layer."):
-            out[f"layers.{i}.fusion_layer.{_FUSION[rest.removeprefix('fusion_layer.')]}"] = w
+            out[f"layers.{i}.fusion_layer.{FUSION[rest.removeprefix('fusion_layer.')]}"] = w
         else:
             moved = rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
-            out[f"layers.{i}.{_LAYER[rest]}"] = interleave(w) if moved else w
+            out[f"layers.{i}.{_LAYER[rest]}"] = interleave(w, HEAD_DIM) if moved else w
     return out
 
 
@@ -92,11 +70,11 @@ def gemma2(tmp_path_factory):
 def test_names_and_bytes_are_torchtunes(gemma2):
     _, base, fused, tune, tune_base = gemma2
     for source, out in ((fused, tune), (base, tune_base)):
-        want, got = expected_torchtune(load_dir(source)), load_dir(out)
+        want, got = expected_torchtune(all_tensors(source)), all_tensors(out)
         assert sorted(got) == sorted(want)
         for key in want:
             assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
-    assert "output.weight" not in load_dir(tune)  # Gemma 2 ties
+    assert "output.weight" not in all_tensors(tune)  # Gemma 2 ties
     notes = " ".join(read_json(tune / "export_manifest.json")["notes"])
     for words in ("torchtune 0.6.1's own gemma2 converter swaps", "normed hidden state", "query_pre_attn_scalar",
                   "soft-capped at 1.5", "sliding window", "1 + w", "tied"):
@@ -130,8 +108,8 @@ def test_torchtunes_own_gemma2_computes_what_transformers_does(gemma2):
     hf = transformers.Gemma2ForCausalLM.from_pretrained(str(base), attn_implementation="eager").eval()
     with torch.no_grad():
         want = hf(ids).logits
-    state = load_dir(tune_base)
-    fused_base = {k: v for k, v in load_dir(tune).items() if ".fusion_layer." not in k}
+    state = all_tensors(tune_base)
+    fused_base = {k: v for k, v in all_tensors(tune).items() if ".fusion_layer." not in k}
     assert sorted(fused_base) == sorted(state) and all(torch.equal(fused_base[k], state[k]) for k in state)
     norms = [state[f"layers.{i}.mlp_norm.scale"] - state[f"layers.{i}.mlp_scale.scale"] for i in range(4)]
     assert all(n.abs().max() > 1e-3 for n in norms)  # random and different: a swap would show
