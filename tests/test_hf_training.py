@@ -161,7 +161,11 @@ def _example():
 
 
 def _fsdp_worker(rank: int, path: str, tmp: str) -> None:
+    import faulthandler
+
     import torch.distributed as dist
+
+    faulthandler.enable(all_threads=True)  # a rank that aborts in C++ (SIGABRT) shows where its Python was
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     example = _example()
@@ -178,9 +182,7 @@ def _fsdp_worker(rank: int, path: str, tmp: str) -> None:
         if rank == 0:
             torch.save({"losses": losses, "params": params, "sharded": sharded}, f"{tmp}/result.pt")
             model.save_pretrained(f"{tmp}/saved", state_dict=full)
-        # every rank leaves together, as examples/hf_fsdp_train.py does: rank 1, which leaves while rank 0 still
-        # saves, was once aborted in gloo's teardown (SIGABRT in one full-suite run; not reproduced in 10 runs under load)
-        dist.barrier()
+        dist.barrier()  # every rank leaves together, as examples/hf_fsdp_train.py does
     finally:
         dist.destroy_process_group()
 
@@ -191,13 +193,36 @@ def test_fsdp2_two_processes_equal_one(fused, tmp_path):
     check_fsdp2_equals_one_process(base, out, tmp_path)
 
 
+def _run_ranks(out, tmp_path):
+    """Run the ranks from a fresh rendezvous; returns the directory holding rank 0's results.
+
+    A rank killed by SIGABRT (``terminate called without an active exception`` inside gloo, right after
+    loading: seen in about one fresh-venv CI run in three on these sandboxed machines, never when the
+    test runs alone or in a loop) is run once more, with a warning in the summary; any other failure
+    fails the test. The assertions on the results are the same either way.
+    """
+    import warnings
+
+    import torch.multiprocessing as mp
+
+    for attempt in (1, 2):
+        run = tmp_path / f"run{attempt}"
+        run.mkdir()
+        try:
+            mp.spawn(_fsdp_worker, args=(str(out), str(run)), nprocs=WORLD)
+            return run
+        except mp.ProcessExitedException as exc:
+            if attempt == 2 or exc.signal_name != "SIGABRT":
+                raise
+            warnings.warn(f"FSDP2 rank {exc.error_index} died of {exc.signal_name} inside gloo; ran the ranks again")
+    raise AssertionError("unreachable")
+
+
 def check_fsdp2_equals_one_process(base, out, tmp_path) -> None:
     """FSDP2 over 2 gloo processes trains the fused checkpoint ``out`` as one process does (losses and
     fusion weights), each rank holding half; rank 0's gathered save passes ``verify --base``."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_fsdp_worker, args=(str(out), str(tmp_path)), nprocs=WORLD)
-    result = torch.load(tmp_path / "result.pt")
+    run = _run_ranks(out, tmp_path)
+    result = torch.load(run / "result.pt")
     example = _example()
     model = hf.from_pretrained(out, dtype=torch.float32)
     hf.freeze_all_but_fusion(model)
@@ -211,9 +236,9 @@ def check_fsdp2_equals_one_process(base, out, tmp_path) -> None:
         torch.testing.assert_close(result["params"][name], p.detach(), atol=5e-5, rtol=0)
     full = {n: p.numel() for n, p in model.named_parameters()}
     assert sum(result["sharded"].values()) <= sum(full.values()) // WORLD + 64  # each rank held half
-    report = verify(tmp_path / "saved", base, device="cpu")  # rank 0 saved the gathered weights
+    report = verify(run / "saved", base, device="cpu")  # rank 0 saved the gathered weights
     assert report.ok, [c.message for c in report.failures]
-    saved = hf.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    saved = hf.from_pretrained(run / "saved", dtype=torch.float32)
     for name, p in saved.named_parameters():
         if name in trained:
             torch.testing.assert_close(p, result["params"][name])
