@@ -120,7 +120,7 @@ def _decode(model: torch.nn.Module, blocks: dict, probe: Probe) -> tuple[torch.T
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with opened_gates(blocks), torch.no_grad():
         out = model(tokens[:, :1], cross_attention_states=probe.enc_a, use_cache=True)
-        cache, steps = out.past_key_values, [out.logits]
+        cache, steps = _returned_cache(out), [out.logits]
         if cache is None:
             problems.append("the model returned no cache with use_cache=True")
         stored = getattr(cache, ENCODER_KV_ATTR, None) or {}
@@ -129,10 +129,16 @@ def _decode(model: torch.nn.Module, blocks: dict, probe: Probe) -> tuple[torch.T
             problems.append(f"the cache holds no encoder keys/values for fusion layer(s) {missing}")
         for t in range(1, tokens.shape[1]):
             out = model(tokens[:, t:t + 1], use_cache=True, **{cache_kw: cache})
-            cache = out.past_key_values
+            cache = _returned_cache(out)
             steps.append(out.logits)
         fresh = model(tokens, use_cache=True)
-        if getattr(fresh.past_key_values, ENCODER_KV_ATTR, None):
+        if getattr(_returned_cache(fresh), ENCODER_KV_ATTR, None):
             problems.append("a new cache holds encoder keys/values without an encoder input")
         after = fresh.logits
     return torch.cat(steps, 1), problems, after
+
+
+def _returned_cache(out: Any) -> Any:
+    """The cache a transformers forward returned: ``cache`` in transformers 5's outputs (reading the old
+    ``past_key_values`` name there warns that it is deprecated), ``past_key_values`` before."""
+    return out["cache"] if "cache" in out else out.get("past_key_values")
