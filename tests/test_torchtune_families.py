@@ -29,8 +29,9 @@ FAMILY_ARCHS = ("qwen2", "qwen3", "gemma", "phi3")
 HEADS, KV_HEADS, DIM, HIDDEN, VOCAB = 4, 2, 64, 96, 128
 FUSED = (1, 3)  # --every 2 on four layers
 
-# Hugging Face -> torchtune names, as torchtune's converters spell them (per-layer suffixes)
-_LAYER = {"input_layernorm.weight": "sa_norm.scale", "post_attention_layernorm.weight": "mlp_norm.scale",
+# Hugging Face -> torchtune names, as torchtune's converters spell them (per-layer suffixes; Gemma 2's
+# projections too, test_torchtune_gemma2)
+LAYER = {"input_layernorm.weight": "sa_norm.scale", "post_attention_layernorm.weight": "mlp_norm.scale",
           "self_attn.q_proj.weight": "attn.q_proj.weight", "self_attn.k_proj.weight": "attn.k_proj.weight",
           "self_attn.v_proj.weight": "attn.v_proj.weight", "self_attn.q_proj.bias": "attn.q_proj.bias",
           "self_attn.k_proj.bias": "attn.k_proj.bias", "self_attn.v_proj.bias": "attn.v_proj.bias",
@@ -82,7 +83,7 @@ def expected_torchtune(arch: str, hf: dict[str, torch.Tensor]) -> tuple[dict[str
                 out[f"layers.{i}.mlp.{name}.weight"] = part
                 moved.add(f"layers.{i}.mlp.{name}.weight")
         else:
-            new = f"layers.{i}.{_LAYER[rest]}"
+            new = f"layers.{i}.{LAYER[rest]}"
             if arch == "gemma" and rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
                 w = interleave(w, hd)
                 moved.add(new)

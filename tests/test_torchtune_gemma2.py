@@ -21,20 +21,18 @@ from fusionsurgery.exporting import export
 from fusionsurgery.io.checkpoint import Checkpoint
 from any_decoder import save_tiny
 from helpers import assert_clean_failure, read_json, run_cli, same_checkpoint, tokens
-from test_torchtune_families import FUSION, all_tensors, interleave
+from test_torchtune_families import FUSION, LAYER, all_tensors, interleave
 
 HEAD_DIM, HEADS, KV_HEADS = 16, 4, 2  # any_decoder.TINY
 #: Gemma 2 settings that change the function, so that a builder ignoring one would show in the logits.
 SETTINGS = dict(attn_logit_softcapping=1.5, query_pre_attn_scalar=24, final_logit_softcapping=None,
                 sliding_window=4, attn_implementation="eager")
 
-# Hugging Face -> torchtune names of Gemma 2, per layer (what each norm does decides its name)
-_LAYER = {"self_attn.q_proj.weight": "attn.q_proj.weight", "self_attn.k_proj.weight": "attn.k_proj.weight",
-          "self_attn.v_proj.weight": "attn.v_proj.weight", "self_attn.o_proj.weight": "attn.output_proj.weight",
-          "mlp.gate_proj.weight": "mlp.w1.weight", "mlp.up_proj.weight": "mlp.w3.weight",
-          "mlp.down_proj.weight": "mlp.w2.weight", "input_layernorm.weight": "sa_norm.scale",
-          "post_attention_layernorm.weight": "sa_scale.scale", "pre_feedforward_layernorm.weight": "mlp_norm.scale",
-          "post_feedforward_layernorm.weight": "mlp_scale.scale"}
+# Hugging Face -> torchtune names of Gemma 2, per layer: the projections as for every type, and four
+# norms named by what each does (before / after the attention, before / after the MLP)
+_LAYER = {**{hf: tune for hf, tune in LAYER.items() if "layernorm" not in hf},
+          "input_layernorm.weight": "sa_norm.scale", "post_attention_layernorm.weight": "sa_scale.scale",
+          "pre_feedforward_layernorm.weight": "mlp_norm.scale", "post_feedforward_layernorm.weight": "mlp_scale.scale"}
 _GLOBAL = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.rms_norm.scale",
            "lm_head.weight": "output.weight"}
 
