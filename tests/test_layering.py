@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1] / "fusionsurgery"
 
 #: Rank of each top-level part of the package: a part imports only parts of a lower rank (and itself).
 LAYERS = {
-    "errors": 0, "version": 0, "_requirements": 0,
+    "errors": 0, "version": 0, "_requirements": 0, "units": 0,
     "io": 1,
     "arch": 2,
     "modules": 3, "surgery": 3,

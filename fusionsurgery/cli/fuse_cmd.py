@@ -10,7 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import UsageError
-from .console import console, human_count, print_json
+from ..units import human_count
+from .console import console, print_json
 from .options import FollowSymlinks, Force, JsonOut, RopeDefaults, in_cli_terms
 from .progress import byte_progress
 from .reports import print_files, print_verify_report, verify_notifier

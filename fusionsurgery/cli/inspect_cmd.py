@@ -10,7 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..inspection import Inspection, inspect_checkpoint
-from .console import console, human_bytes, human_count, print_json
+from ..units import human_bytes, human_count
+from .console import console, print_json
 from .options import FollowSymlinks, in_cli_terms
 
 

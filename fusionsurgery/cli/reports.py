@@ -9,7 +9,8 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from .console import console, err_console, human_bytes
+from ..units import human_bytes
+from .console import console, err_console
 
 STATUS_STYLE = {"passed": "[green]passed[/]", "failed": "[bold red]FAILED[/]", "skipped": "[yellow]skipped[/]"}
 

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .console import console, human_count, print_json
+from ..units import human_count
+from .console import console, print_json
 from .options import FollowSymlinks, Force, JsonOut, in_cli_terms
 from .progress import byte_progress
 from .reports import checkpoint_bytes, print_files

@@ -13,17 +13,10 @@ import torch
 from ..arch.config import FusionConfig, ModelConfig
 from ..errors import UsageError
 from ..io.checkpoint import Checkpoint
+from ..units import human_bytes
 from .stream import HEAD_CHUNK_BYTES
 
 OVERHEAD = 64 * 1024**2  # allocator slack, kernels' workspaces
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 @dataclass
@@ -40,8 +33,8 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         how = "streamed, one layer at a time" if self.stream else "whole model"
-        return (f"about {fmt_bytes(self.total)} ({how}: weights {fmt_bytes(self.weights)}, "
-                f"activations and caches {fmt_bytes(self.activations)})")
+        return (f"about {human_bytes(self.total)} ({how}: weights {human_bytes(self.weights)}, "
+                f"activations and caches {human_bytes(self.activations)})")
 
 
 def estimate(ckpt: Checkpoint, cfg: ModelConfig, fusion: FusionConfig, original_keys: list[str],
@@ -91,11 +84,11 @@ def ensure_fits(need: MemoryEstimate, have: int, device: torch.device, stream_ne
     """Refuse (exit 2) before anything runs when the estimate exceeds what the device has."""
     if need.total <= have:
         return
-    msg = f"verify needs {need.describe()} on {device} but only {fmt_bytes(have)} is available"
+    msg = f"verify needs {need.describe()} on {device} but only {human_bytes(have)} is available"
     if stream_need is not None and stream_need.total <= have:
-        msg += f"; `stream` needs {fmt_bytes(stream_need.total)}"
+        msg += f"; `stream` needs {human_bytes(stream_need.total)}"
     elif stream_need is not None:
-        msg += f"; even `stream` needs {fmt_bytes(stream_need.total)}"
+        msg += f"; even `stream` needs {human_bytes(stream_need.total)}"
     raise UsageError(msg + "; or choose another `device`")
 
 

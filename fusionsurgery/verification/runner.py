@@ -14,6 +14,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.torch_dtypes import TORCH_DTYPES, parse_dtype
 from ..native.loading import resolve_device
 from ..surgery.adapter import attach_base, is_adapter, made_on
+from ..units import human_bytes
 from . import gates, memory, numerics, originals, plain, structure
 from .engine import Engine, forward_engine
 from .outputs import Outputs
@@ -169,7 +170,7 @@ def _plan_memory(report: Report, ckpt: Checkpoint, layout: structure.Layout, dev
     if memory_limit is not None:
         have = min(have, memory_limit)
     report.settings["memory"] = {"estimate": need.to_dict(), "available": have}
-    say(f"needs {need.describe()}; {memory.fmt_bytes(have)} available on {dev}")
+    say(f"needs {need.describe()}; {human_bytes(have)} available on {dev}")
     memory.ensure_fits(need, have, dev, streamed)
 
 
@@ -192,7 +193,7 @@ def _figures(out: Outputs, dev: torch.device, dtype: torch.dtype, stream: bool) 
                    stream=stream, torch=torch.__version__)
     tps = figures.get("forward_tokens_per_s", 0.0)
     how = "streamed sweep incl. loading" if stream else f"{figures.get('forward_tokens')} tokens per pass"
-    summary = (f"{figures['device_name']}, {figures['dtype']}: {what} {memory.fmt_bytes(peak)}, "
-               f"resident weights at most {memory.fmt_bytes(figures.get('resident_weight_bytes', 0))}, "
+    summary = (f"{figures['device_name']}, {figures['dtype']}: {what} {human_bytes(peak)}, "
+               f"resident weights at most {human_bytes(figures.get('resident_weight_bytes', 0))}, "
                f"forward {tps:,.0f} tokens/s ({how})")
     return CheckResult("figures", "Figures: device, dtype, memory, throughput", PASSED, summary, figures=figures)
