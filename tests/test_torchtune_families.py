@@ -61,14 +61,22 @@ def interleave(w: torch.Tensor, hd: int) -> torch.Tensor:
     return w.reshape(heads, 2, hd // 2, *rest).transpose(1, 2).reshape(heads * hd, *rest)
 
 
-def expected_torchtune(arch: str, hf: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """(what torchtune's checkpointer would hold for ``hf``, the names whose bytes moved)."""
-    hd = head_dim(arch)
+def expected_torchtune(hf: dict[str, torch.Tensor], *, hd: int, interleave_qk: bool, layer: dict[str, str] = LAYER,
+                       global_names: dict[str, str] = _GLOBAL) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """(what torchtune's checkpointer would hold for ``hf``, the names whose bytes moved).
+
+    Args:
+        hf: the tensors in Hugging Face names.
+        hd: the head dimension.
+        interleave_qk: the type's torchtune builder rotates interleaved pairs (its q/k rows move per head).
+        layer: per-layer suffixes, HF -> torchtune (Gemma 2 names its four norms its own way).
+        global_names: the tensors outside the layers, HF -> torchtune.
+    """
     out: dict[str, torch.Tensor] = {}
     moved: set[str] = set()
     for key, w in hf.items():
-        if key in _GLOBAL:
-            out[_GLOBAL[key]] = w
+        if key in global_names:
+            out[global_names[key]] = w
             continue
         _, _, i, rest = key.split(".", 3)
         if rest.startswith("fusion_layer."):
@@ -83,8 +91,8 @@ def expected_torchtune(arch: str, hf: dict[str, torch.Tensor]) -> tuple[dict[str
                 out[f"layers.{i}.mlp.{name}.weight"] = part
                 moved.add(f"layers.{i}.mlp.{name}.weight")
         else:
-            new = f"layers.{i}.{LAYER[rest]}"
-            if arch == "gemma" and rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+            new = f"layers.{i}.{layer[rest]}"
+            if interleave_qk and rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
                 w = interleave(w, hd)
                 moved.add(new)
             out[new] = w
@@ -111,7 +119,7 @@ def family(request, tmp_path_factory):
 
 def test_names_rows_and_bytes_are_torchtunes(family):
     arch, _, _, _, fused, tune, result = family
-    want, moved = expected_torchtune(arch, all_tensors(fused))
+    want, moved = expected_torchtune(all_tensors(fused), hd=head_dim(arch), interleave_qk=arch == "gemma")
     got = all_tensors(tune)
     assert sorted(got) == sorted(want)
     for key, w in want.items():

@@ -21,7 +21,8 @@ from fusionsurgery.exporting import export
 from fusionsurgery.io.checkpoint import Checkpoint
 from any_decoder import save_tiny
 from helpers import assert_clean_failure, read_json, run_cli, same_checkpoint, tokens
-from test_torchtune_families import FUSION, LAYER, all_tensors, interleave
+from test_torchtune_families import LAYER, all_tensors
+from test_torchtune_families import expected_torchtune as families_expected
 
 HEAD_DIM, HEADS, KV_HEADS = 16, 4, 2  # any_decoder.TINY
 #: Gemma 2 settings that change the function, so that a builder ignoring one would show in the logits.
@@ -38,18 +39,8 @@ _GLOBAL = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.wei
 
 
 def expected_torchtune(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, w in hf.items():
-        if key in _GLOBAL:
-            out[_GLOBAL[key]] = w
-            continue
-        _, _, i, rest = key.split(".", 3)
-        if rest.startswith("fusion_layer."):
-            out[f"layers.{i}.fusion_layer.{FUSION[rest.removeprefix('fusion_layer.')]}"] = w
-        else:
-            moved = rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
-            out[f"layers.{i}.{_LAYER[rest]}"] = interleave(w, HEAD_DIM) if moved else w
-    return out
+    """What torchtune's checkpointer would hold for Gemma 2's ``hf`` tensors (its builder rotates pairs)."""
+    return families_expected(hf, hd=HEAD_DIM, interleave_qk=True, layer=_LAYER, global_names=_GLOBAL)[0]
 
 
 @pytest.fixture(scope="module")
