@@ -3,6 +3,9 @@
 Works with any decoder that takes torchtune's keywords (``tokens``, ``mask``, ``encoder_input``,
 ``encoder_mask``, ``input_pos``) and any encoder called with keyword arguments: ours
 (``DeepFusionModel(load_fused(path), my_encoder)``) or torchtune's own.
+
+Deep (cross-attention) fusion, as opposed to early fusion of encoder tokens into the input sequence:
+Flamingo (https://arxiv.org/abs/2204.14198), Llama 3.2 Vision (https://arxiv.org/abs/2407.21783).
 """
 
 from __future__ import annotations

@@ -4,6 +4,11 @@ Both keep the wrapped module's tensors under their *original* state-dict keys, s
 checkpoint loads into the fused model with ``strict=False`` and the fused state dict minus the
 fusion keys is the base state dict. Note that ``named_parameters()`` still shows the wrapper's
 ``layer.`` / ``embedding.`` segment: parameter names and state-dict keys differ by it.
+
+Deep fusion as in Flamingo (Alayrac et al., 2022, https://arxiv.org/abs/2204.14198: gated
+cross-attention blocks interleaved with a frozen language model's layers) and Llama 3.2 Vision
+(the Llama 3 report, https://arxiv.org/abs/2407.21783: cross-attention layers after every
+fourth self-attention layer of the text model); the module contract is torchtune's ``model_fusion``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A convolutional image encoder returns feature maps ``[b, c, h, w]``; a fused dec
 cross-attention reads a sequence of tokens ``[b, e, encoder_dim]``. ``ImageTokens`` turns one into the
 other: every cell of the map becomes a token (``e = h * w``, row-major), a trainable linear
 projection maps its ``c`` channels to ``encoder_dim``, and a learned embedding per cell is added.
-Cross-attention has no positional encoding of its own (section 3 of the design notes), so without
+Cross-attention has no positional encoding of its own (``GatedCrossAttentionLayer`` in ``layers.py``), so without
 that embedding the decoder could tell *what* is in an image but not *where*.
 
 ``ImageEncoder`` puts a (usually frozen, pretrained) backbone in front of it. Its output is what

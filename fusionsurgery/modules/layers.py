@@ -57,6 +57,10 @@ class DecoderLayer(AttentionCaches, nn.Module):
 class GatedCrossAttentionLayer(AttentionCaches, nn.Module):
     """Flamingo's gated cross-attention block (torchtune's ``TransformerCrossAttentionLayer``).
 
+    The tanh gates, initialised at zero so the block starts as the identity, are Flamingo's
+    (https://arxiv.org/abs/2204.14198, its GATED XATTN-DENSE layers); the q/k RMSNorms over
+    ``head_dim`` follow Llama 3.2 Vision's released cross-attention layers (transformers' Mllama).
+
     ``h = x + tanh(ca_scale) * attn(ca_norm(x), encoder)``; ``out = h + tanh(mlp_scale) * mlp(mlp_norm(h))``.
     With zero gates the block is the identity; with no encoder input and an empty cache it returns
     ``x`` untouched, so a fused model runs text-only. Shapes: ``[b, s, dim] -> [b, s, dim]``.
