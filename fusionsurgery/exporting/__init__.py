@@ -9,6 +9,8 @@ Tensors are streamed one chunk at a time into an atomically renamed output direc
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from ..errors import UsageError
@@ -18,7 +20,13 @@ from .tensors import Progress
 from .torchtune import export_family
 from .unfuse import UnfuseResult, unfuse
 
-TARGETS = ("mllama", "torchtune", "hf")
+#: Each export target and the function that writes it: ``(source, out, *, force, progress) -> ExportResult``.
+#: A new target is a module beside ``mllama.py`` / ``torchtune.py`` and a row here.
+TARGETS: dict[str, Callable[..., ExportResult]] = {
+    "mllama": export_mllama,
+    "torchtune": partial(export_family, target_name="torchtune"),
+    "hf": partial(export_family, target_name="hf"),
+}
 
 __all__ = ["EXPORT_MANIFEST_NAME", "ExportResult", "TARGETS", "UnfuseResult", "export", "unfuse"]
 
@@ -54,6 +62,4 @@ def export(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = No
     check_output_location(Path(path), out_path)
     if base is not None:
         check_output_location(Path(base), out_path)
-    if to == "mllama":
-        return export_mllama(src, out_path, force=force, progress=progress)
-    return export_family(src, out_path, to, force=force, progress=progress)
+    return TARGETS[to](src, out_path, force=force, progress=progress)
