@@ -15,6 +15,7 @@ quantization states are not parameters (:func:`param_count`).
 from __future__ import annotations
 
 import copy
+import importlib.util
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -211,6 +212,19 @@ def checkpoint_quantization(doc: Mapping[str, Any] | None, keys: Iterable[str], 
         raise CheckpointError(f"{where}: no quantization_config, but the tensors are quantized ({marks[0]} ...); "
                               "give the config.json the release came with")
     return None
+
+
+def missing_library(quant: Quantization) -> str | None:
+    """One line naming what a forward of ``quant``'s format through transformers needs and is not installed
+    (compressed-tensors, bitsandbytes, optimum + gptqmodel); None when nothing is missing (block FP8 and MXFP4
+    need nothing beyond transformers, which dequantizes them where no GPU runs them)."""
+    missing = [pip for module, pip in LIBRARIES.get(quant.method, ()) if importlib.util.find_spec(module) is None]
+    if not missing:
+        return None
+    names = " and ".join(missing)
+    return (f"this {quant.method} checkpoint runs through transformers with {names}, which "
+            f"{'is' if len(missing) == 1 else 'are'} not installed: pip install \"fusionsurgery[quant]\" "
+            f"(or pip install {' '.join(missing)})")
 
 
 def is_quantized(doc: Mapping[str, Any] | None) -> bool:

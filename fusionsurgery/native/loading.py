@@ -15,6 +15,7 @@ from ..io.torch_dtypes import TORCH_DTYPES, parse_dtype
 from ..modules import TransformerDecoder
 from ..surgery.adapter import attach_base
 from ..surgery.consistency import require_consistent
+from ..arch.quantization import is_quantized
 
 
 @dataclass
@@ -77,6 +78,10 @@ def open_model(path: str | os.PathLike[str] | Checkpoint, *, dtype: torch.dtype 
                                                                       follow_symlinks=follow_symlinks)
     ckpt = attach_base(ckpt, Checkpoint.open(base, follow_symlinks=follow_symlinks) if base is not None else None)
     cfg = read_model_config(ckpt, num_heads=num_heads, num_kv_heads=num_kv_heads, rope_defaults=rope_defaults)
+    if not cfg.native and is_quantized(ckpt.config):
+        raise UsageError(f"{ckpt.root} is a quantized {cfg.model_type} (quantization_config); the native modules "
+                         "read float weights, transformers reads the format: fusionsurgery.hf.from_pretrained(path) "
+                         'opens it as its own class with the fusion blocks (pip install "fusionsurgery[hf]")')
     if not cfg.native:
         raise UsageError(f"model type {cfg.model_type!r} has no native modules; its forward is transformers': "
                          "fusionsurgery.hf.from_pretrained(path) opens it as its own class with the fusion blocks "

@@ -169,7 +169,11 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
         result.notes.append(f"quantized base ({quant.detail}): its tensors are kept as they are, the fusion blocks "
                             f"are {fusion.dtype} and config.json's quantization_config keeps them out "
                             f"({' / '.join(quant.skip_fields)})")
-    if not cfg.native:
+    if not cfg.native and quant is not None:
+        result.notes.append(f"a quantized {cfg.model_type} (layers under {fusion.layer_prefix}.N.): its forward "
+                            "(verify's model checks, loading, generation, training) runs through transformers' own "
+                            "class, which reads the format (pip install \"fusionsurgery[hf]\")")
+    elif not cfg.native:
         result.notes.append(f"model type {cfg.model_type} (layers under {fusion.layer_prefix}.N.) has no native "
                             "modules: its forward (verify's model checks, loading, generation, training) runs "
                             "through transformers' own class (pip install \"fusionsurgery[hf]\")")
