@@ -94,3 +94,56 @@ def save_compressed_fp8(model: Any, path: Path) -> Path:
     model.save_pretrained(str(path))
     compressor.update_config(str(path))
     return path
+
+
+def save_bnb_4bit(model: Any, path: Path) -> Path:
+    """A bitsandbytes pre-quantized NF4 checkpoint, quantized and saved by transformers with bitsandbytes' CPU
+    backend (packed U8 ``weight`` ``[n/2, 1]``, ``weight.absmax``, ``weight.quant_map``,
+    ``weight.quant_state.bitsandbytes__nf4``)."""
+    import transformers
+
+    float_dir = path.with_name(path.name + "-float")
+    model.to(torch.bfloat16).save_pretrained(str(float_dir))
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_compute_dtype=torch.bfloat16)
+    quantized = transformers.AutoModelForCausalLM.from_pretrained(str(float_dir), quantization_config=config,
+                                                                  device_map="cpu")
+    quantized.save_pretrained(str(path))
+    return path
+
+
+def save_mxfp4(model: Any, path: Path, seed: int = 0) -> Path:
+    """gpt-oss's MXFP4 layout (its only release): each expert projection as ``*_blocks`` (U8, two E2M1 values a
+    byte, ``[experts, rows, cols/32, 16]``) and ``*_scales`` (U8 E8M0 exponents, bias 127, one per 32 values),
+    rows being the output features; random codes and exponents near one (the model's weights are random too)."""
+    tensors, config = _save_float(model, path)
+    gen = torch.Generator().manual_seed(seed)
+    for key in [k for k in tensors if k.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))]:
+        experts, cols, rows = tensors.pop(key).shape  # stored [experts, in, out]; blocks are [experts, out, in/32, 16]
+        tensors[key + "_blocks"] = torch.randint(0, 256, (experts, rows, cols // 32, 16), dtype=torch.uint8,
+                                                 generator=gen)
+        tensors[key + "_scales"] = torch.randint(121, 125, (experts, rows, cols // 32), dtype=torch.uint8,
+                                                 generator=gen)
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    return _write(path, tensors, config)
+
+
+def save_gptq(model: Any, path: Path, bits: int = 4, group: int = 32, seed: int = 0) -> Path:
+    """The GPTQ layout (AutoGPTQ / GPTQModel ``checkpoint_format: gptq``): per linear ``qweight`` I32
+    ``[in*bits/32, out]``, ``qzeros`` I32 ``[in/group, out*bits/32]``, ``scales`` F16 ``[in/group, out]`` and
+    ``g_idx`` I32 ``[in]``; random codes (no GPTQ kernel runs on this CPU to quantize with)."""
+    tensors, config = _save_float(model, path)
+    gen = torch.Generator().manual_seed(seed)
+    per = 32 // bits
+    for key in [k for k in tensors if k.endswith(".weight") and LINEARS.search(k.removesuffix(".weight"))]:
+        out_f, in_f = tensors.pop(key).shape
+        stem = key.removesuffix("weight")
+        tensors[stem + "qweight"] = torch.randint(-2**31, 2**31 - 1, (in_f // per, out_f), dtype=torch.int32,
+                                                  generator=gen)
+        tensors[stem + "qzeros"] = torch.full((in_f // group, out_f // per), 0x77777777, dtype=torch.int32)
+        tensors[stem + "scales"] = (torch.rand(in_f // group, out_f, generator=gen) * 0.01).half()
+        tensors[stem + "g_idx"] = torch.arange(in_f, dtype=torch.int32) // group
+    config["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": False,
+                                     "sym": True, "checkpoint_format": "gptq", "damp_percent": 0.01}
+    return _write(path, tensors, config)

@@ -19,7 +19,7 @@ from ..io.checkpoint import Checkpoint
 from .families import FUSION_SEGMENT, Family, detect_family, generic_family
 from .fields import ConfigFields
 from .model_types import is_native
-from .quantization import is_quantized
+from .quantization import checkpoint_quantization, is_quantized
 
 _NUMBERED = re.compile(r"^(.+?)\.(\d+)\.")
 #: Names a token embedding goes by (``<...>.<name>.weight``), most specific first.
@@ -112,7 +112,10 @@ def family_of_checkpoint(ckpt: Checkpoint) -> Family:
             raise CheckpointError(f"{exc}; without a config.json only Llama-recipe checkpoints are read: any other "
                                   "decoder needs its config.json (beside the weights, or `config` PATH)") from None
     if not isinstance(model_type, str) or (is_native(model_type) and not is_quantized(doc)):
-        return detect_family(ckpt.keys())
+        keys = ckpt.keys()
+        checkpoint_quantization(doc, keys, {k: ckpt.info(k).dtype for k in keys},  # quantized, no config: refused
+                                str(ckpt.config_path or "config.json"))
+        return detect_family(keys)
     # a quantized base of a native type too: its layers are wrapped as they are, their forward is transformers'
     fusion = doc.get("fusion")
     if isinstance(fusion, dict) and isinstance(fusion.get("layer_prefix"), str) and fusion.get("layer_prefix") \
