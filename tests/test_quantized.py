@@ -289,3 +289,39 @@ def test_refusals(fp8_cases, tmp_path_factory, tmp_path):
     with pytest.raises(CheckpointError, match="no quantization_config, but the tensors are quantized"):
         fuse(bare, tmp_path / "bare-fused", layers="1")
     assert not (tmp_path / "bare-fused").exists()
+
+
+def test_mllama_export_of_fp8_llama(fp8_cases, tmp_path_factory, tmp_path):
+    """export --to mllama of a block-FP8 Llama: the FP8 weights and their scales keep their bytes under Mllama's
+    names; transformers' FP8 replacement leaves the cross-attention layers float and converts every self-attention
+    layer's linears; transformers' Mllama without images gives the base's logits."""
+    import transformers
+    from transformers.integrations.finegrained_fp8 import replace_with_fp8_linear
+    from transformers.quantizers.base import HfQuantizer
+
+    from fusionsurgery import export
+
+    base, fused = _case(fp8_cases, tmp_path_factory, "llama", "block")
+    out = tmp_path / "mllama"
+    result = export(fused, out, to="mllama")
+    doc = json.loads((out / "config.json").read_text())
+    cross = doc["cross_attention_layers"]
+    assert cross == [m["mllama_layer"] for m in result.layer_map if m["kind"] == "cross"] and len(cross) == 2
+    config = transformers.AutoConfig.from_pretrained(str(out))
+    with torch.device("meta"):
+        skeleton = transformers.MllamaForCausalLM(config)
+    qconf = transformers.FineGrainedFP8Config.from_dict(dict(doc["quantization_config"], dequantize=False))
+    skips = HfQuantizer.get_modules_to_not_convert(skeleton, qconf.modules_to_not_convert,
+                                                   skeleton._keep_in_fp32_modules)
+    replace_with_fp8_linear(skeleton, skips, qconf, pre_quantized=True)
+    converted = {n for n, m in skeleton.named_modules() if type(m).__name__ == "FP8Linear"}
+    linears = {n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) or n in converted}
+    selfs = {n for n in linears if n.startswith("model.layers.") and int(n.split(".")[2]) not in cross}
+    assert converted == selfs and len(selfs) == 28
+    own = transformers.AutoModelForCausalLM.from_pretrained(str(base)).eval()
+    mllama = transformers.MllamaForCausalLM.from_pretrained(str(out)).eval()
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(mllama, ids), _logits(own, ids), rtol=0, atol=1e-2)
+    with pytest.raises(UsageError, match="torchtune's builders read float weights"):
+        export(fused, tmp_path / "tt", to="torchtune")
+    assert not (tmp_path / "tt").exists()
