@@ -9,6 +9,7 @@ embedding, norms and output projection stay float, as releases keep them).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -17,9 +18,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-#: The decoder-layer linears every builder quantizes (module name suffixes).
-LINEARS = re.compile(r"\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
-FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+_SPEC = importlib.util.spec_from_file_location(
+    "make_quantized", Path(__file__).resolve().parents[1] / "examples" / "make_quantized.py")
+MAKE_QUANTIZED = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(MAKE_QUANTIZED)
+#: The decoder-layer linears every builder quantizes (module names).
+LINEARS = MAKE_QUANTIZED.LINEARS
+FP8_MAX = MAKE_QUANTIZED.FP8_MAX
 
 
 def tiny_model(model_type: str, seed: int = 0) -> Any:
@@ -56,19 +61,10 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any])
 
 def save_block_fp8(model: Any, path: Path, block: int = 16) -> Path:
     """transformers' ``fp8`` method (DeepSeek-V3, Qwen3-FP8): F8_E4M3 ``weight`` and an F32 ``weight_scale_inv``
-    per ``block`` x ``block`` tile (the dequantized weight is ``weight * weight_scale_inv`` tile by tile)."""
+    per ``block`` x ``block`` tile, by ``examples/make_quantized.py``."""
     tensors, config = _save_float(model, path)
-    for key in [k for k in tensors if k.endswith(".weight") and LINEARS.search(k.removesuffix(".weight"))]:
-        w = tensors[key].float()
-        rows, cols = w.shape
-        tiles = w.reshape(rows // block, block, cols // block, block)
-        scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX
-        q = (tiles / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        tensors[key] = q.reshape(rows, cols)
-        tensors[key.removesuffix("weight") + "weight_scale_inv"] = scale.float()
-    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
-                                     "weight_block_size": [block, block], "modules_to_not_convert": None}
-    return _write(path, tensors, config)
+    config["quantization_config"] = MAKE_QUANTIZED.fp8_config(block)
+    return _write(path, MAKE_QUANTIZED.block_fp8(tensors, block), config)
 
 
 def save_compressed_fp8(model: Any, path: Path) -> Path:

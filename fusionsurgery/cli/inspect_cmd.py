@@ -68,9 +68,10 @@ def _print_model(r: Inspection) -> None:
     t.add_row("dtypes", ", ".join(f"{d} ({human_count(n)})" for d, n in r.dtypes.items()))
     if r.quantization is not None:
         q = r.quantization
+        packed = f"; packed values in {', '.join(q['packed_tensors'])} (counted unpacked)" if q["packed_tensors"] else ""
         t.add_row("quantization", escape(f"{q['method']}, {_opt(q['bits'])}-bit: {q['format']}; "
-                                         f"{q['quantized_modules']} quantized modules"))
-        held = ", ".join(q["side_tensors"] + [f"{p} (packed)" for p in q["packed_tensors"]]) or "none"
+                                         f"{q['quantized_modules']} quantized modules{packed}"))
+        held = ", ".join(q["side_tensors"]) or "none"
         t.add_row("quant tensors", escape(f"{held}: {human_count(q['side_elements'])} values, "
                                           f"{human_bytes(q['side_bytes'])} (not counted as parameters)"))
         for name, entries in q["skip"].items():
