@@ -325,3 +325,54 @@ def test_mllama_export_of_fp8_llama(fp8_cases, tmp_path_factory, tmp_path):
     with pytest.raises(UsageError, match="torchtune's builders read float weights"):
         export(fused, tmp_path / "tt", to="torchtune")
     assert not (tmp_path / "tt").exists()
+
+
+def test_link_adapter_and_graft_on_fp8(tmp_path):
+    """--link hard-links the FP8 shard; --adapter-only leaves the FP8 tensors and scales in the base; graft of that
+    adapter onto another FP8 base writes the skip list for it, verifies, and unfuses to that base's bytes."""
+    from fusionsurgery import graft
+
+    base_a, base_b = tmp_path / "a", tmp_path / "b"
+    for path, seed in ((base_a, 0), (base_b, 1)):
+        path.mkdir()
+        save_block_fp8(tiny_model("llama", seed=seed), path)
+    linked = fuse(base_a, tmp_path / "linked", layers="1,3", link=True)
+    assert linked.layout == "link" and (tmp_path / "linked" / "model.safetensors").stat().st_nlink > 1
+    fuse(base_a, tmp_path / "adapter", layers="1,3", adapter_only=True)
+    assert not (tmp_path / "adapter" / "model.safetensors").exists()
+    adapter_qc = json.loads((tmp_path / "adapter" / "config.json").read_text())["quantization_config"]
+    assert adapter_qc["modules_to_not_convert"] == ["lm_head", "model.layers.1.fusion_layer",
+                                                    "model.layers.3.fusion_layer"]
+    graft(tmp_path / "adapter", base_b, tmp_path / "grafted")
+    doc = json.loads((tmp_path / "grafted" / "config.json").read_text())
+    assert doc["quantization_config"] == adapter_qc
+    assert doc["fusion"]["base_quantization_config"] == json.loads((base_b / "config.json").read_text())[
+        "quantization_config"]
+    result = verify(tmp_path / "grafted", base_b, seq_len=8, bench_len=8)
+    assert result.ok, [(c.name, c.summary) for c in result.checks if c.status != "passed"]
+    unfuse(tmp_path / "grafted", tmp_path / "back")
+    _same_bytes(base_b, tmp_path / "back")
+
+
+@pytest.mark.parametrize("fmt", ["block", "compressed"])
+def test_save_pretrained_of_fp8_keeps_the_base_bytes(fmt, fp8_cases, tmp_path_factory, tmp_path):
+    """A fused FP8 checkpoint opened with fusionsurgery.hf (block FP8 dequantized by transformers on a CPU,
+    compressed-tensors kept compressed), its gates changed, saved: verify --base finds the originals
+    bit-identical; a changed base weight is refused in one line rather than written back without scales."""
+    import fusionsurgery.hf as fhf
+
+    base, fused = _case(fp8_cases, tmp_path_factory, "llama", fmt)
+    model = fhf.from_pretrained(fused)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("cross_attn_attn_gate"):
+                p.fill_(0.5)
+    model.save_pretrained(tmp_path / "saved")
+    result = verify(tmp_path / "saved", base, seq_len=8, bench_len=8)
+    assert result.ok, [(c.name, c.summary) for c in result.checks if c.status != "passed"]
+    if fmt == "block":
+        with torch.no_grad():
+            model.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+        with pytest.raises(UsageError, match="down_proj.weight differs from the checkpoint's FP8 weight"):
+            model.save_pretrained(tmp_path / "changed")
+        assert not (tmp_path / "changed").exists()
