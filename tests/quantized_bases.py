@@ -67,16 +67,19 @@ def save_block_fp8(model: Any, path: Path, block: int = 16) -> Path:
     return _write(path, MAKE_QUANTIZED.block_fp8(tensors, block), config)
 
 
-def save_compressed_fp8(model: Any, path: Path) -> Path:
-    """compressed-tensors' ``float-quantized`` FP8 (llm-compressor's FP8_DYNAMIC): F8_E4M3 ``weight`` and a
-    per-channel ``weight_scale``, written by compressed-tensors' own ``ModelCompressor``."""
+def save_compressed_fp8(model: Any, path: Path, activations: bool = True) -> Path:
+    """compressed-tensors' ``float-quantized`` FP8 (llm-compressor's FP8_DYNAMIC; ``activations`` False: weights
+    alone): F8_E4M3 ``weight`` and a per-channel ``weight_scale``, written by compressed-tensors' own
+    ``ModelCompressor``."""
     from compressed_tensors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationConfig, QuantizationStatus, apply_quantization_config,
-                                                 preset_name_to_scheme)
+    from compressed_tensors.quantization import (QuantizationConfig, QuantizationScheme, QuantizationStatus,
+                                                 apply_quantization_config, preset_name_to_scheme)
 
     model = model.to(torch.bfloat16)
     targets = [name for name, _ in model.named_modules() if LINEARS.search(name)]
     scheme = preset_name_to_scheme("FP8_DYNAMIC", targets=["Linear"])  # as releases do: every Linear but lm_head
+    if not activations:
+        scheme = QuantizationScheme(targets=["Linear"], weights=scheme.weights)
     qconfig = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"],
                                  quantization_status=QuantizationStatus.FROZEN)
     apply_quantization_config(model, qconfig)

@@ -376,3 +376,31 @@ def test_save_pretrained_of_fp8_keeps_the_base_bytes(fmt, fp8_cases, tmp_path_fa
         with pytest.raises(UsageError, match="down_proj.weight differs from the checkpoint's FP8 weight"):
             model.save_pretrained(tmp_path / "changed")
         assert not (tmp_path / "changed").exists()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_load_fused_dequantizes_fp8_of_native_types(model_type, fp8_cases, tmp_path_factory, tmp_path):
+    """load_fused (the native modules) reads a block-FP8 and a weight-only compressed-tensors FP8 release of a
+    native type, dequantizing as transformers and compressed-tensors do: closed gates give the base's logits as
+    transformers computes them; a scheme quantizing activations too is refused, naming fusionsurgery.hf."""
+    import transformers
+
+    from fusionsurgery import load_fused
+
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    base, fused = _case(fp8_cases, tmp_path_factory, model_type, "block")
+    own = transformers.AutoModelForCausalLM.from_pretrained(str(base)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(load_fused(fused)(ids).float(), _logits(own, ids), rtol=0, atol=1e-4)
+    pytest.importorskip("compressed_tensors")
+    weights_only = tmp_path / "ct-weights"
+    weights_only.mkdir()
+    save_compressed_fp8(tiny_model(model_type), weights_only, activations=False)
+    fuse(weights_only, tmp_path / "ct-fused", layers="1,3")
+    own = transformers.AutoModelForCausalLM.from_pretrained(str(weights_only)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(load_fused(tmp_path / "ct-fused")(ids).float(), _logits(own, ids),
+                                   rtol=0, atol=1e-4)
+    _, dynamic = _case(fp8_cases, tmp_path_factory, model_type, "compressed")
+    with pytest.raises(UsageError, match="fusionsurgery.hf.from_pretrained"):
+        load_fused(dynamic)

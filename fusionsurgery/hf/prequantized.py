@@ -12,23 +12,8 @@ import torch
 
 from ..errors import UsageError
 from ..io.checkpoint import Checkpoint
+from ..native.dequantize import dequantize_block_fp8
 from ..surgery.quantized import quantization_of
-
-
-def dequantize_block_fp8(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
-    """A block-FP8 weight's values in float32: each tile times its ``weight_scale_inv``.
-
-    Args:
-        weight: F8_E4M3 ``[rows, cols]``.
-        scale_inv: F32 ``[ceil(rows / block), ceil(cols / block)]``.
-
-    Returns:
-        torch.Tensor: float32 ``[rows, cols]``.
-    """
-    rows, cols = weight.shape
-    br, bc = -(-rows // scale_inv.shape[0]), -(-cols // scale_inv.shape[1])
-    scale = scale_inv.float().repeat_interleave(br, 0)[:rows].repeat_interleave(bc, 1)[:, :cols]
-    return weight.float() * scale
 
 
 def with_source_quantization(src: Checkpoint, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
