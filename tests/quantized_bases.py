@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +26,16 @@ LINEARS = MAKE_QUANTIZED.LINEARS
 FP8_MAX = MAKE_QUANTIZED.FP8_MAX
 
 
-def tiny_model(model_type: str, seed: int = 0) -> Any:
-    """A tiny transformers model of ``model_type`` (width 64, 4 layers), norms perturbed from one."""
+def tiny_model(model_type: str, seed: int = 0, tie: bool = False) -> Any:
+    """A tiny transformers model of ``model_type`` (width 64, 4 layers, ``tie``: output tied to the embedding),
+    norms perturbed from one."""
     import transformers
 
     extra = {"head_dim": 24} if model_type == "qwen3" else {}
     config = transformers.AutoConfig.for_model(
         model_type, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+        tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():

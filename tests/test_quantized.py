@@ -75,6 +75,7 @@ def _case(cases, tmp_path_factory, model_type: str, fmt: str) -> tuple[Path, Pat
     return cases[(model_type, fmt)]
 
 
+@pytest.mark.slow  # verify's forward checks through transformers, or transformers models built and loaded
 @pytest.mark.parametrize("fmt", ["block", "compressed"])
 @pytest.mark.parametrize("model_type", ["llama", "qwen3", "olmo2"])
 def test_fp8_base_fuses_verifies_loads_and_unfuses(model_type, fmt, fp8_cases, tmp_path_factory, tmp_path):
@@ -144,6 +145,15 @@ def test_block_fp8_skip_list_by_transformers_replacement(fp8_cases, tmp_path_fac
     assert with_ours == set(_base_linears(base))  # every base linear, no fusion linear, not lm_head
     with_base = converted(doc["fusion"]["base_quantization_config"])
     assert set(_fusion_linears()) <= with_base  # the base's list alone would have converted them
+    # a tied output projection (no tensor of its own) stays float too once the list is set
+    tied = tmp_path_factory.mktemp("tied") / "base"
+    tied.mkdir()
+    save_block_fp8(tiny_model("llama", tie=True), tied)
+    fused = tied.parent / "fused"
+    fuse(tied, fused, layers="1,3")
+    doc = json.loads((fused / "config.json").read_text())
+    assert "lm_head" in doc["quantization_config"]["modules_to_not_convert"]
+    assert converted(doc["quantization_config"]) == set(_base_linears(tied))
 
 
 @pytest.mark.parametrize("fmt", ["block", "compressed"])
@@ -169,6 +179,7 @@ def test_skip_list_matches_by_loader_functions(fmt, fp8_cases, tmp_path_factory)
         assert all(is_match(n, linear, targets, base_ignore) for n in fusion)  # what the list prevents
 
 
+@pytest.mark.slow  # verify's forward checks through transformers, or transformers models built and loaded
 def test_bnb_prequantized_base(tmp_path):
     """A bitsandbytes NF4 checkpoint saved by transformers on bitsandbytes' CPU backend: fuse -> inspect (packed
     parameters counted unpacked) -> verify --base -> fusionsurgery.hf (base Linear4bit, fusion float, closed
@@ -199,6 +210,7 @@ def test_bnb_prequantized_base(tmp_path):
     _same_bytes(base, tmp_path / "back")
 
 
+@pytest.mark.slow  # verify's forward checks through transformers, or transformers models built and loaded
 def test_mxfp4_base(tmp_path):
     """gpt-oss MXFP4 (written in its layout, read by transformers' mxfp4 quantizer, which dequantizes on a CPU):
     fuse -> inspect -> verify --base -> unfuse byte-exact; the skip list by transformers' matcher."""
@@ -291,6 +303,7 @@ def test_refusals(fp8_cases, tmp_path_factory, tmp_path):
     assert not (tmp_path / "bare-fused").exists()
 
 
+@pytest.mark.slow  # verify's forward checks through transformers, or transformers models built and loaded
 def test_mllama_export_of_fp8_llama(fp8_cases, tmp_path_factory, tmp_path):
     """export --to mllama of a block-FP8 Llama: the FP8 weights and their scales keep their bytes under Mllama's
     names; transformers' FP8 replacement leaves the cross-attention layers float and converts every self-attention
@@ -327,6 +340,7 @@ def test_mllama_export_of_fp8_llama(fp8_cases, tmp_path_factory, tmp_path):
     assert not (tmp_path / "tt").exists()
 
 
+@pytest.mark.slow  # verify's forward checks through transformers, or transformers models built and loaded
 def test_link_adapter_and_graft_on_fp8(tmp_path):
     """--link hard-links the FP8 shard; --adapter-only leaves the FP8 tensors and scales in the base; graft of that
     adapter onto another FP8 base writes the skip list for it, verifies, and unfuses to that base's bytes."""
@@ -336,10 +350,14 @@ def test_link_adapter_and_graft_on_fp8(tmp_path):
     for path, seed in ((base_a, 0), (base_b, 1)):
         path.mkdir()
         save_block_fp8(tiny_model("llama", seed=seed), path)
+    f16 = fuse(base_a, tmp_path / "f16", layers="1", dtype="fp16")  # `dtype` chooses the blocks' float dtype
+    assert {t.dtype for t in f16.new_tensors} == {"F16"}
     linked = fuse(base_a, tmp_path / "linked", layers="1,3", link=True)
     assert linked.layout == "link" and (tmp_path / "linked" / "model.safetensors").stat().st_nlink > 1
     fuse(base_a, tmp_path / "adapter", layers="1,3", adapter_only=True)
     assert not (tmp_path / "adapter" / "model.safetensors").exists()
+    described = inspect_checkpoint(tmp_path / "adapter").quantization  # from the config: the tensors are in a
+    assert described["method"] == "fp8" and described["quantized_modules"] is None
     adapter_qc = json.loads((tmp_path / "adapter" / "config.json").read_text())["quantization_config"]
     assert adapter_qc["modules_to_not_convert"] == ["lm_head", "model.layers.1.fusion_layer",
                                                     "model.layers.3.fusion_layer"]
@@ -354,6 +372,7 @@ def test_link_adapter_and_graft_on_fp8(tmp_path):
     _same_bytes(base_b, tmp_path / "back")
 
 
+@pytest.mark.slow  # verify's forward checks through transformers, or transformers models built and loaded
 @pytest.mark.parametrize("fmt", ["block", "compressed"])
 def test_save_pretrained_of_fp8_keeps_the_base_bytes(fmt, fp8_cases, tmp_path_factory, tmp_path):
     """A fused FP8 checkpoint opened with fusionsurgery.hf (block FP8 dequantized by transformers on a CPU,

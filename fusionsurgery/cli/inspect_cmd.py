@@ -69,11 +69,13 @@ def _print_model(r: Inspection) -> None:
     if r.quantization is not None:
         q = r.quantization
         packed = f"; packed values in {', '.join(q['packed_tensors'])} (counted unpacked)" if q["packed_tensors"] else ""
-        t.add_row("quantization", escape(f"{q['method']}, {_opt(q['bits'])}-bit: {q['format']}; "
-                                         f"{q['quantized_modules']} quantized modules{packed}"))
-        held = ", ".join(q["side_tensors"]) or "none"
-        t.add_row("quant tensors", escape(f"{held}: {human_count(q['side_elements'])} values, "
-                                          f"{human_bytes(q['side_bytes'])} (not counted as parameters)"))
+        modules = f"; {q['quantized_modules']} quantized modules" if q["quantized_modules"] is not None else \
+            " (the base's tensors are in the base)"
+        t.add_row("quantization", escape(f"{q['method']}, {_opt(q['bits'])}-bit: {q['format']}{modules}{packed}"))
+        if q["side_tensors"] is not None:
+            held = ", ".join(q["side_tensors"]) or "none"
+            t.add_row("quant tensors", escape(f"{held}: {human_count(q['side_elements'])} values, "
+                                              f"{human_bytes(q['side_bytes'])} (not counted as parameters)"))
         for name, entries in q["skip"].items():
             t.add_row("kept float", escape(f"{name}: {', '.join(map(str, entries)) if entries else 'unset'}"))
     t.add_row("parameters", f"{human_count(r.num_params)} ({r.num_params:,}) in {r.num_tensors} tensors, "

@@ -17,6 +17,7 @@ from ..errors import CheckpointError, UsageError
 from ..io.checkpoint import Checkpoint
 from ..surgery.adapter import attach_base, is_adapter
 from ..surgery.consistency import fusion_problems
+from ..arch.quantization import read_quantization
 from ..surgery.quantized import quantization_of
 
 
@@ -244,11 +245,24 @@ def _describe_adapter(ckpt: Checkpoint, manifest: dict[str, Any], path: str, ten
         forward="native" if family.name in FAMILIES and base.get("model_type") in MODEL_TYPES else "transformers",
         notes=[f"adapter (fuse --adapter-only): the {base.get('num_tensors', '?')} original tensors live in the base "
                f"{_name(base)}, named by digest in the manifest; pass --base BASE to include them"],
-        fusion=fusion,
+        fusion=fusion, quantization=_adapter_quantization(ckpt),
     )
     if tensors:
         out.tensors = [{"name": info.name, "shape": list(info.shape), "dtype": info.dtype, "file": name}
                        for name, info in ckpt.tensors()]
+    return out
+
+
+def _adapter_quantization(ckpt: Checkpoint) -> dict[str, Any] | None:
+    """An adapter's base quantization, from its config alone (the base's tensors are elsewhere): the tensor
+    facts (``side_tensors`` ... ``side_bytes``) are None."""
+    quant = read_quantization(ckpt.config)
+    if quant is None:
+        return None
+    out = quant.to_dict()
+    out.update(side_tensors=None, packed_tensors=None, quantized_dtypes=None, quantized_modules=None,
+               side_elements=None, side_bytes=None,
+               skip={f: quant.config.get(f) for f in quant.skip_fields if f in quant.config})
     return out
 
 

@@ -71,6 +71,8 @@ def fused_quantization_config(ckpt: Checkpoint, quant: Quantization, fusion: Fus
                            if k.endswith(".weight") and not k.startswith(start) and k != embedding_key
                            and len(ckpt.info(k).shape) == 2 and ckpt.info(k).dtype in _FLOAT
                            and k.removesuffix(".weight") not in quantized_modules)
+    if not float_linears:  # a tied output projection has no tensor of its own; transformers' classes name it lm_head
+        float_linears = ["lm_head"]
     first = f"{layer_prefix}.0."
     in_block = sorted(m[len(first):] for m in quantized_modules if m.startswith(first))
     return skip_fusion_modules(quant, modules, float_linears, in_block)
