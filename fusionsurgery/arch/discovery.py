@@ -19,6 +19,7 @@ from ..io.checkpoint import Checkpoint
 from .families import FUSION_SEGMENT, Family, detect_family, generic_family
 from .fields import ConfigFields
 from .model_types import is_native
+from .quantization import checkpoint_quantization, is_quantized
 
 _NUMBERED = re.compile(r"^(.+?)\.(\d+)\.")
 #: Names a token embedding goes by (``<...>.<name>.weight``), most specific first.
@@ -97,7 +98,7 @@ def find_embedding_key(shapes: Mapping[str, tuple[int, ...]], layer_prefix: str,
 
 def family_of_checkpoint(ckpt: Checkpoint) -> Family:
     """The naming family of ``ckpt``: a native one (hf, torchtune) for the types the native modules
-    implement or when there is no config, else the pass-through family of its discovered layout
+    implement (unquantized) or when there is no config, else the pass-through family of its discovered layout
     (recorded in the fusion section of a fused checkpoint, found from the tensors otherwise)."""
     doc = ckpt.config
     model_type = doc.get("model_type") if isinstance(doc, dict) else None
@@ -110,8 +111,12 @@ def family_of_checkpoint(ckpt: Checkpoint) -> Family:
         except CheckpointError as exc:
             raise CheckpointError(f"{exc}; without a config.json only Llama-recipe checkpoints are read: any other "
                                   "decoder needs its config.json (beside the weights, or `config` PATH)") from None
-    if not isinstance(model_type, str) or is_native(model_type):
-        return detect_family(ckpt.keys())
+    if not isinstance(model_type, str) or (is_native(model_type) and not is_quantized(doc)):
+        keys = ckpt.keys()
+        checkpoint_quantization(doc, keys, {k: ckpt.info(k).dtype for k in keys},  # quantized, no config: refused
+                                str(ckpt.config_path or "config.json"))
+        return detect_family(keys)
+    # a quantized base of a native type too: its layers are wrapped as they are, their forward is transformers'
     fusion = doc.get("fusion")
     if isinstance(fusion, dict) and isinstance(fusion.get("layer_prefix"), str) and fusion.get("layer_prefix") \
             and isinstance(fusion.get("embedding_key"), str) and fusion.get("embedding_key"):

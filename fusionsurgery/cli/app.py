@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from importlib import import_module
 
 import typer
+from rich.markup import escape
 
 try:  # typer >= 0.20 vendors its own click
     from typer._click import exceptions as _cx
@@ -90,7 +91,8 @@ def _flags() -> set[str]:
 
 
 def _error(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    # the message is text, not markup: `pip install "fusionsurgery[quant]"` keeps its brackets
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

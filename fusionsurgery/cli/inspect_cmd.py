@@ -60,12 +60,25 @@ def _print_model(r: Inspection) -> None:
     t.add_row("architecture", f"{_opt(r.architecture)} (model_type {_opt(r.model_type)})")
     t.add_row("layers", f"{r.num_layers} under {r.layer_prefix}.N." if r.layer_prefix else str(r.num_layers))
     if r.forward == "transformers":
-        t.add_row("forward", escape("transformers' own class (pip install \"fusionsurgery[hf]\"); no native modules"))
+        why = "quantized weights" if r.quantization is not None else "no native modules"
+        t.add_row("forward", escape(f"transformers' own class (pip install \"fusionsurgery[hf]\"); {why}"))
     t.add_row("width", f"{r.dim} (MLP {_opt(r.intermediate_dim)})")
     t.add_row("heads", f"{_opt(r.num_heads)} / {_opt(r.num_kv_heads)} kv heads, head_dim {_opt(r.head_dim)}")
     t.add_row("vocab", f"{r.vocab_size}, {'tied' if r.tie_embeddings else 'untied'} embeddings")
     t.add_row("rope theta", _opt(r.rope_theta))
     t.add_row("dtypes", ", ".join(f"{d} ({human_count(n)})" for d, n in r.dtypes.items()))
+    if r.quantization is not None:
+        q = r.quantization
+        packed = f"; packed values in {', '.join(q['packed_tensors'])} (counted unpacked)" if q["packed_tensors"] else ""
+        modules = f"; {q['quantized_modules']} quantized modules" if q["quantized_modules"] is not None else \
+            " (the base's tensors are in the base)"
+        t.add_row("quantization", escape(f"{q['method']}, {_opt(q['bits'])}-bit: {q['format']}{modules}{packed}"))
+        if q["side_tensors"] is not None:
+            held = ", ".join(q["side_tensors"]) or "none"
+            t.add_row("quant tensors", escape(f"{held}: {human_count(q['side_elements'])} values, "
+                                              f"{human_bytes(q['side_bytes'])} (not counted as parameters)"))
+        for name, entries in q["skip"].items():
+            t.add_row("kept float", escape(f"{name}: {', '.join(map(str, entries)) if entries else 'unset'}"))
     t.add_row("parameters", f"{human_count(r.num_params)} ({r.num_params:,}) in {r.num_tensors} tensors, "
                             f"{human_bytes(r.nbytes)}")
     console.print(t)

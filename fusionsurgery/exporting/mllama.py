@@ -11,10 +11,15 @@ permuted back to Hugging Face's RoPE layout. Everything else keeps its bytes.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from ..arch.families import FAMILIES, FUSION_SEGMENT
+from ..arch.model_types import MODEL_TYPES
+from ..arch.quantization import Quantization, read_quantization, skip_fusion_modules
+from ..arch.rope_config import read_rope
+from ..surgery.quantized import base_config_of, quantization_of
 from ..errors import UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
 from ..io.identity import public_config
@@ -30,6 +35,39 @@ MLLAMA_EXTRA_TOKENS = 8
 HF = FAMILIES["hf"]
 
 
+#: Quantization methods whose Mllama export keeps its cross-attention layers float by the config's list (GPTQ
+#: and AWQ name modules relative to a block, which Mllama's cross-attention layers would match too).
+MLLAMA_QUANTIZATION = ("fp8", "compressed-tensors", "bitsandbytes")
+
+
+def as_llama(src: Source) -> Source:
+    """A quantized Llama (read as its layers wrapped as they are) described as the Llama its config.json states,
+    in transformers' names: RoPE settings from the config (the tensors are scaled or packed, so only the
+    config tells); ``src`` itself otherwise.
+
+    Raises:
+        UsageError: a quantized base of another type, or a method whose skip list cannot name Mllama's
+            cross-attention layers alone (``MLLAMA_QUANTIZATION``).
+    """
+    quant = quantization_of(src.ckpt)
+    if quant is None or src.cfg.native:
+        return src
+    doc = src.ckpt.config or {}
+    if src.cfg.model_type != "llama" or doc.get("attention_bias") or doc.get("mlp_bias"):
+        raise UsageError(f"`to` mllama needs a Llama-shaped base (Mllama's text model is Llama's); this quantized "
+                         f"one is {src.cfg.model_type}" + (" with biases" if src.cfg.model_type == "llama" else ""))
+    if quant.method not in MLLAMA_QUANTIZATION:
+        raise UsageError(f"`to` mllama of a {quant.method} checkpoint: its loader names quantized modules relative to "
+                         "a decoder layer, which would quantize Mllama's cross-attention layers too; "
+                         f"supported: {', '.join(MLLAMA_QUANTIZATION)}")
+    if src.cfg.family_obj.layer_prefix != HF.layer_prefix or src.cfg.family_obj.marker != HF.marker:
+        raise UsageError("`to` mllama of a quantized Llama needs transformers' names (model.layers.N.)")
+    theta, scaling = read_rope(doc, MODEL_TYPES["llama"].default_theta)
+    cfg = dataclasses.replace(src.cfg, family=HF.name, layer_prefix="", embedding_key="", rope_theta=theta,
+                              rope_scaling=scaling)
+    return dataclasses.replace(src, cfg=cfg)
+
+
 def check_supported(src: Source) -> None:
     """Mllama's text model is the Llama recipe exactly: refuse what it cannot express, saying why."""
     cfg, fusion = src.cfg, src.fusion
@@ -42,7 +80,7 @@ def check_supported(src: Source) -> None:
             f"states as wide as the decoder ({cfg.dim}); fuse again without `encoder_dim` (project the encoder "
             f"states to {cfg.dim} first) to export to Mllama"
         )
-    if not cfg.native:
+    if not cfg.native and quantization_of(src.ckpt) is None:
         raise UsageError(
             f"`to` mllama needs a Llama-shaped base (Mllama's text model is Llama's); this one is "
             f"{cfg.model_type}, whose decoder layers Mllama cannot express")
@@ -51,7 +89,7 @@ def check_supported(src: Source) -> None:
         problems.append("q/k/v biases")
     if cfg.qk_norm:
         problems.append("self-attention q/k norms")
-    mt = cfg.model_type_obj
+    mt = cfg.model_type_obj if cfg.model_type in MODEL_TYPES else MODEL_TYPES["llama"]
     if mt.fused_qkv or mt.fused_gate_up:  # the checkpoint fuses them too, except in torchtune's names
         # a Phi-3 stays a Phi-3 when torchtune's names split its projections: --to mllama is for Llama bases
         problems.append("fused qkv / gate_up projections" if cfg.fused_qkv or cfg.fused_gate_up else
@@ -132,6 +170,7 @@ def plan_mllama(src: Source) -> tuple[list[OutTensor], list[dict[str, Any]], lis
 
     # decoder layers, renumbered
     layer_map: list[dict[str, Any]] = []
+    modules: dict[str, str] = {}  # source module -> Mllama module, for the quantization tensors beside a weight
     cross_keys = {c.split(f"{FUSION_SEGMENT}.", 1)[1] for c in HF.table if f".{FUSION_SEGMENT}." in c}
     for j, (kind, i) in enumerate(layer_order(cfg.num_layers, fusion.layers, fusion.fusion_first)):
         layer_map.append({"mllama_layer": j, "kind": kind, "source_layer": i})
@@ -142,11 +181,12 @@ def plan_mllama(src: Source) -> tuple[list[OutTensor], list[dict[str, Any]], lis
         for suffix in suffixes:
             canonical = prefix + suffix
             source = key(canonical)
-            if source not in ckpt.key_to_file:
-                continue  # optional tensors this architecture does not have
             target = HF.to_family(canonical).replace(f"model.layers.{i}.", f"model.layers.{j}.", 1)
             if kind == "cross":
                 target = target.replace(f"model.layers.{j}.{FUSION_SEGMENT}.", f"model.layers.{j}.", 1)
+            modules[source.rsplit(".", 1)[0]] = target.rsplit(".", 1)[0]
+            if source not in ckpt.key_to_file:
+                continue  # optional tensors this architecture does not have
             if moved and kind == "self" and rotates(canonical):
                 heads = ckpt.info(source).shape[0] // cfg.head_dim
                 out.append(same(ckpt, source, target, head_perm=perm,
@@ -161,7 +201,14 @@ def plan_mllama(src: Source) -> tuple[list[OutTensor], list[dict[str, Any]], lis
         notes.append("the base ties its output to the embeddings: exported untied, with lm_head.weight written out")
     else:
         out.append(same(ckpt, key("output.weight"), "lm_head.weight"))
+    modules[key("output.weight").rsplit(".", 1)[0]] = "lm_head"
     used = {s for t in out for s in t.sources}
+    quant = quantization_of(ckpt)
+    for name in sorted(set(ckpt.keys()) - used) if quant is not None else []:
+        module = quant.module_of(name)  # a scale, zero point or quantization state goes with its weight
+        if module in modules:
+            out.append(same(ckpt, name, modules[module] + name[len(module):]))
+            used.add(name)
     left = sorted(set(ckpt.keys()) - used)
     if left:
         raise UsageError(f"tensor(s) with no place in Mllama's layout: {listed(left, 3)}")
@@ -235,15 +282,48 @@ def mllama_config(src: Source, num_layers: int, cross_layers: list[int], notes: 
     return doc
 
 
+def mllama_quantization_config(src: Source, layer_map: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The base's ``quantization_config`` for the Mllama export (None for a float base): its list's entries
+    naming a decoder layer renumbered to Mllama's stack, and each cross-attention layer's ``cross_attn`` and
+    ``mlp`` added by the loader's rule (``arch.quantization.skip_fusion_modules``), so no loader quantizes them."""
+    quant = read_quantization(base_config_of(src.ckpt.config or {}))  # the base's own list, not the fused one
+    if quant is None:
+        return None
+    number = {m["source_layer"]: m["mllama_layer"] for m in layer_map if m["kind"] == "self"}
+    prefix = "model.layers."
+
+    def renumbered(entry: Any) -> Any:
+        if isinstance(entry, str) and entry.startswith(prefix):
+            head, _, rest = entry[len(prefix):].partition(".")
+            if head.isdigit() and int(head) in number:
+                return f"{prefix}{number[int(head)]}" + (f".{rest}" if rest else "")
+        return entry
+
+    config = dict(quant.config)
+    for field in quant.skip_fields:
+        if isinstance(config.get(field), list):
+            config[field] = [renumbered(e) for e in config[field]]
+    cross = [f"{prefix}{m['mllama_layer']}.{part}" for m in layer_map if m["kind"] == "cross"
+             for part in ("cross_attn", "mlp")]
+    return skip_fusion_modules(Quantization(quant.method, quant.bits, quant.detail, config), cross,
+                               float_linears=["lm_head"])
+
+
 def export_mllama(src: Source, out: Path, *, force: bool = False, progress: Progress | None = None) -> ExportResult:
     """Write ``src`` as an Mllama checkpoint. One that ``import`` made (or a graft of its adapter) comes back
     in the layout it was imported from, with its vision tower and projector, as ``MllamaForConditionalGeneration``
     when the source was one."""
+    src = as_llama(src)
     check_supported(src)
     tensors, layer_map, notes = plan_mllama(src)
     cross = [m["mllama_layer"] for m in layer_map if m["kind"] == "cross"]
     origin = read_origin(src.ckpt, src.manifest)
     config = mllama_config(src, len(layer_map), cross, notes, origin_pad(origin))
+    quantized = mllama_quantization_config(src, layer_map)
+    if quantized is not None:
+        config["quantization_config"] = quantized
+        notes.append(f"quantized base ({quantized['quant_method']}): its tensors keep their bytes under Mllama's "
+                     "names; the cross-attention layers are kept out of quantization in config.json")
     reader = src.ckpt
     if origin is not None:
         for t in tensors:

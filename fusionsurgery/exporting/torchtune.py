@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ..arch.quantization import read_quantization
 from ..arch.config import ModelConfig
 from ..arch.discovery import fusion_section_for
 from ..arch.families import FAMILIES, FUSION_SEGMENT, PASSTHROUGH, Family, typed_family
@@ -216,6 +217,10 @@ def export_family(src: Source, out: Path, target_name: str, *, force: bool = Fal
             do not name.
     """
     cfg = src.cfg
+    quant = read_quantization(src.ckpt.config) if target_name == "torchtune" else None
+    if quant is not None:
+        raise UsageError(f"`to` torchtune: this checkpoint is quantized ({quant.method}) and torchtune's builders "
+                         "read float weights; fusionsurgery.hf loads it as it is")
     target = target_family(cfg, target_name)
     if not cfg.native:
         require_rows(src)

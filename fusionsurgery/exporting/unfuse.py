@@ -7,7 +7,6 @@ its ``fusion`` section; the manifest's digests, when present, confirm the origin
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from ..io.identity import public_config
 from ..io.writer import AtomicDirectory, SafetensorsWriter, write_index
 from ..surgery.consistency import require_consistent
 from ..surgery.manifest import changed_since_fusion
+from ..surgery.quantized import base_config_of
 from .common import check_output_location, copy_sidecars, default_output, listed_files, write_json
 from .tensors import Part, chunks, OutTensor, Progress
 
@@ -74,7 +74,7 @@ def unfuse(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = No
                          "config.json); nothing to unfuse")
     if not fusion_keys:
         raise CheckpointError(f"{src}: config.json has a 'fusion' section but the checkpoint has no fusion tensors")
-    require_consistent(ckpt, read_model_config(ckpt), fusion)  # what remains must be a complete decoder
+    require_consistent(ckpt, read_model_config(ckpt), fusion, quantized=False)  # what remains must be a complete decoder
     out_path = Path(out) if out is not None else default_output(src, "unfused")
     check_output_location(src, out_path)
 
@@ -107,9 +107,8 @@ def unfuse(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = No
                                 "them as they are now")
         if set(weight_map.values()) != {SINGLE_NAME}:
             write_index(tmp / INDEX_NAME, weight_map, total)
-        doc = copy.deepcopy(ckpt.config) if ckpt.config is not None else None
+        doc = base_config_of(ckpt.config) if ckpt.config is not None else None  # a quantized base's list back
         if doc is not None:
-            doc.pop("fusion", None)
             if INFERRED_MARK in doc:
                 result.notes.append("the base had no config.json (the fused one was inferred from shapes): none written")
             else:

@@ -16,12 +16,14 @@ from .._requirements import type_floor_problem
 from ..arch.config import INFERRED_MARK, family_of_checkpoint, read_fusion_config, read_model_config
 from ..arch.discovery import fusion_section_for
 from ..arch.families import PASSTHROUGH, typed_family
+from ..arch.quantization import missing_library, read_quantization
 from ..arch.rope_layout import head_permutation, rotates
 from ..errors import CheckpointError, UsageError
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
 from ..io.writer import write_index, write_json
 from ..surgery.adapter import attach_base, is_adapter, made_on
 from ..surgery.consistency import is_fusion_name
+from ..surgery.quantized import quantization_problems
 from .model import FusedCausalLMMixin, fused_class
 
 
@@ -86,6 +88,35 @@ def transformers_names(ckpt: Checkpoint) -> TransformersNames | None:
         back = head_permutation(head_dim, target.rope_layout, family.rope_layout)
         to_model, to_checkpoint = dict.fromkeys(rotating, forward), dict.fromkeys(rotating, back)
     return TransformersNames(names, to_model, to_checkpoint, fusion_section_for(doc, target))
+
+
+def require_quantization_library(doc: dict[str, Any] | None) -> None:
+    """Refuse, in one line, a quantized checkpoint whose format needs a library that is not installed.
+
+    Raises:
+        UsageError: names the package(s) to install (``arch.quantization.missing_library``).
+    """
+    quant = read_quantization(doc)
+    problem = missing_library(quant) if quant is not None else None
+    if problem is not None:
+        raise UsageError(problem)
+
+
+def require_skipped_fusion(ckpt: Checkpoint) -> None:
+    """Refuse a quantized fused checkpoint whose ``quantization_config`` would let the loader quantize the fusion
+    blocks (on a GPU that runs the format they would become quantized layers without scales).
+
+    Raises:
+        CheckpointError: names the blocks and the list (``surgery.quantized.quantization_problems``).
+    """
+    if read_quantization(ckpt.config) is None:
+        return
+    fusion = read_fusion_config(ckpt.config)
+    assert fusion is not None  # model_class refused a checkpoint without one
+    block = fusion.block(read_model_config(ckpt))
+    problems = quantization_problems(ckpt.config, block, block.layer_prefix, block.embedding_key)
+    if problems:
+        raise CheckpointError(f"{ckpt.root}: {problems[0]}")
 
 
 def permute_head_rows(tensor: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
@@ -194,6 +225,9 @@ def load_checkpoint(ckpt: Checkpoint, extra: list[Checkpoint] | None = None, *, 
         The model, or ``(model, loading info)`` with ``output_loading_info=True``.
     """
     cls = model_class(ckpt)
+    if fused:
+        require_skipped_fusion(ckpt)
+    require_quantization_library(ckpt.config)
     if not fused:
         cls = next(c for c in cls.__mro__[1:] if not issubclass(c, FusedCausalLMMixin))
     renamed = transformers_names(ckpt)

@@ -32,6 +32,7 @@ from ..surgery.manifest import changed_since_fusion
 from ..arch.mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_origin
 from ..version import __version__
 from .loading import permute_head_rows, transformers_names
+from .prequantized import with_source_quantization
 from .training import unwrap_peft
 
 #: Segments PEFT adds to parameter names, and what they stand for in the checkpoint.
@@ -131,6 +132,7 @@ def save_fused(model: torch.nn.Module, out: str | os.PathLike[str], *,
         tensors = {key: permute_head_rows(by_name[name], renamed.to_checkpoint[name])
                    if name in renamed.to_checkpoint else by_name[name]
                    for key, name in renamed.names.items() if name in by_name}
+    tensors = with_source_quantization(src, tensors)  # a block-FP8 source loaded dequantized: its own bytes
     missing = [k for k in src.keys() if k not in tensors]
     if missing:
         raise UsageError(f"the model has no tensor for {len(missing)} checkpoint key(s), e.g. {missing[0]}")

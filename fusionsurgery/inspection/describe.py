@@ -17,6 +17,8 @@ from ..errors import CheckpointError, UsageError
 from ..io.checkpoint import Checkpoint
 from ..surgery.adapter import attach_base, is_adapter
 from ..surgery.consistency import fusion_problems
+from ..arch.quantization import read_quantization
+from ..surgery.quantized import quantization_of
 
 
 @dataclass
@@ -93,6 +95,9 @@ class Inspection:
     layer_prefix: str = ""  # where the decoder layers are numbered ("model.layers", "transformer.h" ...)
     embedding_key: str = ""  # the token embedding's key
     forward: str = ""  # what runs the forward: "native" (fusionsurgery.modules) or "transformers"
+    #: A quantized checkpoint's method, bits, format, which tensors hold quantization data and the skip lists
+    #: (``quantization_summary``); None for a float one.
+    quantization: dict[str, Any] | None = None
 
     @property
     def is_fused(self) -> bool:
@@ -145,10 +150,40 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, base: str | os.PathLike[
     return out
 
 
-def _describe(ckpt: Checkpoint, family: Family, path: str) -> Inspection:
+def quantization_summary(ckpt: Checkpoint) -> dict[str, Any] | None:
+    """What ``inspect`` says of a quantized checkpoint: ``method``, ``bits``, ``format``, the tensors holding
+    quantization data (``side_tensors``, by suffix) and packed values (``packed_tensors``), the quantized
+    dtypes, how many modules are quantized, the elements of quantization data (``side_elements``: scales, zero
+    points, quantization states; not counted as parameters) and the skip lists as config.json has them
+    (``skip``: field -> entries); None for a float checkpoint."""
+    quant = quantization_of(ckpt)
+    if quant is None:
+        return None
+    keys = ckpt.keys()
+    dtypes = {k: ckpt.info(k).dtype for k in keys}
+    out = quant.to_dict(keys, dtypes)
+    side = [k for k in keys if quant.is_side(k)]
+    out["quantized_modules"] = len({quant.module_of(k) for k in keys if quant.is_side(k)
+                                    or quant.is_packed(k, dtypes[k]) or dtypes[k].startswith("F8_")})
+    out["side_elements"] = sum(ckpt.info(k).numel for k in side)
+    out["side_bytes"] = sum(ckpt.info(k).nbytes for k in side)
+    out["skip"] = {f: quant.config.get(f) for f in quant.skip_fields if f in quant.config}
+    return out
+
+
+def _param_counts(ckpt: Checkpoint) -> Counter[str]:
+    """dtype -> parameters stored in it (packed values unpacked, quantization data left out)."""
+    quant = quantization_of(ckpt)
     dtypes: Counter[str] = Counter()
     for _, info in ckpt.tensors():
-        dtypes[info.dtype] += info.numel
+        count = info.numel if quant is None else quant.param_count(info.name, info.dtype, info.numel)
+        if count:
+            dtypes[info.dtype] += count
+    return dtypes
+
+
+def _describe(ckpt: Checkpoint, family: Family, path: str) -> Inspection:
+    dtypes = _param_counts(ckpt)
     notes: list[str] = []
     try:
         cfg: ModelConfig | None = read_model_config(ckpt)
@@ -181,6 +216,7 @@ def _describe(ckpt: Checkpoint, family: Family, path: str) -> Inspection:
         nbytes=sum(ckpt.info(k).nbytes for k in ckpt.keys()),
         files=[{"name": name, "bytes": h.file_size, "tensors": len(h.tensors)} for name, h in ckpt.files.items()],
         has_index=ckpt.has_index, inferred=list(cfg.inferred) if cfg else [], notes=notes,
+        quantization=quantization_summary(ckpt),
     )
 
 
@@ -194,9 +230,7 @@ def _describe_adapter(ckpt: Checkpoint, manifest: dict[str, Any], path: str, ten
     if family is None:
         raise CheckpointError(f"{path}: the manifest names an unknown naming family {base.get('family')!r}")
     fusion = _fusion_summary(ckpt, family, base_params=int(base.get("num_params") or 0))
-    dtypes: Counter[str] = Counter()
-    for _, info in ckpt.tensors():
-        dtypes[info.dtype] += info.numel
+    dtypes = _param_counts(ckpt)
     out = Inspection(
         path=path, family=family.name, family_description=family.description, model_type=base.get("model_type"),
         architecture=base.get("architecture"), num_layers=cfg.get("num_layers", 0), dim=cfg.get("dim", 0),
@@ -211,11 +245,24 @@ def _describe_adapter(ckpt: Checkpoint, manifest: dict[str, Any], path: str, ten
         forward="native" if family.name in FAMILIES and base.get("model_type") in MODEL_TYPES else "transformers",
         notes=[f"adapter (fuse --adapter-only): the {base.get('num_tensors', '?')} original tensors live in the base "
                f"{_name(base)}, named by digest in the manifest; pass --base BASE to include them"],
-        fusion=fusion,
+        fusion=fusion, quantization=_adapter_quantization(ckpt),
     )
     if tensors:
         out.tensors = [{"name": info.name, "shape": list(info.shape), "dtype": info.dtype, "file": name}
                        for name, info in ckpt.tensors()]
+    return out
+
+
+def _adapter_quantization(ckpt: Checkpoint) -> dict[str, Any] | None:
+    """An adapter's base quantization, from its config alone (the base's tensors are elsewhere): the tensor
+    facts (``side_tensors`` ... ``side_bytes``) are None."""
+    quant = read_quantization(ckpt.config)
+    if quant is None:
+        return None
+    out = quant.to_dict()
+    out.update(side_tensors=None, packed_tensors=None, quantized_dtypes=None, quantized_modules=None,
+               side_elements=None, side_bytes=None,
+               skip={f: quant.config.get(f) for f in quant.skip_fields if f in quant.config})
     return out
 
 
@@ -257,10 +304,11 @@ def _fusion_summary(ckpt: Checkpoint, family: Family, base_params: int = 0) -> F
     per_layer: dict[int, int] = {}
     embedding = 0
     k_proj_in: int | None = None
+    quant = quantization_of(ckpt)
     for key in ckpt.keys():
         canonical, info = family.to_canonical(key), ckpt.info(key)
         if not is_fusion_key(canonical):
-            base_params += info.numel
+            base_params += info.numel if quant is None else quant.param_count(key, info.dtype, info.numel)
             continue
         layer = _fusion_layer_of(canonical)
         if layer is None:

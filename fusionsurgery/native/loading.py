@@ -15,6 +15,8 @@ from ..io.torch_dtypes import TORCH_DTYPES, parse_dtype
 from ..modules import TransformerDecoder
 from ..surgery.adapter import attach_base
 from ..surgery.consistency import require_consistent
+from ..arch.quantization import Quantization
+from .dequantize import native_config, read_dequantized
 
 
 @dataclass
@@ -77,6 +79,9 @@ def open_model(path: str | os.PathLike[str] | Checkpoint, *, dtype: torch.dtype 
                                                                       follow_symlinks=follow_symlinks)
     ckpt = attach_base(ckpt, Checkpoint.open(base, follow_symlinks=follow_symlinks) if base is not None else None)
     cfg = read_model_config(ckpt, num_heads=num_heads, num_kv_heads=num_kv_heads, rope_defaults=rope_defaults)
+    view = native_config(ckpt, cfg) if not cfg.native else None  # an FP8 release of a native type
+    if view is not None:
+        cfg = view[0]
     if not cfg.native:
         raise UsageError(f"model type {cfg.model_type!r} has no native modules; its forward is transformers': "
                          "fusionsurgery.hf.from_pretrained(path) opens it as its own class with the fusion blocks "
@@ -91,24 +96,27 @@ def open_model(path: str | os.PathLike[str] | Checkpoint, *, dtype: torch.dtype 
     if dtype is None:
         dtype = TORCH_DTYPES[ckpt.info(cfg.family_obj.global_key("tok_embeddings.weight")).dtype]
     model = build_empty(cfg, fusion, dtype=dtype, device=resolve_device(device), rope_theta=rope_theta)
-    load_tensors(model, ckpt)
+    load_tensors(model, ckpt, quant=view[1] if view is not None else None)
     model.eval()
     return LoadedModel(model, cfg, fusion, ckpt)
 
 
-def load_tensors(model: torch.nn.Module, ckpt: Checkpoint) -> None:
+def load_tensors(model: torch.nn.Module, ckpt: Checkpoint, quant: Quantization | None = None) -> None:
     """Copy every tensor of ``ckpt`` into ``model``, one at a time.
 
     Args:
         model: a module whose state-dict keys are exactly the checkpoint's keys.
         ckpt: the checkpoint to read.
+        quant: an FP8 checkpoint's quantization: its weights are dequantized by the scales beside them
+            (``native.dequantize``), which are no tensors of the model.
 
     Raises:
         CheckpointError: a key missing on either side, or a shape that differs (both named).
     """
     targets = model.state_dict(keep_vars=True)
-    missing = sorted(set(targets) - set(ckpt.keys()))
-    unexpected = sorted(set(ckpt.keys()) - set(targets))
+    keys = [k for k in ckpt.keys() if quant is None or not quant.is_side(k)]
+    missing = sorted(set(targets) - set(keys))
+    unexpected = sorted(set(keys) - set(targets))
     if missing or unexpected:
         parts = []
         if missing:
@@ -118,7 +126,7 @@ def load_tensors(model: torch.nn.Module, ckpt: Checkpoint) -> None:
         raise CheckpointError(f"{ckpt.root}: tensors do not match the model its config describes: {'; '.join(parts)}")
     with torch.no_grad():
         for key, target in targets.items():
-            src = ckpt.read_tensor(key)
+            src = ckpt.read_tensor(key) if quant is None else read_dequantized(ckpt, key, quant)
             if tuple(src.shape) != tuple(target.shape):
                 raise CheckpointError(f"{key}: shape {list(src.shape)} but the model expects {list(target.shape)}")
             target.copy_(src)

@@ -14,6 +14,7 @@ from ..arch.families import Family, is_fusion_key
 from ..errors import CheckpointError, FusionSurgeryError, listed
 from ..io.checkpoint import Checkpoint
 from .plan import NewTensor, plan_new_tensors
+from .quantized import quantization_problems
 
 
 def is_fusion_name(family: Family, key: str) -> bool:
@@ -76,8 +77,10 @@ def planned_tensors(ckpt: Checkpoint, cfg: ModelConfig, fusion: FusionConfig) ->
     return planned, problems
 
 
-def fusion_problems(ckpt: Checkpoint, cfg: ModelConfig, fusion: FusionConfig | None) -> list[str]:
-    """Every way the config's fusion section (or its absence) disagrees with the fusion tensors."""
+def fusion_problems(ckpt: Checkpoint, cfg: ModelConfig, fusion: FusionConfig | None,
+                    quantized: bool = True) -> list[str]:
+    """Every way the config's fusion section (or its absence) disagrees with the fusion tensors; with
+    ``quantized``, also a ``quantization_config`` whose skip list leaves fusion blocks to be quantized."""
     family = cfg.family_obj
     present = [k for k in ckpt.keys() if is_fusion_name(family, k)]
     if fusion is None:
@@ -90,12 +93,18 @@ def fusion_problems(ckpt: Checkpoint, cfg: ModelConfig, fusion: FusionConfig | N
         if unplanned:
             problems.append(f"{len(unplanned)} fusion tensor(s) the config's fusion section does not imply: "
                             f"{listed(unplanned)}")
+        if quantized:
+            block = fusion.block(cfg)
+            problems += quantization_problems(ckpt.config, block, block.layer_prefix, block.embedding_key)
     return problems
 
 
-def require_consistent(ckpt: Checkpoint, cfg: ModelConfig, fusion: FusionConfig | None) -> None:
-    """Refuse (one line, exit 2) a checkpoint whose fusion section disagrees with its tensors."""
-    problems = fusion_problems(ckpt, cfg, fusion)
+def require_consistent(ckpt: Checkpoint, cfg: ModelConfig, fusion: FusionConfig | None,
+                       quantized: bool = True) -> None:
+    """Refuse (one line, exit 2) a checkpoint whose fusion section disagrees with its tensors (``quantized``:
+    or whose ``quantization_config`` would let its loader quantize the fusion blocks; ``unfuse`` reads such a
+    checkpoint, since its output drops them)."""
+    problems = fusion_problems(ckpt, cfg, fusion, quantized)
     if problems:
         more = f" (and {len(problems) - 1} more problem(s); `fusionsurgery verify` lists them)" if len(problems) > 1 else ""
         raise CheckpointError(f"{ckpt.root}: the config's fusion section disagrees with the tensors: {problems[0]}{more}")

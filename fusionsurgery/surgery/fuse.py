@@ -32,6 +32,7 @@ from .init import chunk_stream, num_chunks
 from .manifest import build_manifest, describe_base
 from .options import DTYPE_CHOICES, FuseOptions
 from .plan import NewTensor, check_copy_sources, plan_new_tensors
+from .quantized import param_count, quantization_of, with_fusion_skipped
 from .selection import select_layers
 
 #: Threads creating new-weight chunks (numpy fills arrays without the GIL).
@@ -162,8 +163,17 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
     check_output_location(base_path, out_path)
     layout = "adapter" if opts.adapter_only else "link" if opts.link else "copy"
     digest = opts.digest
-    result = FuseResult(out_path, cfg, fusion, new, layout, base_params=sum(ckpt.info(k).numel for k in ckpt.keys()))
-    if not cfg.native:
+    quant = quantization_of(ckpt)
+    result = FuseResult(out_path, cfg, fusion, new, layout, base_params=param_count(ckpt))
+    if quant is not None:
+        result.notes.append(f"quantized base ({quant.detail}): its tensors are kept as they are, the fusion blocks "
+                            f"are {fusion.dtype} and config.json's quantization_config keeps them out "
+                            f"({' / '.join(quant.skip_fields)})")
+    if not cfg.native and quant is not None:
+        result.notes.append(f"a quantized {cfg.model_type} (layers under {fusion.layer_prefix}.N.): its forward "
+                            "(verify's model checks, loading, generation, training) runs through transformers' own "
+                            "class, which reads the format (pip install \"fusionsurgery[hf]\")")
+    elif not cfg.native:
         result.notes.append(f"model type {cfg.model_type} (layers under {fusion.layer_prefix}.N.) has no native "
                             "modules: its forward (verify's model checks, loading, generation, training) runs "
                             "through transformers' own class (pip install \"fusionsurgery[hf]\")")
@@ -188,6 +198,7 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
             copy_sidecars(ckpt, tmp)
         doc = to_hf_config(cfg, ckpt.config)
         doc["fusion"] = fusion.to_dict()
+        doc = with_fusion_skipped(doc, ckpt, fusion, fusion.layer_prefix, fusion.embedding_key)
         write_json(tmp / CONFIG_NAME, public_config(doc))
         base_desc = describe_base(ckpt, cfg, input_name(base_path), file_digests)
         manifest = build_manifest(base_desc=base_desc, fusion=fusion, new=new, new_files=new_files,
@@ -214,7 +225,10 @@ def _fusion_config(cfg: ModelConfig, ckpt: Checkpoint, chosen: list[int], opts: 
             f"decoder {cfg.dim} (a factorised embedding the base projects to its width); fuse without `fusion_vocab`"
         )
     if DTYPE_CHOICES[opts.dtype] is None and base_dtype not in ("BF16", "F16", "F32"):
-        raise CheckpointError(f"base embeddings are {base_dtype}; pass `dtype` bf16, fp16 or fp32 for the new weights")
+        if quantization_of(ckpt) is not None:  # never the base's quantized dtype: bf16 unless `dtype` says
+            base_dtype = "BF16"
+        else:
+            raise CheckpointError(f"base embeddings are {base_dtype}; pass `dtype` bf16, fp16 or fp32 for the new weights")
     return FusionConfig(
         layers=chosen, fusion_first=not opts.fusion_after, encoder_dim=opts.encoder_dim or cfg.dim,
         fusion_vocab=opts.fusion_vocab, init=opts.init, init_std=opts.init_std, seed=opts.seed,

@@ -14,6 +14,7 @@ from ..io.digest import DEFAULT_ALGORITHM, scheme
 from ..io.identity import hub_id
 from ..version import __version__
 from .plan import NewTensor
+from .quantized import param_count
 
 MANIFEST_FORMAT = "fusionsurgery-manifest"
 MANIFEST_VERSION = 1
@@ -35,7 +36,7 @@ def describe_base(base: Checkpoint, cfg: ModelConfig, name: str, file_digests: d
             for name, h in base.files.items()
         ],
         "num_tensors": len(base.key_to_file),
-        "num_params": sum(base.info(k).numel for k in base.keys()),
+        "num_params": param_count(base),  # packed weights unpacked, scales not counted
         "bytes": base.total_bytes(),
     }
 

@@ -145,6 +145,10 @@ def check_copy_sources(ckpt: Checkpoint, cfg: ModelConfig, new: list[NewTensor])
             raise UsageError(
                 f"--init copy: layer {t.layer} of this {cfg.model_type} checkpoint has no Llama-shaped "
                 f"{t.source} to copy {t.key.rsplit(FUSION_SEGMENT + '.', 1)[-1]} from; use --init normal or xavier")
+        if ckpt.info(t.source).dtype not in ("BF16", "F16", "F32", "F64"):
+            raise UsageError(
+                f"--init copy: {t.source} is {ckpt.info(t.source).dtype} (quantized: its values need the scales "
+                "beside it), and copy takes float weights; use --init normal or xavier")
         shape = ckpt.info(t.source).shape
         first = t.source_row or 0
         fits = shape == t.shape if t.source_row is None else (

@@ -21,6 +21,7 @@ from ..arch.config import FusionConfig, ModelConfig, read_fusion_config, read_mo
 from ..arch.families import is_fusion_key
 from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
+from ..surgery.quantized import with_fusion_skipped
 from ..io.copying import copy_checkpoint_files, same_filesystem
 from ..io.digest import algorithm_of, file_digest
 from ..io.identity import input_name, public_config, public_manifest
@@ -228,6 +229,8 @@ def graft(adapter: str | os.PathLike[str], onto: str | os.PathLike[str], out: st
         _sidecars(base, a.ckpt, tmp, result.notes)
         doc = to_hf_config(cfg, base.config)
         doc["fusion"] = a.fusion.to_dict()
+        block = a.fusion.block(cfg)  # a quantized BASE: its loader's skip list gets the fusion blocks
+        doc = with_fusion_skipped(doc, base, block, block.layer_prefix, block.embedding_key)
         write_json(tmp / CONFIG_NAME, public_config(doc))
         manifest = _manifest(a, base, cfg, base_path, originals, file_digests, new_digests, adapter_files,
                              vision_doc, result, algorithm)

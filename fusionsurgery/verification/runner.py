@@ -106,7 +106,7 @@ def verify(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = N
     check, layout = structure.check_structure(ckpt, rope_defaults)
     report.checks.append(check)
     bench = bench_len or (512 if dev.type == "cuda" else 64)
-    engine = forward_engine(layout.cfg) if layout.cfg is not None else Engine("native")
+    engine = forward_engine(layout.cfg, ckpt.config) if layout.cfg is not None else Engine("native")
     report.settings["engine"] = engine.kind
     if not check.failed and engine.kind == "native":
         _plan_memory(report, ckpt, layout, dev, torch_dtype, stream, memory_limit, batch, seq_len, encoder_len,

@@ -17,6 +17,7 @@ from ..errors import CheckpointError, FusionSurgeryError, listed
 from ..io.checkpoint import INDEX_NAME, Checkpoint, read_json_object
 from ..io.safetensors_format import read_header
 from ..surgery.consistency import is_fusion_name, planned_tensors
+from ..surgery.quantized import param_count, quantization_problems
 from ..surgery.manifest import MANIFEST_FORMAT, MANIFEST_VERSION
 from ..surgery.plan import NewTensor
 from .report import CheckResult
@@ -164,6 +165,8 @@ def _check_planned(layout: Layout, ckpt: Checkpoint, result: CheckResult) -> Non
     """The fusion tensors the config implies must exist with their shapes and dtypes."""
     assert layout.cfg is not None and layout.fusion is not None
     layout.new_tensors, problems = planned_tensors(ckpt, layout.cfg, layout.fusion)
+    block = layout.fusion.block(layout.cfg)
+    problems += quantization_problems(ckpt.config, block, block.layer_prefix, block.embedding_key)
     for problem in problems:
         result.fail(problem)
 
@@ -210,7 +213,7 @@ def _check_manifest_new(manifest: dict[str, Any], planned: list[NewTensor], resu
 
 
 def _check_totals(manifest: dict[str, Any], layout: Layout, ckpt: Checkpoint, result: CheckResult) -> None:
-    base_params = sum(ckpt.info(k).numel for k in layout.original_keys if k in ckpt.key_to_file)
+    base_params = param_count(ckpt, [k for k in layout.original_keys if k in ckpt.key_to_file])
     fusion_params = sum(t.numel for t in layout.new_tensors)
     totals = manifest.get("totals") or {}
     for name, actual in (("base_params", base_params), ("fusion_params", fusion_params)):
