@@ -96,16 +96,19 @@ def fusion_problems(ckpt: Checkpoint, cfg: ModelConfig, fusion: FusionConfig | N
     return problems
 
 
-def original_problems(ckpt: Checkpoint, originals: list[dict[str, Any]], dtypes: bool = True) -> list[str]:
+def original_problems(ckpt: Checkpoint, originals: list[dict[str, Any]], dtypes: bool = True,
+                      family: Family | None = None) -> list[str]:
     """How the checkpoint disagrees with the original tensors a manifest lists (headers only).
 
     Args:
         ckpt: the checkpoint (a fused one, or an adapter already attached to its base).
         originals: the manifest's ``original_tensors`` entries (``name``, ``shape``, ``dtype`` each).
         dtypes: compare dtypes too (not for another base of the same model, which ``graft`` takes in any dtype).
+        family: the checkpoint's naming family: a tensor neither listed nor a fusion tensor is a problem too.
 
     Returns:
-        One problem naming every missing tensor (``listed``), then one per tensor of another shape or dtype.
+        One problem naming every missing tensor (``listed``), one per tensor of another shape or dtype,
+        and one naming the tensors neither listed nor fusion tensors (with ``family``).
     """
     missing = [e["name"] for e in originals if e["name"] not in ckpt.key_to_file]
     problems = [f"{len(missing)} original tensor(s) listed in the manifest are missing: {listed(missing)}"] \
@@ -116,6 +119,12 @@ def original_problems(ckpt: Checkpoint, originals: list[dict[str, Any]], dtypes:
             if list(info.shape) != list(e["shape"]) or (dtypes and info.dtype != e["dtype"]):
                 problems.append(f"original tensor {e['name']} is {list(info.shape)} {info.dtype}, the manifest "
                                 f"says {list(e['shape'])} {e['dtype']}")
+    if family is not None and originals:
+        known = {e["name"] for e in originals}
+        extra = [k for k in ckpt.keys() if k not in known and not is_fusion_name(family, k)]
+        if extra:
+            problems.append(f"{len(extra)} unexplained tensor(s), neither original (the manifest) nor fusion: "
+                            f"{listed(extra)}")
     return problems
 
 
@@ -133,7 +142,7 @@ def require_consistent(ckpt: Checkpoint, cfg: ModelConfig, fusion: FusionConfig 
     what = "the config's fusion section disagrees with the tensors"
     if not problems:
         manifest = ckpt.read_manifest()
-        problems = original_problems(ckpt, (manifest or {}).get("original_tensors", []))
+        problems = original_problems(ckpt, (manifest or {}).get("original_tensors", []), family=cfg.family_obj)
         what = "the tensors disagree with fusion_manifest.json"
     if problems:
         more = f" (and {len(problems) - 1} more problem(s); `fusionsurgery verify` lists them)" if len(problems) > 1 else ""
