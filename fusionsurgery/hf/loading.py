@@ -9,7 +9,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 import torch
 
@@ -215,7 +215,8 @@ def load_checkpoint(ckpt: Checkpoint, extra: list[Checkpoint] | None = None, *, 
         kwargs["key_mapping"] = renamed.key_mapping
     with _loadable_dir(ckpt, list(extra or []), originals_only=not fused,
                        config=renamed.config if renamed is not None else None) as directory:
-        loaded = _load_strictly(cls, directory, ckpt.root, kwargs)
+        loaded = _load_strictly(cls, directory, ckpt.root, kwargs,
+                                set() if fused else _fusion_keys(ckpt, renamed))
     if renamed is not None and renamed.to_model:
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         with torch.no_grad():
@@ -225,9 +226,19 @@ def load_checkpoint(ckpt: Checkpoint, extra: list[Checkpoint] | None = None, *, 
     return loaded
 
 
-def _load_strictly(cls: type, directory: Path, where: Path, kwargs: dict[str, Any]) -> Any:
+def _fusion_keys(ckpt: Checkpoint, renamed: TransformersNames | None) -> set[str]:
+    """The checkpoint's fusion tensors, by their names on disk and (torchtune-named) transformers' names:
+    the base's own class reading a shard that holds them too finds them unexpected, as it should."""
+    family = family_of_checkpoint(ckpt)
+    keys = {k for k in ckpt.keys() if is_fusion_name(family, k)}
+    return keys | {renamed.names[k] for k in keys} if renamed is not None else keys
+
+
+def _load_strictly(cls: type, directory: Path, where: Path, kwargs: dict[str, Any],
+                   not_loaded: Collection[str] = ()) -> Any:
     """``cls.from_pretrained(directory, **kwargs)``, refused in one line when transformers reports a key
-    missing, unexpected or of another shape.
+    missing, unexpected (other than ``not_loaded``, the fusion tensors the base's own class leaves out)
+    or of another shape.
 
     transformers' own report of such keys (a multi-line table, and for a misshaped one a RuntimeError
     advising ``ignore_mismatched_sizes``) is held back and replaced by the refusal; a report that
@@ -245,7 +256,8 @@ def _load_strictly(cls: type, directory: Path, where: Path, kwargs: dict[str, An
         model, info = cls.from_pretrained(str(directory), output_loading_info=True, **kwargs)
     finally:
         logger.removeFilter(held)
-    problems = loading_problems(info)
+    problems = loading_problems(dict(info, unexpected_keys=[k for k in info.get("unexpected_keys") or ()
+                                                            if k not in not_loaded]))
     if problems:
         base = next(c for c in cls.__mro__ if not issubclass(c, FusedCausalLMMixin)).__name__
         raise CheckpointError(f"{where}: the tensors do not fill transformers' {base}: {'; '.join(problems)}")
