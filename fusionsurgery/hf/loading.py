@@ -344,5 +344,5 @@ def _relink(target: Path, link: Path) -> None:
     os.symlink(target.resolve(), link)
 
 
-__all__ = ["FusionSource", "TransformersNames", "base_class", "from_pretrained", "load_checkpoint", "loading_problems", "model_class",
-           "permute_head_rows", "transformers_names"]
+__all__ = ["FusionSource", "TransformersNames", "base_class", "from_pretrained", "load_checkpoint", "loading_problems",
+           "model_class", "permute_head_rows", "transformers_names"]

@@ -139,8 +139,8 @@ def check_base_tensors(adapter: Adapter, base: Checkpoint, what: str) -> None:
     problems = original_problems(base, adapter.manifest.get("original_tensors", []), dtypes=False)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise CheckpointError(f"cannot graft {adapter.path} onto {what}: its tensors differ from those of the adapter's own base "
-                              f"(its manifest lists them): {problems[0]}{more}")
+        raise CheckpointError(f"cannot graft {adapter.path} onto {what}: its tensors differ from those of the "
+                              f"adapter's own base (its manifest lists them): {problems[0]}{more}")
 
 
 def _open_base(path: Path, adapter: Adapter, what: str, *, fused_ok: bool = False,
