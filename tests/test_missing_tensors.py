@@ -1,7 +1,7 @@
 """A fused checkpoint missing a tensor, or holding one of another shape, is refused by every entry point;
 a fused model's fusion parameters are never left uninitialised.
 
-Damaged copies of a tiny fused Llama (native modules) and GPT-2 (transformers' forward only): one
+Damaged copies of a tiny fused Llama (native modules), GPT-2 and Gemma 3 (transformers' forward only): one
 fusion tensor removed from its shard and the index, one original tensor removed, one of each in
 another shape. ``fusionsurgery.hf.from_pretrained``, ``load_fused``, ``verify``, ``export`` (every
 target), ``unfuse`` and ``graft`` each refuse them in one line naming the tensor (``verify``: a failed
@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 TYPES = {
     "llama": ("model.layers", "model.layers.2.mlp.up_proj.weight"),
     "gpt2": ("transformer.h", "transformer.h.2.mlp.c_fc.weight"),
+    "gemma3_text": ("model.layers", "model.layers.2.mlp.up_proj.weight"),
 }
 DAMAGES = ("fusion tensor removed", "original tensor removed", "fusion tensor misshaped", "original tensor misshaped")
 EXPORT_TARGETS = ("mllama", "torchtune", "hf")
@@ -154,7 +155,7 @@ def test_hf_refuses_what_only_transformers_sees(world, tmp_path):
     shutil.copytree(damaged("fused", "original tensor removed"), missing)
     (missing / "fusion_manifest.json").unlink()
     message = refused_by_hf(lambda: hf.from_pretrained(missing, dtype=torch.float32), key)
-    if model_type == "gpt2":  # (a native type's own shape check names it first)
+    if model_type != "llama":  # (a native type's own shape check names it first)
         assert "missing" in message and "transformers" in message, message
     extra = tmp_path / "extra"
     shutil.copytree(world[2], extra)
