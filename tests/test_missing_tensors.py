@@ -266,7 +266,7 @@ def fusion_parameters(model) -> dict[str, torch.Tensor]:
 
 def assert_section_init(model, section: fs.FusionConfig, tolerance: float = 0.2) -> None:
     """The fusion parameters are what the fusion section's init makes: gates exactly 0, norms an effective
-    scale of one, projections (and the fusion vocabulary) drawn with the section's distribution."""
+    scale of one, projections drawn with the section's distribution, the fusion vocabulary normal(init_std)."""
     params = fusion_parameters(model)
     assert params
     offset = section.norm_offset or 0.0
@@ -276,7 +276,7 @@ def assert_section_init(model, section: fs.FusionConfig, tolerance: float = 0.2)
             assert (p == 0).all(), (name, p)
         elif "norm" in name:
             assert (p == 1.0 - offset).all(), (name, p)
-        elif section.init == "xavier" and p.dim() == 2:
+        elif section.init == "xavier" and "fusion_embedding" not in name:  # (the vocabulary is drawn normal)
             bound = (6.0 / (p.shape[0] + p.shape[1])) ** 0.5
             assert p.abs().max() <= bound and abs(p.std().item() - bound / 3 ** 0.5) < tolerance * bound, name
         else:
@@ -300,20 +300,32 @@ def test_a_model_built_from_its_config_starts_as_its_fusion_section_says(fused_o
         assert section.norm_offset == 1.0  # Gemma's 1 + w: the stored norms start at 0
 
 
-def test_init_copy_copies_the_wrapped_layers_weights(fused_of):
-    model_type, _, fused = fused_of
-    if model_type != "llama":
-        pytest.skip("--init copy needs Llama-shaped layers")
-    out = fused(init="copy")
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_init_copy_copies_the_wrapped_layers_weights(arch, tmp_path):
+    """``init: copy``: each projection is the wrapped layer's own (Phi-3: its rows of the fused qkv / gate_up)."""
+    base = make_base(tmp_path, arch)[0]
+    out = tmp_path / "fused"
+    fs.fuse(base, out, seed=1, every=2, init="copy", fusion_vocab=2)
     config = transformers.AutoConfig.from_pretrained(out)
     model = hf.model_class(Checkpoint.open(out))(config)
+    q, kv, inter = config.hidden_size, config.num_key_value_heads * config.hidden_size // config.num_attention_heads, \
+        config.intermediate_size
     for i in fs.FusionConfig.from_dict(config.fusion).layers:
         layer = model.model.layers[i]
-        for mine, theirs in (("cross_attn.q_proj", "self_attn.q_proj"), ("cross_attn.o_proj", "self_attn.o_proj"),
-                             ("mlp.down_proj", "mlp.down_proj")):
-            torch.testing.assert_close(layer.fusion_layer.get_submodule(mine).weight,
-                                       layer.get_submodule(theirs).weight, rtol=0, atol=0)
+        if arch == "phi3":
+            qkv, gate_up = layer.self_attn.qkv_proj.weight, layer.mlp.gate_up_proj.weight
+            sources = {"cross_attn.q_proj": qkv[:q], "cross_attn.k_proj": qkv[q:q + kv],
+                       "cross_attn.v_proj": qkv[q + kv:], "mlp.gate_proj": gate_up[:inter],
+                       "mlp.up_proj": gate_up[inter:]}
+        else:
+            sources = {"cross_attn.q_proj": layer.self_attn.q_proj.weight,
+                       "cross_attn.v_proj": layer.self_attn.v_proj.weight, "mlp.up_proj": layer.mlp.up_proj.weight}
+        sources.update({"cross_attn.o_proj": layer.self_attn.o_proj.weight, "mlp.down_proj": layer.mlp.down_proj.weight})
+        for mine, theirs in sources.items():
+            torch.testing.assert_close(layer.fusion_layer.get_submodule(mine).weight, theirs, rtol=0, atol=0)
         assert (layer.fusion_layer.cross_attn_attn_gate == 0).all()
+    table = model.get_input_embeddings().fusion_embedding.weight  # drawn normal, as fuse draws it
+    assert abs(table.std().item() - 0.02) < 0.01
 
 
 def test_transformers_own_loader_gives_missing_fusion_tensors_their_init(fused_of):

@@ -4,10 +4,10 @@ A fused model built from its config (``from_config``, ``_from_config``, the clas
 parameter that transformers initialises because a checkpoint read with transformers' own
 ``from_pretrained`` lacked it, start as ``fusionsurgery fuse`` starts them (``surgery.plan``): gates
 zero (a new block computes the identity), norms an effective scale of one in the section's convention
-(``1 - norm_offset`` stored), projections and the fusion vocabulary drawn as the section's ``init``
-says: ``normal`` with ``init_std``, ``xavier`` (uniform), or ``copy`` of the wrapped layer's own
-self-attention / MLP weights (where its layer has them in the Llama names or Phi-3's fused rows, as
-``fuse --init copy`` requires; else ``normal``). The values are drawn with torch's generator (as
+(``1 - norm_offset`` stored), projections drawn as the section's ``init`` says: ``normal`` with
+``init_std``, ``xavier`` (uniform), or ``copy`` of the wrapped layer's own self-attention / MLP
+weights (where its layer has them in the Llama names or Phi-3's fused rows, as ``fuse --init copy``
+requires; else ``normal``), and the fusion vocabulary ``normal`` with ``init_std`` (as ``fuse`` draws it). The values are drawn with torch's generator (as
 transformers draws the base's), not ``fuse``'s reproducible chunked one.
 """
 
@@ -65,7 +65,7 @@ def _copy_source(layer: nn.Module, block: FusionBlock, name: str, shape: torch.S
 
 
 def _draw(param: torch.Tensor, fusion: FusionConfig, source: torch.Tensor | None = None) -> None:
-    """Fill a projection or embedding weight as the section's ``init`` says."""
+    """Fill a projection weight as the section's ``init`` says (``source``: what ``copy`` copies)."""
     if fusion.init == "copy" and source is not None:
         param.copy_(source.to(param.dtype))
     elif fusion.init == "xavier" and param.dim() == 2:
@@ -124,8 +124,8 @@ def init_fusion(model: nn.Module, fusion: FusionConfig, skip_loaded: bool = Fals
     embedding = getattr(model.get_input_embeddings(), "fusion_embedding", None)
     if isinstance(embedding, nn.Embedding):
         if not embedding.weight.is_meta and not (skip_loaded and _is_loaded(embedding.weight)):
-            with torch.no_grad():
-                _draw(embedding.weight, fusion)
+            with torch.no_grad():  # normal whatever the init, as fuse draws it (surgery.plan)
+                embedding.weight.normal_(0.0, fusion.init_std)
         done.append(embedding)
     return done
 
