@@ -57,7 +57,10 @@ def read_model_config(
         cfg.rope_theta, scaling = ROPE_DEFAULTS[rope_defaults]
         cfg.rope_scaling = copy.deepcopy(scaling)
         cfg.inferred.append(f"rope_theta and rope_scaling (--rope-defaults {rope_defaults})")
-    check_shapes(cfg, shapes)
+    try:
+        check_shapes(cfg, shapes, family)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{ckpt.root}: {exc}") from None
     return cfg
 
 

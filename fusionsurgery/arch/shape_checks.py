@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..errors import CheckpointError, listed
 from .model_config import ModelConfig
+
+if TYPE_CHECKING:
+    from .families import Family
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -37,15 +42,32 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return expected
 
 
-def check_shapes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Every tensor of every layer must have the shape the config implies."""
+def check_shapes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], family: "Family | None" = None) -> None:
+    """Every tensor of every layer must have the shape the config implies.
+
+    Args:
+        cfg: the decoder.
+        shapes: canonical name -> shape of every (non-fusion) tensor.
+        family: the checkpoint's naming family: errors name the tensors as the checkpoint does (else canonically).
+
+    Raises:
+        CheckpointError: tensors missing or unexpected (named, ``listed``), or the first of another shape.
+    """
+    def named(canonical: list[str]) -> str:
+        try:
+            if family is not None:
+                return listed([family.to_family(k) for k in canonical], 3)
+        except (CheckpointError, KeyError, ValueError):  # a name the family cannot spell
+            pass
+        return f"{listed(canonical, 3)} (canonical names)"
+
     expected = expected_shapes(cfg)
     missing = sorted(set(expected) - set(shapes))
     if missing:
-        raise CheckpointError(f"checkpoint is missing tensor(s) {listed(missing, 3)} (canonical names)")
+        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {named(missing)}")
     for key, shape in expected.items():
         if tuple(shapes[key]) != shape:
-            raise CheckpointError(f"tensor {key} has shape {list(shapes[key])}, expected {list(shape)}")
+            raise CheckpointError(f"tensor {named([key])} has shape {list(shapes[key])}, expected {list(shape)}")
     extra = sorted(set(shapes) - set(expected))
     if extra:
-        raise CheckpointError(f"unexpected tensor(s) for this architecture: {listed(extra, 3)} (canonical names)")
+        raise CheckpointError(f"{len(extra)} unexpected tensor(s) for this architecture: {named(extra)}")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 import torch
 
@@ -18,11 +19,11 @@ from ..arch.discovery import fusion_section_for
 from ..arch.families import PASSTHROUGH, typed_family
 from ..arch.quantization import missing_library, read_quantization
 from ..arch.rope_layout import head_permutation, rotates
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
 from ..io.writer import write_index, write_json
 from ..surgery.adapter import attach_base, is_adapter, made_on
-from ..surgery.consistency import is_fusion_name
+from ..surgery.consistency import is_fusion_name, require_consistent
 from ..surgery.quantized import quantization_problems
 from .model import FusedCausalLMMixin, fused_class
 
@@ -221,13 +222,23 @@ def load_checkpoint(ckpt: Checkpoint, extra: list[Checkpoint] | None = None, *, 
         fused (bool): the fused class (default), or the base's own class reading the original tensors
             alone (what ``verify`` compares against).
 
+    Before transformers reads a byte, the checkpoint's headers are checked the way every reader of a
+    fused checkpoint checks them (``surgery.consistency.require_consistent``: the fusion tensors the
+    fusion section implies, the original tensors the manifest lists, their shapes and dtypes); after,
+    transformers' own account of what it loaded must be empty (no key missing, unexpected or
+    misshaped), so no parameter is left to transformers' random or uninitialised values.
+
     Returns:
         The model, or ``(model, loading info)`` with ``output_loading_info=True``.
+
+    Raises:
+        CheckpointError: a fusion or original tensor missing, unexpected or of another shape (named, one line).
     """
     cls = model_class(ckpt)
     if fused:
         require_skipped_fusion(ckpt)
     require_quantization_library(ckpt.config)
+    require_consistent(ckpt, read_model_config(ckpt), read_fusion_config(ckpt.config), quantized=False)
     if not fused:
         cls = next(c for c in cls.__mro__[1:] if not issubclass(c, FusedCausalLMMixin))
     renamed = transformers_names(ckpt)
@@ -238,7 +249,8 @@ def load_checkpoint(ckpt: Checkpoint, extra: list[Checkpoint] | None = None, *, 
         kwargs["key_mapping"] = renamed.key_mapping
     with _loadable_dir(ckpt, list(extra or []), originals_only=not fused,
                        config=renamed.config if renamed is not None else None) as directory:
-        loaded = cls.from_pretrained(str(directory), **kwargs)
+        loaded = _load_strictly(cls, directory, ckpt.root, kwargs,
+                                set() if fused else _fusion_keys(ckpt, renamed))
     if renamed is not None and renamed.to_model:
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         with torch.no_grad():
@@ -246,6 +258,86 @@ def load_checkpoint(ckpt: Checkpoint, extra: list[Checkpoint] | None = None, *, 
                 param = model.get_parameter(name)
                 param.copy_(permute_head_rows(param, order))
     return loaded
+
+
+def _fusion_keys(ckpt: Checkpoint, renamed: TransformersNames | None) -> set[str]:
+    """The checkpoint's fusion tensors, by their names on disk and (torchtune-named) transformers' names:
+    the base's own class reading a shard that holds them too finds them unexpected, as it should."""
+    family = family_of_checkpoint(ckpt)
+    keys = {k for k in ckpt.keys() if is_fusion_name(family, k)}
+    return keys | {renamed.names[k] for k in keys} if renamed is not None else keys
+
+
+def _load_strictly(cls: type, directory: Path, where: Path, kwargs: dict[str, Any],
+                   not_loaded: Collection[str] = ()) -> Any:
+    """``cls.from_pretrained(directory, **kwargs)``, refused in one line when transformers reports a key
+    missing, unexpected (other than ``not_loaded``, the fusion tensors the base's own class leaves out)
+    or of another shape.
+
+    transformers' own report of such keys (a multi-line table, and for a misshaped one a RuntimeError
+    advising ``ignore_mismatched_sizes``) is held back and replaced by the refusal; a report that
+    names none of them is logged as transformers would.
+
+    Raises:
+        CheckpointError: naming the tensors (``listed``) and what is wrong with each group.
+    """
+    wants_info = bool(kwargs.pop("output_loading_info", False))
+    kwargs["ignore_mismatched_sizes"] = True  # misshaped keys land in the loading info, refused below
+    held = _HeldReport()
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(held)
+    try:
+        model, info = cls.from_pretrained(str(directory), output_loading_info=True, **kwargs)
+    finally:
+        logger.removeFilter(held)
+    problems = loading_problems(dict(info, unexpected_keys=[k for k in info.get("unexpected_keys") or ()
+                                                            if k not in not_loaded]))
+    if problems:
+        base = next(c for c in cls.__mro__ if not issubclass(c, FusedCausalLMMixin)).__name__
+        raise CheckpointError(f"{where}: the tensors do not fill transformers' {base}: {'; '.join(problems)}")
+    for record in held.records:
+        logger.handle(record)
+    return (model, info) if wants_info else model
+
+
+def loading_problems(info: dict[str, Any]) -> list[str]:
+    """What transformers' loading info (``output_loading_info=True``) says is wrong, one phrase per kind.
+
+    Args:
+        info: ``missing_keys``, ``unexpected_keys``, ``mismatched_keys`` (key, checkpoint shape, model
+            shape) and ``error_msgs``, as transformers returns them.
+
+    Returns:
+        ``N missing: a, b (+M more)``-style phrases; empty when every tensor loaded into its parameter.
+    """
+    problems = []
+    for name, words in (("missing_keys", "missing (transformers would leave them random)"),
+                        ("unexpected_keys", "unexpected (the model has no such parameter)")):
+        keys = sorted(info.get(name) or ())
+        if keys:
+            problems.append(f"{len(keys)} tensor(s) {words}: {listed(keys)}")
+    shapes = sorted(info.get("mismatched_keys") or ())
+    if shapes:
+        shown = [f"{key} is {list(found)}, the model expects {list(wanted)}" for key, found, wanted in shapes]
+        problems.append(f"{len(shown)} tensor(s) of another shape: {listed(shown)}")
+    errors = [str(e).splitlines()[0] for e in info.get("error_msgs") or () if str(e).strip()]
+    if errors:
+        problems.append(f"transformers: {listed(errors, 1)}")
+    return problems
+
+
+class _HeldReport(logging.Filter):
+    """Holds back transformers' multi-line load report (its ``LOAD REPORT`` record) while a load runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            self.records.append(record)
+            return False
+        return True
 
 
 @contextmanager
@@ -286,5 +378,5 @@ def _relink(target: Path, link: Path) -> None:
     os.symlink(target.resolve(), link)
 
 
-__all__ = ["FusionSource", "TransformersNames", "base_class", "from_pretrained", "load_checkpoint", "model_class",
-           "permute_head_rows", "transformers_names"]
+__all__ = ["FusionSource", "TransformersNames", "base_class", "from_pretrained", "load_checkpoint", "loading_problems",
+           "model_class", "permute_head_rows", "transformers_names"]

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..arch.config import FusionConfig
 from .blocks import ENCODER_KV_ATTR, BlockSpec, FusionBlock, FusionRMSNorm, check_mask
+from .init import init_block, init_fusion, mark_initialised
 
 _CLASSES: dict[type, type] = {}
 
@@ -221,6 +222,9 @@ class FusedCausalLMMixin:
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         attach_fusion(self, config)
+        # the base's own __init__ initialised its weights before the blocks existed: the fusion section's init
+        # now (a no-op on the meta device, where from_pretrained builds the model before loading)
+        init_fusion(self, self.fusion)
         #: where the weights came from (set by ``fusionsurgery.hf.from_pretrained``; ``save_pretrained`` reads it)
         self.fusion_source = None
 
@@ -247,10 +251,19 @@ class FusedCausalLMMixin:
         Qwen3-MoE) runs its experts eagerly where the base runs them grouped, and the logits differ."""
         return _base_of(cls)._can_set_experts_implementation()
 
+    def initialize_weights(self) -> None:
+        """transformers' initialisation of whatever a checkpoint did not fill, with the fusion parameters
+        initialised first as the fusion section says (``hf.init``) and then left alone by the base's
+        ``_init_weights`` (which knows neither the gates nor the section's init, and which transformers calls
+        with the base model's class for the modules below it)."""
+        mark_initialised(init_fusion(self, self.fusion, skip_loaded=True))
+        super().initialize_weights()
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, FusionBlock):
-            module.reset_gates()  # closed gates: a new block computes the identity
+        if isinstance(module, FusionBlock):  # closed gates: a new block computes the identity
+            layer = decoder_layer_list(self)[module.layer_idx]
+            init_block(module, self.fusion, layer if getattr(layer, "fusion_layer", None) is module else None)
         elif isinstance(module, FusionRMSNorm):  # the base's init knows its own norms' convention, not ours
             with torch.no_grad():
                 module.weight.fill_(1.0 - module.offset)

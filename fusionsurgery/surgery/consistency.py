@@ -1,13 +1,16 @@
-"""Does a checkpoint's ``fusion`` section agree with the fusion tensors it holds? (headers only)
+"""Does a checkpoint's ``fusion`` section agree with the fusion tensors it holds, and does it hold the
+original tensors its manifest lists? (headers only)
 
 Every command that reads a fused checkpoint asks this before trusting the config: ``verify``
-reports each disagreement as a failed check; ``export``, ``unfuse`` and ``load_fused`` refuse the
-checkpoint in one line; ``inspect`` describes it with a warning.
+reports each disagreement as a failed check; ``export``, ``unfuse``, ``load_fused`` and
+``fusionsurgery.hf`` refuse the checkpoint in one line (``require_consistent``); ``inspect``
+describes it with a warning.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..arch.config import FusionConfig, ModelConfig
 from ..arch.families import Family, is_fusion_key
@@ -99,12 +102,57 @@ def fusion_problems(ckpt: Checkpoint, cfg: ModelConfig, fusion: FusionConfig | N
     return problems
 
 
+def original_problems(ckpt: Checkpoint, originals: list[dict[str, Any]], dtypes: bool = True,
+                      family: Family | None = None) -> list[str]:
+    """How the checkpoint disagrees with the original tensors a manifest lists (headers only).
+
+    Args:
+        ckpt: the checkpoint (a fused one, or an adapter already attached to its base).
+        originals: the manifest's ``original_tensors`` entries (``name``, ``shape``, ``dtype`` each).
+        dtypes: compare dtypes too (not for another base of the same model, which ``graft`` takes in any dtype).
+        family: the checkpoint's naming family: a tensor neither listed nor a fusion tensor is a problem too.
+
+    Returns:
+        One problem naming every missing tensor (``listed``), one per tensor of another shape or dtype,
+        and one naming the tensors neither listed nor fusion tensors (with ``family``).
+    """
+    missing = [e["name"] for e in originals if e["name"] not in ckpt.key_to_file]
+    problems = [f"{len(missing)} original tensor(s) listed in the manifest are missing: {listed(missing)}"] \
+        if missing else []
+    for e in originals:
+        if e["name"] in ckpt.key_to_file:
+            info = ckpt.info(e["name"])
+            if list(info.shape) != list(e["shape"]) or (dtypes and info.dtype != e["dtype"]):
+                problems.append(f"original tensor {e['name']} is {list(info.shape)} {info.dtype}, the manifest "
+                                f"says {list(e['shape'])} {e['dtype']}")
+    if family is not None and originals:
+        known = {e["name"] for e in originals}
+        extra = [k for k in ckpt.keys() if k not in known and not is_fusion_name(family, k)]
+        if extra:
+            problems.append(f"{len(extra)} unexplained tensor(s), neither original (the manifest) nor fusion: "
+                            f"{listed(extra)}")
+    return problems
+
+
 def require_consistent(ckpt: Checkpoint, cfg: ModelConfig, fusion: FusionConfig | None,
                        quantized: bool = True) -> None:
-    """Refuse (one line, exit 2) a checkpoint whose fusion section disagrees with its tensors (``quantized``:
+    """Refuse (one line, exit 2) a checkpoint whose fusion section disagrees with its tensors, or that lacks
+    (or holds in another shape or dtype) an original tensor its ``fusion_manifest.json`` lists (``quantized``:
     or whose ``quantization_config`` would let its loader quantize the fusion blocks; ``unfuse`` reads such a
-    checkpoint, since its output drops them)."""
+    checkpoint, since its output drops them).
+
+    An adapter (``fuse --adapter-only``) is checked once attached to its base (``attach_base``): alone it
+    holds none of the original tensors its manifest lists.
+
+    Raises:
+        CheckpointError: the first problem, naming the tensors, and how many more ``verify`` lists.
+    """
     problems = fusion_problems(ckpt, cfg, fusion, quantized)
+    what = "the config's fusion section disagrees with the tensors"
+    if not problems:
+        manifest = ckpt.read_manifest()
+        problems = original_problems(ckpt, (manifest or {}).get("original_tensors", []), family=cfg.family_obj)
+        what = "the tensors disagree with fusion_manifest.json"
     if problems:
         more = f" (and {len(problems) - 1} more problem(s); `fusionsurgery verify` lists them)" if len(problems) > 1 else ""
-        raise CheckpointError(f"{ckpt.root}: the config's fusion section disagrees with the tensors: {problems[0]}{more}")
+        raise CheckpointError(f"{ckpt.root}: {what}: {problems[0]}{more}")

@@ -28,7 +28,7 @@ from ..io.identity import input_name, public_config, public_manifest
 from ..io.progress import StageProgress
 from ..io.writer import AtomicDirectory, check_output_location, default_output, write_index, write_json
 from ..surgery.adapter import is_adapter
-from ..surgery.consistency import mismatches
+from ..surgery.consistency import mismatches, original_problems
 from ..surgery.fuse import bring_originals, check_not_fused
 from ..surgery.manifest import build_manifest, describe_base
 from ..surgery.plan import plan_new_tensors
@@ -130,6 +130,20 @@ def check_tensors(adapter: Adapter, cfg: ModelConfig, what: str) -> None:
                          f"{listed(extra, 3)}")
 
 
+def check_base_tensors(adapter: Adapter, base: Checkpoint, what: str) -> None:
+    """Refuse a base that lacks a tensor the adapter's own base had, or holds one in another shape (the
+    adapter's manifest lists them): a fused output must hold every tensor of a complete decoder.
+
+    Raises:
+        CheckpointError: the tensors missing, or the first of another shape, named.
+    """
+    problems = original_problems(base, adapter.manifest.get("original_tensors", []), dtypes=False)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"cannot graft {adapter.path} onto {what}: its tensors differ from those of the "
+                              f"adapter's own base (its manifest lists them): {problems[0]}{more}")
+
+
 def _open_base(path: Path, adapter: Adapter, what: str, *, fused_ok: bool = False,
                follow_symlinks: bool = False) -> tuple[Checkpoint, ModelConfig]:
     ckpt = Checkpoint.open(path, follow_symlinks=follow_symlinks)
@@ -190,6 +204,7 @@ def graft(adapter: str | os.PathLike[str], onto: str | os.PathLike[str], out: st
     base_path = Path(onto)
     base, cfg = _open_base(base_path, a, "BASE", follow_symlinks=follow_symlinks)
     check_tensors(a, cfg, f"BASE {base_path}")
+    check_base_tensors(a, base, f"BASE {base_path}")
     ref = _open_reference(Path(was), a, base) if was is not None else None
     origin = read_origin(a.ckpt, a.manifest)
     out_path = Path(out) if out is not None else default_output(base_path, "grafted")
