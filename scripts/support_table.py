@@ -73,30 +73,29 @@ def probe(model_type: str, tmp: Path, wrapper: bool = False) -> dict[str, str]:
     import transformers
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from any_decoder import auto_class, build_config, text_ids
+    from any_decoder import build_config, instantiate, text_ids
 
     import fusionsurgery as fs
     import fusionsurgery.hf as hf
 
-    auto = auto_class(model_type, wrapper)
     out: dict[str, str] = {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             config = build_config(model_type)
             with torch.device("meta"):  # count first: a size the builder does not know stays big
-                size = sum(p.numel() for p in auto.from_config(config).parameters())
+                size = sum(p.numel() for p in instantiate(model_type, config, wrapper).parameters())
             if size > MAX_PROBE_PARAMS:
                 return {"build": f"the tiny sizes leave {size / 1e6:.0f}M parameters (sizes of its own the "
                                  "builder does not shrink)"}
             torch.manual_seed(0)
-            model = auto.from_config(config).eval()
+            model = instantiate(model_type, config, wrapper).eval()
             ids = text_ids(config, 8)
             with torch.no_grad():
                 model(ids)  # the tiny base itself runs (else: not ours to judge)
             model.save_pretrained(str(tmp / "base"))
             # the base as transformers loads it (a model in memory may differ from its reload by a rounding)
-            reloaded = auto.from_pretrained(str(tmp / "base"), dtype=torch.float32)
+            reloaded = type(model).from_pretrained(str(tmp / "base"), dtype=torch.float32)
             with torch.no_grad():
                 base_logits = reloaded.eval()(ids).logits
     except Exception as exc:  # noqa: BLE001 - the table reports why

@@ -82,6 +82,10 @@ EXTRA: dict[str, dict[str, Any]] = {t: {} for t in (
     # width (ELECTRA, RemBERT: factorised, projected by the base); no layer count but a per-layer list
     # (Nemotron-H); a decoder whose own config spells its sizes decoder_* (TrOCR)
     "cpmant", "ctrl", "electra", "rembert", "nemotron_h", "trocr",
+    # built tiny once every sub-config is shrunk (issue 29): a multimodal wrapper of the causal-LM mapping
+    # (Gemma 3 4B-27B, its vision tower as deep as the decoder), experts, latent attention, hybrids
+    "gemma3", "qwen3_5", "llama4", "qwen2_moe", "qwen3_next", "deepseek_v2", "glm4_moe", "ernie4_5_moe",
+    "exaone_moe", "jamba", "falcon", "gptj",
 )}
 # BERT-style layers (ELECTRA, RemBERT) attend causally only when told they are a decoder
 EXTRA.update({t: {"is_decoder": True} for t in ("electra", "rembert")})
@@ -200,6 +204,8 @@ def _shrink(doc: dict[str, Any], sizes: dict[str, int], depth: int, text: bool) 
                 if new:
                     out[key] = dict(value, **new) if not is_text else new
                 continue
+        elif value is None and key.startswith("attn_layer_ind"):  # a hybrid's attention layers: one, the last
+            new = [depth - 1]
         elif isinstance(value, bool) or value is None:
             continue
         elif isinstance(value, dict) and isinstance(value.get("mrope_section"), list):
@@ -219,8 +225,13 @@ def _shrink(doc: dict[str, Any], sizes: dict[str, int], depth: int, text: bool) 
                 new = sizes["head_dim"]
             elif key in AT_MOST:
                 new = min(value, AT_MOST[key])
+            elif key == "text_hidden_size":  # a tower's projection into the text width
+                new = TINY["hidden_size"]
             elif key == "image_size" and isinstance(doc.get("patch_size"), int):
                 new = doc["patch_size"] * 4
+        elif (isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+              and "layer" in key and ("ind" in key or "idx" in key)):  # indices of layers of a kind
+            new = [v for v in value if v < depth] or [depth - 1]
         elif isinstance(value, list) and key in LAYER_LISTS and value and len(value) != depth:
             new = _cut_layer_list(value, depth)
         elif isinstance(value, list) and key in HEADS + DEPTHS and value and all(isinstance(v, int) for v in value):
@@ -229,6 +240,9 @@ def _shrink(doc: dict[str, Any], sizes: dict[str, int], depth: int, text: bool) 
             new = value[:depth]  # other per-layer lists (head counts per layer ...)
         if new != value:
             out[key] = new
+    if "num_experts_per_tok" in doc and doc["num_experts_per_tok"] is None and any(
+            isinstance(doc.get(k), int) for k in ("n_routed_experts", "num_experts", "num_local_experts")):
+        out["num_experts_per_tok"] = AT_MOST["num_experts_per_tok"]  # a router left without its top-k
     return out
 
 
@@ -276,14 +290,31 @@ def tiny_fields(model_type: str) -> dict[str, Any]:
     for key in _NOT_ARGUMENTS:
         shrunk.pop(key, None)
     part = doc if text is None else doc[text]
+    mine = dict(overrides(model_type))
+    if isinstance(part.get("qk_rope_head_dim"), int) and model_type not in OVERRIDES:
+        # latent attention: the rotary part of a head is qk_rope_head_dim wide (the config's head_dim), and
+        # every query head has its own key/value head
+        mine.update(head_dim=AT_MOST["qk_rope_head_dim"], num_key_value_heads=TINY["num_attention_heads"])
+    if model_type not in OVERRIDES:
+        expand = part.get("mamba_expand", part.get("expand"))
+        heads, head = (("mamba_n_heads", "mamba_d_head") if "mamba_d_head" in part else ("num_heads", "head_dim"))
+        if isinstance(expand, int) and isinstance(part.get(heads), int) and heads in part and (
+                "mamba_d_head" in part or model_type.startswith("mamba")):
+            # a state-space mixer's heads split the expanded width: heads x head size = expand x width
+            count = AT_MOST.get(heads, TINY["num_attention_heads"])
+            mine[heads], mine[head] = count, expand * TINY["hidden_size"] // count
     rope = part.get("rope_parameters")
-    if isinstance(rope, dict) and "mrope_section" not in rope and _modeling_mentions(model_type, "mrope_section"):
-        # multimodal RoPE splits the rotary half of each head; its code's default split fits the big head
+    types = (model_type, part.get("model_type"))
+    if isinstance(rope, dict) and any(isinstance(t, str) and _modeling_mentions(t, "mrope_section") for t in types):
+        # multimodal RoPE splits the rotary half of each head (partial_rotary_factor of it); its code's
+        # default split fits the big head
+        factor = rope.get("partial_rotary_factor", part.get("partial_rotary_factor")) or 1.0
+        half = int(mine.get("head_dim", TINY["head_dim"]) * factor) // 2
         (shrunk if text is None else shrunk.setdefault(text, {}))["rope_parameters"] = dict(
-            rope, mrope_section=_sections([16, 24, 24], TINY["head_dim"] // 2))
+            rope, mrope_section=_sections(rope.get("mrope_section") or [16, 24, 24], half))
     if text is None:
-        return dict(shrunk, **overrides(model_type))
-    shrunk[text] = dict(shrunk.get(text, {}), **overrides(model_type))
+        return dict(shrunk, **mine)
+    shrunk[text] = dict(shrunk.get(text, {}), **mine)
     return shrunk
 
 
@@ -347,6 +378,24 @@ def auto_class(model_type: str, wrapper: bool = False) -> type:
     return transformers.AutoModelForImageTextToText
 
 
+def instantiate(model_type: str, config: Any, wrapper: bool = False) -> torch.nn.Module:
+    """``auto_class(model_type, wrapper).from_config(config)``; where the auto class does not take the
+    config (Mllama's and Emu3's composite configs: the causal LM reads their text config), the class
+    the causal-LM mapping names, built from the config it takes."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        return auto_class(model_type, wrapper).from_config(config)
+    except ValueError as exc:
+        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+        if "Unrecognized configuration class" not in str(exc) or wrapper or not hasattr(transformers, name or "?"):
+            raise
+    cls = getattr(transformers, name)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return cls._from_config(text if isinstance(text, cls.config_class) else config)
+
+
 def text_ids(config: Any, n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     """``[batch, n]`` token ids of plain text: below the text vocabulary and 100, none a special token the
     config names (a wrapper's image token would ask for pixel values)."""
@@ -380,7 +429,7 @@ def build_model(model_type: str, seed: int = 0, wrapper: bool = False, **extra: 
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = auto_class(model_type, wrapper).from_config(config).eval()
+        model = instantiate(model_type, config, wrapper).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if _is_norm(name):
