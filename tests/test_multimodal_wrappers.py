@@ -212,3 +212,22 @@ def test_the_option_cannot_pick_a_tower_the_text_part_rules_out(tmp_path, capsys
     code, err = run_cli(["fuse", str(base), "--every", "2", "--layer-prefix", "language_model.model.layers",
                          "-o", str(tmp_path / "f")], capsys)
     assert code == 0, err
+
+
+def test_hf_attaches_blocks_only_where_the_section_says():
+    """The section's prefix in the checkpoint's names (transformers' saved names) or the module's; a list
+    that is not the text decoder's, or no list at all, is refused rather than replaced by another."""
+    from fusionsurgery.hf.model import decoder_layer_path
+
+    model = build_model("gemma3", wrapper=True)
+    for prefix in ("language_model.model.layers", "model.language_model.layers"):
+        model.config.fusion = {"layer_prefix": prefix}
+        assert decoder_layer_path(model) == "model.language_model.layers"
+    model.config.fusion = {"layer_prefix": "vision_tower.encoder.layers"}
+    with pytest.raises(CheckpointError, match=r"^the fusion section's layers, vision_tower.encoder.layers "
+                                              r"\(model.vision_tower.encoder.layers in .*\), are not the text "
+                                              r"decoder's: .*model.language_model.layers is$"):
+        decoder_layer_path(model)
+    model.config.fusion = {"layer_prefix": "model.nowhere.layers"}
+    with pytest.raises(CheckpointError, match="layer_prefix 'model.nowhere.layers' is none of"):
+        decoder_layer_path(model)

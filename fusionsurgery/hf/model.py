@@ -220,13 +220,22 @@ def decoder_layer_path(model: nn.Module) -> str:
         raise CheckpointError(f"the fusion section's layer_prefix {prefix!r} is none of {type(model).__name__}'s "
                               f"lists of {count} layers ({', '.join(names)})")
     if len(names) > 1 and count:
-        _text_decoder(model, names, count, matches[0])
+        try:
+            _text_decoder(model, names, count, matches[0])
+        except FusionSurgeryError as exc:
+            where = "" if matches[0] == prefix else f" ({matches[0]} in {type(model).__name__})"
+            raise CheckpointError(f"the fusion section's layers, {prefix}{where}, are not the text decoder's: "
+                                  f"{str(exc).replace('`layer_prefix` ', 'layer_prefix ', 1)}") from None
     return matches[0]
 
 
 def _text_decoder(model: nn.Module, names: list[str], count: int, chosen: str | None) -> str:
     """The text decoder's list among ``names`` as ``fuse`` decides it from the config's text part;
-    ``chosen`` (the section's) must be it, or one the text part cannot tell from it."""
+    ``chosen`` (the section's) must be it, or one the text part cannot tell from it.
+
+    Raises:
+        CheckpointError, UsageError: as ``arch.discovery.find_layer_prefix``.
+    """
     from ..arch.discovery import find_layer_prefix
 
     text = _text_config_of(model.config)
@@ -236,12 +245,7 @@ def _text_decoder(model: nn.Module, names: list[str], count: int, chosen: str | 
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     keys = [n for n in shapes if any(n.startswith(f"{name}.") for name in names) or
             (embedding is not None and n.endswith("weight") and model.get_parameter(n) is getattr(embedding, "weight", None))]
-    try:
-        return find_layer_prefix(keys, count, shapes={k: shapes[k] for k in keys}, dim=dim, vocab_size=vocab,
-                                 chosen=chosen)
-    except FusionSurgeryError as exc:
-        raise CheckpointError(f"the fusion section's layers are not the text decoder's: "
-                              f"{str(exc).replace('`layer_prefix` ', 'layer_prefix ', 1)}") from None
+    return find_layer_prefix(keys, count, shapes={k: shapes[k] for k in keys}, dim=dim, vocab_size=vocab, chosen=chosen)
 
 
 def _saved_prefix(model: nn.Module, path: str) -> str | None:
