@@ -110,7 +110,7 @@ def probe(model_type: str, tmp: Path, wrapper: bool = False) -> dict[str, str]:
                 run()
             out[step] = "ok"
         except Exception as exc:  # noqa: BLE001
-            out[step] = _first_line(exc)
+            out[step] = _no_tmp(_first_line(exc))
             if step == "fuse":
                 return out
     try:
@@ -121,7 +121,7 @@ def probe(model_type: str, tmp: Path, wrapper: bool = False) -> dict[str, str]:
         out["load"] = "ok"
         out["identity"] = "ok" if same else "closed gates differ from the base's logits"
     except Exception as exc:  # noqa: BLE001
-        out["load"] = _first_line(exc)
+        out["load"] = _no_tmp(_first_line(exc))
     return out
 
 
@@ -207,7 +207,12 @@ def _probed_ok(r: dict[str, str]) -> bool:
 def _stopped(r: dict[str, str]) -> tuple[str, str]:
     """(the first probe step that did not pass, its reason without the probe's temporary directory)."""
     where = next((s for s in ["build", *PROBE_STEPS] if s in r and r[s] != "ok"), "?")
-    return where, re.sub(r"\S*/probe-[^/\s]+/(base|fused)/", "", r.get(where, ""))
+    return where, _no_tmp(r.get(where, ""))
+
+
+def _no_tmp(text: str) -> str:
+    """``text`` without the probe's temporary directory (``/tmp/probe-gpt2-x1y2/fused`` -> ``fused``)."""
+    return re.sub(r"\S*/probe-[^/\s]+/", "", text)
 
 
 def _probe_table(types: list[str], probed: dict[str, Any], classes: dict[str, str], native: set[str]) -> list[str]:
@@ -272,18 +277,23 @@ def summary(data: dict[str, Any], native: set[str], mapping: dict[str, str], ver
         f"{len(o['forward'])} |",
         f"| probed: fused, inspect, verify, opens as its class, closed gates = base | "
         f"{len(set(o['probed']) - set(own))} |",
-        f"| refused by the surgery, with the reason below | {len(o['refused'])} |",
+        f"| stopped at a step (fuse, inspect, verify, opening through transformers), with the reason below | "
+        f"{len(o['refused'])} |",
         f"| not built tiny here (the reason in the table: a package it needs, not a decoder, transformers' own "
         f"build fails at the test sizes) | {len(o['not_built'])} |",
         "",
-        *([f"Multimodal wrappers of the image-text-to-text mapping (not in the causal-LM mapping), the vision tower "
-           f"as deep as the text decoder: {len(o['wrappers'])} of {len(data.get('wrappers', {}))} fuse into the "
-           "text decoder and pass inspect, verify and closed gates = base through `fusionsurgery.hf`.", ""]
+        *([f"Multimodal wrappers of the image-text-to-text mapping whose class is not the causal-LM mapping's "
+           f"(Mistral 3, Qwen2.5-VL, Qwen3.5 and Llama 4 with their towers ...), each tower as deep as the text "
+           f"decoder: {len(o['wrappers'])} of {len(data.get('wrappers', {}))} fuse into the text decoder and pass "
+           "inspect, verify and closed gates = base through `fusionsurgery.hf` (the others: "
+           "[table](docs/models.md)).", ""]
           if data.get("wrappers") else []),
-        "Refused:",
+        "Stopped:",
         "",
     ]
-    lines += [f"- `{t}`: {_reason(why)}" for t, why in o["refused"].items()] or ["- none"]
+    probed = data.get("probe", {})
+    lines += [f"- `{t}` ({_stopped(probed.get(t, {}))[0]}): {_reason(why)}"
+              for t, why in o["refused"].items()] or ["- none"]
     lines += [README_END]
     return "\n".join(lines)
 
@@ -294,7 +304,7 @@ REASON_CHARS = 160
 
 def _reason(why: str) -> str:
     """A reason for the README: without the exception's class name; one cut short ends at a separator, with '...'."""
-    text = re.sub(r"^\w+Error: ", "", why).replace("|", "/").strip()
+    text = re.sub(r"^\w+(Error|Failed): ", "", why).replace("|", "/").strip()
     if len(why) >= len(why.split(": ", 1)[0]) + 2 + REASON_CHARS:  # cut by _first_line
         cut = max(text.rfind("; "), text.rfind(", "))
         text = (text[:cut] if cut > 0 else text) + " ..."
