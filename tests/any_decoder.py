@@ -168,6 +168,7 @@ AT_MOST: dict[str, int] = {
     "moe_k": 2, "moe_topk": 2, "num_experts_per_token": 2, "moe_intermediate_size": 32,
     "shared_expert_intermediate_size": 32, "expert_intermediate_size": 32, "moe_ffn_hidden_size": 32,
     "n_shared_experts": 1, "num_shared_experts": 1, "moe_num_shared_experts": 1, "n_group": 1, "topk_group": 1,
+    "num_group": 1, "num_expert_group": 1,
     "first_k_dense_replace": 1, "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
     "v_head_dim": 16, "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_num_key_heads": 2,
     "linear_num_value_heads": 4, "mamba_d_ssm": 32, "mamba_n_heads": 4, "mamba_d_head": 8, "mamba_d_state": 8,
@@ -196,8 +197,8 @@ def _shrink(doc: dict[str, Any], sizes: dict[str, int], depth: int, text: bool) 
         new: Any = value
         if isinstance(value, dict) and key not in ("rope_parameters", "rope_scaling", "attn_config", "ffn_config",
                                                    "id2label", "label2id", "quantization_config"):
-            if value and all(str(k).isdigit() for k in value):  # per-layer settings keyed by layer index
-                new = {k: v for k, v in value.items() if int(k) < depth}
+            if value and all(str(k).isdigit() for k in value):  # per-layer settings keyed by layer index:
+                continue  # derived from the layer count again (Gemma 4's global layers)
             else:
                 is_text = key in TEXT_PARTS
                 new = _shrink(value, TEXT_SIZES if is_text else TOWER_SIZES, depth, is_text)
@@ -240,6 +241,10 @@ def _shrink(doc: dict[str, Any], sizes: dict[str, int], depth: int, text: bool) 
             new = value[:depth]  # other per-layer lists (head counts per layer ...)
         if new != value:
             out[key] = new
+    if any(isinstance(doc.get(k), int) for k in ("moe_intermediate_size", "moe_num_experts")):
+        for key in ("n_routed_experts", "num_experts", "num_local_experts"):  # an expert count left unset
+            if key in doc and doc[key] is None:
+                out[key] = doc[key] = AT_MOST[key]
     if "num_experts_per_tok" in doc and doc["num_experts_per_tok"] is None and any(
             isinstance(doc.get(k), int) for k in ("n_routed_experts", "num_experts", "num_local_experts")):
         out["num_experts_per_tok"] = AT_MOST["num_experts_per_tok"]  # a router left without its top-k
@@ -291,6 +296,9 @@ def tiny_fields(model_type: str) -> dict[str, Any]:
         shrunk.pop(key, None)
     part = doc if text is None else doc[text]
     mine = dict(overrides(model_type))
+    if part.get("is_decoder") is False:
+        # a BERT-style stack is a causal decoder only when told (transformers' own *LMHeadModel asks for it)
+        mine.setdefault("is_decoder", True)
     if isinstance(part.get("qk_rope_head_dim"), int) and model_type not in OVERRIDES:
         # latent attention: the rotary part of a head is qk_rope_head_dim wide (the config's head_dim), and
         # every query head has its own key/value head
