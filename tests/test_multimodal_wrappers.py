@@ -78,6 +78,32 @@ def test_a_wrapper_is_fused_in_its_text_decoder(model_type, tmp_path, capsys):
     text_depth = model.config.get_text_config().num_hidden_layers
     towers = _tower_depths(model.config)
     assert towers and set(towers.values()) == {text_depth}, towers  # the towers are as deep as the decoder
+    _fused_in_the_text_decoder(model, base, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("model_type", type_params(["gemma3", "mistral3"]))
+def test_a_tower_as_wide_as_the_decoder_is_told_apart_by_the_token_embedding(model_type, tmp_path, capsys):
+    """Depth and width alike: the language-model part of the wrapper (the list beside the token
+    embedding) decides."""
+    from any_decoder import TINY, build_config, instantiate
+
+    config = build_config(model_type)
+    vision = config.vision_config
+    vision.hidden_size, vision.intermediate_size = TINY["hidden_size"], TINY["intermediate_size"]
+    vision.num_attention_heads = TINY["num_attention_heads"]
+    if getattr(vision, "head_dim", None):
+        vision.head_dim = TINY["head_dim"]
+    torch.manual_seed(0)
+    model = instantiate(model_type, config, wrapper=True).eval()
+    model.save_pretrained(str(tmp_path / "base"))
+    assert _tower_depths(model.config)["vision_config"] == TINY["num_hidden_layers"]
+    _fused_in_the_text_decoder(model, tmp_path / "base", tmp_path, capsys)
+
+
+def _fused_in_the_text_decoder(model: torch.nn.Module, base: Path, tmp_path: Path, capsys) -> None:
+    """Fuse ``base`` (saved from ``model``) --every 2; the section is the text decoder's, inspect and verify
+    pass, and fusionsurgery.hf's closed gates give the base's logits."""
+    text_depth = model.config.get_text_config().num_hidden_layers
     capsys.readouterr()
     fused = tmp_path / "fused"
     code, err = run_cli(["fuse", str(base), "--every", "2", "-o", str(fused)], capsys)

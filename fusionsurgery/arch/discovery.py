@@ -97,6 +97,15 @@ def text_decoder_lists(fits: list[str], shapes: Mapping[str, tuple[int, ...]] | 
 
     The width first: lists with a tensor of the text width ``dim`` in their layer 0. Then the
     nearest to the token embedding: the deepest common ancestor, then the fewest steps below it.
+
+    Args:
+        fits: the prefixes of the numbered lists of the text layer count.
+        shapes: name -> shape of every tensor (None: no evidence but the count).
+        dim: the text width (None: likewise).
+        vocab_size: the text vocabulary, for a factorised embedding.
+
+    Returns:
+        tuple[list[str], str]: the lists still fitting, sorted, and the evidence used (for messages).
     """
     said = ["the text layer count"]
     best = sorted(fits)
