@@ -242,7 +242,8 @@ def discover_layout(ckpt: Checkpoint, layer_prefix: str | None = None) -> tuple[
     num_layers = fields.int_of("num_layers", required=True)
     dim = fields.int_of("dim", required=True)
     assert num_layers is not None and dim is not None
-    shapes = {k: ckpt.info(k).shape for k in ckpt.keys() if f".{FUSION_SEGMENT}." not in k and "fusion_embedding" not in k}
+    shapes = {k: ckpt.info(k).shape for k in ckpt.keys()
+              if f".{FUSION_SEGMENT}." not in k and "fusion_embedding" not in k}
     vocab = fields.int_of("vocab_size")
     found = find_layer_prefix(shapes, num_layers, shapes=shapes, dim=dim, vocab_size=vocab, chosen=layer_prefix)
     return found, find_embedding_key(shapes, found, dim, vocab)

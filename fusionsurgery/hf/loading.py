@@ -136,7 +136,7 @@ def base_class(doc: dict[str, Any], where: Any = "config.json") -> type:
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     saved = list(doc.get("architectures") or [])
-    generative = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) | set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values())
+    generative = {*MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values(), *MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values()}
     names = [n for n in saved if n in generative] + [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)] + saved
     for name in names:
         if isinstance(name, str) and hasattr(transformers, name):

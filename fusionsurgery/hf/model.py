@@ -243,8 +243,9 @@ def _text_decoder(model: nn.Module, names: list[str], count: int, chosen: str | 
     vocab = _int_field(text, "vocab_size")
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    keys = [n for n in shapes if any(n.startswith(f"{name}.") for name in names) or
-            (embedding is not None and n.endswith("weight") and model.get_parameter(n) is getattr(embedding, "weight", None))]
+    table = getattr(embedding, "weight", None)
+    keys = [n for n, p in model.named_parameters() if any(n.startswith(f"{name}.") for name in names) or
+            (table is not None and p is table)]
     return find_layer_prefix(keys, count, shapes={k: shapes[k] for k in keys}, dim=dim, vocab_size=vocab, chosen=chosen)
 
 

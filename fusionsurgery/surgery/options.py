@@ -100,6 +100,7 @@ class FuseOptions:
         if not (0 < self.init_std and math.isfinite(self.init_std)):
             raise UsageError(f"`init_std` must be positive and finite, got {self.init_std}")
         if self.layer_prefix is not None and not self.layer_prefix.strip(" ."):
-            raise UsageError("`layer_prefix` must name a list of layers (\"model.language_model.layers\"), got an empty one")
+            raise UsageError("`layer_prefix` must name a list of layers (\"model.language_model.layers\"), "
+                             "got an empty one")
         if self.dtype not in DTYPE_CHOICES:
             raise UsageError(f"`dtype` must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
