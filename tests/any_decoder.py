@@ -198,7 +198,9 @@ def _shrink(doc: dict[str, Any], sizes: dict[str, int], depth: int, text: bool) 
         if isinstance(value, dict) and key not in ("rope_parameters", "rope_scaling", "attn_config", "ffn_config",
                                                    "id2label", "label2id", "quantization_config"):
             if value and all(str(k).isdigit() for k in value):  # per-layer settings keyed by layer index:
-                continue  # derived from the layer count again (Gemma 4's global layers)
+                new = {k: v for k, v in value.items() if int(k) < depth}
+                if not new:
+                    continue  # none within the depth: derived from the layer count again (Gemma 4's global layers)
             else:
                 is_text = key in TEXT_PARTS
                 new = _shrink(value, TEXT_SIZES if is_text else TOWER_SIZES, depth, is_text)
@@ -211,6 +213,10 @@ def _shrink(doc: dict[str, Any], sizes: dict[str, int], depth: int, text: bool) 
             continue
         elif isinstance(value, dict) and isinstance(value.get("mrope_section"), list):
             new = dict(value, mrope_section=_sections(value["mrope_section"], sizes["head_dim"] // 2))
+        elif isinstance(value, dict) and isinstance(value.get("original_max_position_embeddings"), int):
+            # a RoPE scaling's original context must stay within the tiny one
+            new = dict(value, original_max_position_embeddings=min(value["original_max_position_embeddings"],
+                                                                   AT_MOST["max_position_embeddings"] // 4))
         elif isinstance(value, int):
             if key in WIDTHS:
                 new = sizes["width"]
@@ -242,7 +248,7 @@ def _shrink(doc: dict[str, Any], sizes: dict[str, int], depth: int, text: bool) 
         if new != value:
             out[key] = new
     if any(isinstance(doc.get(k), int) for k in ("moe_intermediate_size", "moe_num_experts")):
-        for key in ("n_routed_experts", "num_experts", "num_local_experts"):  # an expert count left unset
+        for key in ("n_routed_experts", "num_experts", "num_local_experts", "n_shared_experts"):  # counts left unset
             if key in doc and doc[key] is None:
                 out[key] = doc[key] = AT_MOST[key]
     if "num_experts_per_tok" in doc and doc["num_experts_per_tok"] is None and any(
@@ -313,7 +319,8 @@ def tiny_fields(model_type: str) -> dict[str, Any]:
             mine[heads], mine[head] = count, expand * TINY["hidden_size"] // count
     rope = part.get("rope_parameters")
     types = (model_type, part.get("model_type"))
-    if isinstance(rope, dict) and any(isinstance(t, str) and _modeling_mentions(t, "mrope_section") for t in types):
+    if isinstance(rope, dict) and ("rope_type" in rope or "rope_theta" in rope) and any(
+            isinstance(t, str) and _modeling_mentions(t, "mrope_section") for t in types):
         # multimodal RoPE splits the rotary half of each head (partial_rotary_factor of it); its code's
         # default split fits the big head
         factor = rope.get("partial_rotary_factor", part.get("partial_rotary_factor")) or 1.0
