@@ -213,10 +213,6 @@ def _shrink(doc: dict[str, Any], sizes: dict[str, int], depth: int, text: bool) 
             continue
         elif isinstance(value, dict) and isinstance(value.get("mrope_section"), list):
             new = dict(value, mrope_section=_sections(value["mrope_section"], sizes["head_dim"] // 2))
-        elif isinstance(value, dict) and isinstance(value.get("original_max_position_embeddings"), int):
-            # a RoPE scaling's original context must stay within the tiny one
-            new = dict(value, original_max_position_embeddings=min(value["original_max_position_embeddings"],
-                                                                   AT_MOST["max_position_embeddings"] // 4))
         elif isinstance(value, int):
             if key in WIDTHS:
                 new = sizes["width"]
