@@ -302,9 +302,11 @@ def tiny_fields(model_type: str) -> dict[str, Any]:
         # a BERT-style stack is a causal decoder only when told (transformers' own *LMHeadModel asks for it)
         mine.setdefault("is_decoder", True)
     if isinstance(part.get("qk_rope_head_dim"), int) and model_type not in OVERRIDES:
-        # latent attention: the rotary part of a head is qk_rope_head_dim wide (the config's head_dim), and
-        # every query head has its own key/value head
-        mine.update(head_dim=AT_MOST["qk_rope_head_dim"], num_key_value_heads=TINY["num_attention_heads"])
+        # latent attention: the rotary part of a head (head_dim x partial_rotary_factor) is qk_rope_head_dim
+        # wide, and every query head has its own key/value head
+        rope = part.get("rope_parameters") if isinstance(part.get("rope_parameters"), dict) else {}
+        factor = rope.get("partial_rotary_factor", part.get("partial_rotary_factor")) or 1.0
+        mine.update(head_dim=int(AT_MOST["qk_rope_head_dim"] / factor), num_key_value_heads=TINY["num_attention_heads"])
     if model_type not in OVERRIDES:
         expand = part.get("mamba_expand", part.get("expand"))
         heads, head = (("mamba_n_heads", "mamba_d_head") if "mamba_d_head" in part else ("num_heads", "head_dim"))
