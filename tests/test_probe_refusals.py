@@ -58,9 +58,16 @@ def test_parallel_lists_of_sub_layers_are_refused_naming_them():
     with pytest.raises(CheckpointError, match=r"not modules but 3 parallel numbered lists of sub-layers "
                                               r"\(transformer.attentions.\{i\}, transformer.ffns.\{i\} ...\)"):
         find_layer_prefix(keys, 4)
-    # lists of the count under different parents (a text stack and a tower) are not siblings
+    # lists of the count under different parents (a text stack and a tower) are not siblings: the
+    # config's text part decides (here the token embedding beside model.layers), or the user names one
     keys = _layer_keys("model.layers", 4) + _layer_keys("vision.encoder.layers", 4, ("attn.q.weight",))
-    assert find_layer_prefix(keys, 4) == "model.layers"
+    shapes = dict.fromkeys(keys, (64, 64)) | {"model.embed_tokens.weight": (128, 64)}
+    assert find_layer_prefix(shapes, 4, shapes=shapes, dim=64, vocab_size=128) == "model.layers"
+    with pytest.raises(CheckpointError, match=r"^two numbered lists could be the text decoder's 4 layers "
+                                              r"\(the text layer count\): model.layers.N and vision.encoder.layers.N; "
+                                              r"name one with `layer_prefix`$"):
+        find_layer_prefix(keys, 4)
+    assert find_layer_prefix(keys, 4, chosen="vision.encoder.layers") == "vision.encoder.layers"
 
 
 def test_fusion_vocab_on_a_factorised_embedding_is_refused(tmp_path, capsys):

@@ -43,7 +43,7 @@ def test_readme_summary_is_the_scripts_rendering_of_the_record():
     o = st.outcomes(data, mapping)
     counted = sum(len(o[k]) for k in ("whole_chain", "forward", "probed", "refused", "not_built"))
     assert counted == len(mapping)  # every type of the mapping is counted once
-    assert all(f"- `{t}`: " in block for t in o["refused"])
+    assert all(f"- `{t}` (" in block for t in o["refused"])
 
 
 def test_the_record_holds_every_suite_type_and_refusal():

@@ -26,7 +26,7 @@ from .shape_inference import check_fusedness, heads_from_shapes, infer_from_shap
 
 def read_model_config(
     ckpt: Checkpoint, *, num_heads: int | None = None, num_kv_heads: int | None = None,
-    rope_defaults: str | None = None,
+    rope_defaults: str | None = None, layer_prefix: str | None = None,
 ) -> ModelConfig:
     """Describe the decoder in ``ckpt`` from its config.json, or infer it from tensor shapes.
 
@@ -34,10 +34,11 @@ def read_model_config(
     tensors: without a config they stay unknown (``rope_theta=None``) unless ``rope_defaults`` names a
     set of ``ROPE_DEFAULTS`` (e.g. ``"llama3"``, torchtune's Llama 3 builders); a config always wins.
     A type the native modules do not implement is read from its config's own fields
-    (``read_generic_config``): its layers are wrapped as they are.
+    (``read_generic_config``): its layers are wrapped as they are; ``layer_prefix`` names its layer
+    list where the config's text part cannot tell it from another (``discovery.find_layer_prefix``).
     """
     check_options(rope_defaults=rope_defaults, num_heads=num_heads, num_kv_heads=num_kv_heads)
-    family = family_of_checkpoint(ckpt)
+    family = family_of_checkpoint(ckpt, layer_prefix)
     if family.passthrough:
         return read_generic_config(ckpt, family, num_heads=num_heads, num_kv_heads=num_kv_heads)
     shapes = {}

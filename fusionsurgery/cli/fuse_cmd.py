@@ -42,6 +42,10 @@ def fuse(
     num_kv_heads: Annotated[Optional[int], typer.Option("--num-kv-heads", help="Key/value heads (grouped-query attention), "
                                                         "when there is no config.")] = None,
     rope_defaults: RopeDefaults = None,
+    layer_prefix: Annotated[Optional[str], typer.Option("--layer-prefix", metavar="PREFIX", help="The decoder's layer "
+                                                        "list, e.g. model.language_model.layers: for a multimodal base "
+                                                        "whose config's text part cannot tell it from another list "
+                                                        "[default: found from the config's text part].")] = None,
     link: Annotated[bool, typer.Option("--link", help="Hard-link the base's shard files into the output instead of copying "
                                        "them: only the new weights cost time and disk. The two directories then SHARE those "
                                        "files: editing one in place edits both. Needs one filesystem (else the shards are "

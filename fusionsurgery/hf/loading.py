@@ -149,7 +149,10 @@ def model_class(ckpt: Checkpoint) -> type:
 
 
 def base_class(doc: dict[str, Any], where: Any = "config.json") -> type:
-    """transformers' causal-LM class for a config.json: by its ``model_type``, else its ``architectures``.
+    """transformers' causal-LM class for a config.json: the generative class its ``architectures`` names
+    (the class it was saved from: a multimodal wrapper's ``*ForConditionalGeneration``, whose config
+    holds the ``fusion`` section beside its ``text_config``), else its ``model_type``'s causal LM, else
+    any class ``architectures`` names.
 
     Raises:
         UsageError: when the installed transformers has no such class, or is older than the release the
@@ -162,7 +165,11 @@ def base_class(doc: dict[str, Any], where: Any = "config.json") -> type:
     problem = type_floor_problem(model_type) if isinstance(model_type, str) else None
     if problem is not None:
         raise UsageError(f"{where}: {problem}")
-    names = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)] + list(doc.get("architectures") or [])
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    saved = list(doc.get("architectures") or [])
+    generative = {*MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values(), *MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values()}
+    names = [n for n in saved if n in generative] + [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)] + saved
     for name in names:
         if isinstance(name, str) and hasattr(transformers, name):
             return getattr(transformers, name)

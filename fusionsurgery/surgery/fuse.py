@@ -101,16 +101,16 @@ class FuseResult:
         }
 
 
-def fused_layers_of(ckpt: Checkpoint) -> list[int]:
-    """Layer indices that hold fusion tensors."""
-    family = family_of_checkpoint(ckpt)
+def fused_layers_of(ckpt: Checkpoint, layer_prefix: str | None = None) -> list[int]:
+    """Layer indices that hold fusion tensors (``layer_prefix``: the layer list a user named)."""
+    family = family_of_checkpoint(ckpt, layer_prefix)
     canon = (family.to_canonical(k) for k in ckpt.keys())
     return sorted({int(c.split(".")[1]) for c in canon if is_fusion_key(c) and c.startswith("layers.")})
 
 
-def check_not_fused(ckpt: Checkpoint) -> None:
+def check_not_fused(ckpt: Checkpoint, layer_prefix: str | None = None) -> None:
     """Refuse a checkpoint that already holds fusion layers."""
-    fused = fused_layers_of(ckpt)
+    fused = fused_layers_of(ckpt, layer_prefix)
     if fused or (ckpt.config or {}).get("fusion") or (ckpt.is_dir and (ckpt.root / MANIFEST_NAME).exists()):
         where = f" (fused layers {fused})" if fused else ""
         raise UsageError(
@@ -152,9 +152,9 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
     opts.check()
     base_path = Path(base)
     ckpt = Checkpoint.open(base_path, config=opts.config, follow_symlinks=opts.follow_symlinks)
-    check_not_fused(ckpt)
+    check_not_fused(ckpt, opts.layer_prefix)
     cfg = read_model_config(ckpt, num_heads=opts.num_heads, num_kv_heads=opts.num_kv_heads,
-                            rope_defaults=opts.rope_defaults)
+                            rope_defaults=opts.rope_defaults, layer_prefix=opts.layer_prefix)
     chosen = select_layers(cfg.num_layers, opts.every, opts.layers)
     fusion = _fusion_config(cfg, ckpt, chosen, opts)
     new = plan_new_tensors(cfg, fusion)

@@ -38,6 +38,8 @@ class FuseOptions:
         adapter_only: write only the new tensors, the config and the manifest.
         digest: ``blake3`` or ``sha256``, for the manifest's digests.
         follow_symlinks: follow links in the base that lead outside it (``io.links``), as ``cp -L``.
+        layer_prefix: the decoder's layer list (``model.language_model.layers``), for a multimodal base
+            whose config's text part cannot tell it from another list (a tower as deep and as wide).
     """
 
     every: int | None = None
@@ -57,6 +59,7 @@ class FuseOptions:
     adapter_only: bool = False
     digest: str = DEFAULT_ALGORITHM
     follow_symlinks: bool = False
+    layer_prefix: str | None = None
 
     @classmethod
     def pick(cls, values: Mapping[str, Any]) -> "FuseOptions":
@@ -96,5 +99,8 @@ class FuseOptions:
             raise UsageError(f"`init` must be one of {', '.join(INIT_CHOICES)}, got {self.init!r}")
         if not (0 < self.init_std and math.isfinite(self.init_std)):
             raise UsageError(f"`init_std` must be positive and finite, got {self.init_std}")
+        if self.layer_prefix is not None and not self.layer_prefix.strip(" ."):
+            raise UsageError("`layer_prefix` must name a list of layers (\"model.language_model.layers\"), "
+                             "got an empty one")
         if self.dtype not in DTYPE_CHOICES:
             raise UsageError(f"`dtype` must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")

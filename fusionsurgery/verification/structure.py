@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..arch.config import MODEL_TYPES, FusionConfig, ModelConfig, read_fusion_config, read_model_config
-from ..arch.discovery import family_of_checkpoint
+from ..arch.discovery import family_of_checkpoint, text_decoder_problem
 from ..arch.families import FAMILIES, Family, detect_family
 from ..arch.mllama_layouts import Origin, read_origin
 from ..errors import CheckpointError, FusionSurgeryError, listed
@@ -105,6 +105,7 @@ def check_structure(ckpt: Checkpoint, rope_defaults: str | None = None) -> tuple
         return result.finish(""), layout
     if layout.cfg is not None and layout.fusion is not None:
         _check_planned(layout, ckpt, result)
+        _check_text_decoder(layout, ckpt, result)
     if manifest is not None:
         layout.original_keys = [e["name"] for e in manifest["original_tensors"]]
         for problem in original_problems(ckpt, manifest["original_tensors"]):  # missing, or of another shape/dtype
@@ -168,6 +169,17 @@ def _check_planned(layout: Layout, ckpt: Checkpoint, result: CheckResult) -> Non
     problems += quantization_problems(ckpt.config, block, block.layer_prefix, block.embedding_key)
     for problem in problems:
         result.fail(problem)
+
+
+def _check_text_decoder(layout: Layout, ckpt: Checkpoint, result: CheckResult) -> None:
+    """A type without native modules: the section's layers are the text decoder's, as ``fuse`` decides
+    it from the config's text part (not a vision tower's list of the same count)."""
+    assert layout.cfg is not None and layout.fusion is not None
+    if layout.cfg.native or not layout.fusion.layer_prefix:
+        return
+    problem = text_decoder_problem(ckpt, layout.fusion.layer_prefix)
+    if problem is not None:
+        result.fail(f"the fusion section's layers are not the text decoder's: {problem}")
 
 
 def _check_originals_listed(manifest: dict[str, Any], ckpt: Checkpoint, family: Family, result: CheckResult) -> None:
