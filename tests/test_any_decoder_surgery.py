@@ -79,7 +79,7 @@ def test_fuse_inspect_verify_unfuse(model_type, bases, tmp_path, capsys, monkeyp
     from fusionsurgery.verification.engine import Engine
 
     # the no-forward checks only: the forward through transformers is test_any_decoder_forward.py's
-    monkeypatch.setattr(runner, "forward_engine", lambda cfg: Engine("skip", "forward checks left out here"))
+    monkeypatch.setattr(runner, "forward_engine", lambda cfg, doc=None: Engine("skip", "forward checks left out here"))
     base = bases(model_type)
     fused, back = tmp_path / "fused", tmp_path / "unfused"
     code, err = run_cli(["fuse", str(base), "--every", "2", "-o", str(fused)], capsys)

@@ -213,7 +213,7 @@ def test_two_lists_the_text_part_cannot_tell_apart(tmp_path, capsys, monkeypatch
                          str(tmp_path / "f")], capsys)
     assert code == 0, err
     assert read_json(tmp_path / "f" / "config.json")["fusion"]["layer_prefix"] == "model.text.layers"
-    monkeypatch.setattr(runner, "forward_engine", lambda cfg: Engine("skip", "a made-up type: no forward"))
+    monkeypatch.setattr(runner, "forward_engine", lambda cfg, doc=None: Engine("skip", "a made-up type: no forward"))
     code, report = _json_cli(["verify", str(tmp_path / "f"), "--json"], capsys)
     assert code == 0 and {c["name"]: c["status"] for c in report["checks"]}["structure"] == "passed"
 
