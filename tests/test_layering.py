@@ -63,3 +63,46 @@ def test_commands_are_registered_in_one_place_and_never_import_each_other() -> N
         for target in _imports(cli / f"{module}.py"):
             assert target[:2] != ("cli", "app"), f"{module} imports the app: app.py registers commands"
             assert not (target[0] == "cli" and target[-1].endswith("_cmd")), f"{module} imports {'.'.join(target)}"
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` (module -> modules it imports) as a path that returns to its start, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for other in sorted(graph.get(node, ())):
+            if state.get(other) == 1:
+                return path[path.index(other):] + [other]
+            if other not in state and (found := visit(other)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_package_has_a_circle() -> None:
+    """Within every package, modules import each other in one direction: no module reaches itself again
+    through the others (imports inside functions count too: a deferred import hides a circle, it does
+    not remove it)."""
+    circles = []
+    for package in sorted({p.parent for p in ROOT.rglob("*.py")}):
+        here = package.relative_to(ROOT).parts
+        graph: dict[str, set[str]] = {}
+        for path in package.glob("*.py"):
+            if path.stem == "__init__":  # the package's front door re-exports its modules
+                continue
+            graph[path.stem] = {target[len(here)] for target in _imports(path)
+                                if target[:len(here)] == here and len(target) > len(here)
+                                and target[len(here)] != path.stem and (package / f"{target[len(here)]}.py").exists()}
+        cycle = _cycle(graph)
+        if cycle:
+            circles.append(f"{'/'.join(here) or 'fusionsurgery'}: {' -> '.join(cycle)}")
+    assert not circles, circles

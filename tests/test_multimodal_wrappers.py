@@ -243,7 +243,7 @@ def test_the_option_cannot_pick_a_tower_the_text_part_rules_out(tmp_path, capsys
 def test_hf_attaches_blocks_only_where_the_section_says():
     """The section's prefix in the checkpoint's names (transformers' saved names) or the module's; a list
     that is not the text decoder's, or no list at all, is refused rather than replaced by another."""
-    from fusionsurgery.hf.model import decoder_layer_path
+    from fusionsurgery.hf.layers import decoder_layer_path
 
     model = build_model("gemma3", wrapper=True)
     for prefix in ("language_model.model.layers", "model.language_model.layers"):

@@ -185,15 +185,10 @@ def write_shards(ckpt: Checkpoint, shards: list[PlannedShard], directory: Path |
                 digests[t.key] = digest_chunks(chunks(ckpt, t), algorithm, progress)
                 files[t.key] = shard.name
             continue
-        writer = SafetensorsWriter(directory / shard.name, shard.entries, shard.metadata, algorithm)
-        try:
+        with SafetensorsWriter(directory / shard.name, shard.entries, shard.metadata, algorithm) as writer:
             for t in shard.tensors:
                 digests[t.key] = writer.write(t.key, chunks(ckpt, t), progress)
                 files[t.key] = shard.name
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
     return files, digests
 
 

@@ -124,13 +124,8 @@ def _rewrite_without(ckpt: Checkpoint, name: str, keep: list[str], dst: Path, pr
     """Shard ``name`` with only the tensors ``keep`` (in file order, same metadata), streamed."""
     header = ckpt.files[name]
     entries = [(k, header.tensors[k].dtype, header.tensors[k].shape) for k in keep]
-    writer = SafetensorsWriter(dst, entries, header.metadata or None, algorithm)
     digests: dict[str, str] = {}
-    try:
+    with SafetensorsWriter(dst, entries, header.metadata or None, algorithm) as writer:
         for k, dtype, shape in entries:
             digests[k] = writer.write(k, chunks(ckpt, OutTensor(k, dtype, shape, [Part(k)])), progress)
-    except BaseException:
-        writer.abort()
-        raise
-    writer.close()
     return digests

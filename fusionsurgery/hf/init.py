@@ -18,6 +18,7 @@ from torch import nn
 
 from ..arch.config import FusionConfig
 from .blocks import FusionBlock, FusionRMSNorm
+from .layers import decoder_layer_list
 
 #: The wrapped layer's weight each fusion projection copies under ``init: copy`` (transformers' Llama names).
 COPY_SOURCES = {
@@ -111,7 +112,6 @@ def init_fusion(model: nn.Module, fusion: FusionConfig, skip_loaded: bool = Fals
     Returns:
         The modules that hold fusion parameters (the blocks and the fusion vocabulary), initialised.
     """
-    from .model import decoder_layer_list
 
     done: list[nn.Module] = []
     if not any(isinstance(m, FusionBlock) for m in model.modules()):

@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from ..arch.config import FusionConfig
-from ..errors import CheckpointError, FusionSurgeryError
 from .blocks import ENCODER_KV_ATTR, BlockSpec, FusionBlock, FusionRMSNorm, check_mask
+from .caching import cached_length, find_cache
 from .init import init_block, init_fusion, mark_initialised
+from .layers import decoder_layer_list
 
 _CLASSES: dict[type, type] = {}
 
@@ -94,20 +95,6 @@ class EncoderInputs(dict):
     """
 
 
-#: Keyword names under which transformers' decoder layers receive the generation cache.
-CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
-
-
-def find_cache(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """The generation cache a decoder layer was given (by keyword, or positionally like GPT-2's), else None."""
-    for name in CACHE_KWARGS:
-        if kwargs.get(name) is not None:
-            return kwargs[name]
-    from transformers.cache_utils import Cache
-
-    return next((a for a in args[1:] if isinstance(a, Cache)), None)
-
-
 class FusionEmbeddingMixin:
     """Token ids ``>= num_embeddings`` read a second table, ``fusion_embedding`` (torchtune's FusionEmbedding).
 
@@ -170,119 +157,6 @@ def attach_fusion(model: nn.Module, config: Any) -> None:
         embed = model.get_input_embeddings()
         embed.__class__ = _with_mixin(FusionEmbeddingMixin, type(embed))
         embed.fusion_embedding = nn.Embedding(fusion.fusion_vocab, spec.dim)
-
-
-def _layer_count(config: Any) -> int | None:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        try:
-            value = getattr(text, name, None)
-        except Exception:  # noqa: BLE001 - a per-layer attribute transformers refuses to read globally
-            value = None
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
-
-
-def decoder_layer_path(model: nn.Module) -> str:
-    """The dotted module path of a transformers model's decoder layer list (``model.layers``, ``transformer.h``).
-
-    The list the ``fusion`` section's ``layer_prefix`` names: by its module path, or by the checkpoint
-    name transformers saves it under (``language_model.model.layers`` for Gemma 3's
-    ``model.language_model.layers``). Where several lists have the config's layer count (a vision tower
-    as deep as the decoder), the named one must be the text decoder's, as ``fuse`` decides it
-    (``arch.discovery.find_layer_prefix``): blocks are never attached elsewhere than the section says.
-    Without a section, the shallowest list of the count.
-
-    Raises:
-        CheckpointError: the section names no list of the model, or one that is not the text decoder's.
-        ValueError: when the model has no list of the config's layer count.
-    """
-    config = getattr(model, "config", None)
-    prefix = (getattr(config, "fusion", None) or {}).get("layer_prefix") if config is not None else None
-    count = _layer_count(config) if config is not None else None
-    lists = sorted((name.count("."), name) for name, m in model.named_modules()
-                   if isinstance(m, nn.ModuleList) and len(m) > 0 and (count is None or len(m) == count)
-                   and not name.endswith("fusion_layer"))
-    if prefix:
-        try:
-            if isinstance(model.get_submodule(prefix), nn.ModuleList):
-                lists = sorted(set(lists) | {(prefix.count("."), prefix)})
-        except AttributeError:
-            pass
-    names = [name for _, name in lists]
-    if not names:
-        raise ValueError(f"{type(model).__name__} has no list of {count} decoder layers"
-                         + (f" at {prefix!r}" if prefix else ""))
-    if not prefix:
-        return names[0]  # the shallowest (a fused model always has a section)
-    matches = [n for n in names if n == prefix] or [n for n in names if _saved_prefix(model, n) == prefix]
-    if len(matches) != 1:
-        raise CheckpointError(f"the fusion section's layer_prefix {prefix!r} is none of {type(model).__name__}'s "
-                              f"lists of {count} layers ({', '.join(names)})")
-    if len(names) > 1 and count:
-        try:
-            _text_decoder(model, names, count, matches[0])
-        except FusionSurgeryError as exc:
-            where = "" if matches[0] == prefix else f" ({matches[0]} in {type(model).__name__})"
-            raise CheckpointError(f"the fusion section's layers, {prefix}{where}, are not the text decoder's: "
-                                  f"{str(exc).replace('`layer_prefix` ', 'layer_prefix ', 1)}") from None
-    return matches[0]
-
-
-def _text_decoder(model: nn.Module, names: list[str], count: int, chosen: str | None) -> str:
-    """The text decoder's list among ``names`` as ``fuse`` decides it from the config's text part;
-    ``chosen`` (the section's) must be it, or one the text part cannot tell from it.
-
-    Raises:
-        CheckpointError, UsageError: as ``arch.discovery.find_layer_prefix``.
-    """
-    from ..arch.discovery import find_layer_prefix
-
-    text = _text_config_of(model.config)
-    dim = _int_field(text, "hidden_size", "n_embd", "d_model")
-    vocab = _int_field(text, "vocab_size")
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    table = getattr(embedding, "weight", None)
-    keys = [n for n, p in model.named_parameters() if any(n.startswith(f"{name}.") for name in names) or
-            (table is not None and p is table)]
-    return find_layer_prefix(keys, count, shapes={k: shapes[k] for k in keys}, dim=dim, vocab_size=vocab, chosen=chosen)
-
-
-def _saved_prefix(model: nn.Module, path: str) -> str | None:
-    """The prefix transformers saves the layers of module list ``path`` under (its key conversions
-    reverted: ``model.language_model.layers`` -> ``language_model.model.layers``), or None."""
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-
-        name, param = next((f"{path}.{n}", p) for n, p in model.get_submodule(path)[0].named_parameters(prefix="0"))
-        saved = next(iter(revert_weight_conversion(model, {name: param})))
-    except Exception:  # noqa: BLE001 - no conversions (an older transformers) or none that apply
-        return None
-    head = saved.split(".0.", 1)[0] if ".0." in saved else None
-    return head
-
-
-def _text_config_of(config: Any) -> Any:
-    get = getattr(config, "get_text_config", None)
-    return get() if callable(get) else config
-
-
-def _int_field(config: Any, *names: str) -> int | None:
-    for name in names:
-        try:
-            value = getattr(config, name, None)
-        except Exception:  # noqa: BLE001 - a per-layer attribute transformers refuses to read globally
-            value = None
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
-
-
-def decoder_layer_list(model: nn.Module) -> nn.ModuleList:
-    """The decoder layer list of a transformers model (see ``decoder_layer_path``)."""
-    return model.get_submodule(decoder_layer_path(model))
 
 
 # ------------------------------------------------------------------------ the model class
@@ -366,14 +240,14 @@ class FusedCausalLMMixin:
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)
         cache = inputs.get("cache", inputs.get("past_key_values"))
         if first is None:
-            first = cache is None or _cached_length(cache, inputs) == 0
+            first = cache is None or cached_length(cache, inputs) == 0
         if not first and cache is not None and getattr(cache, ENCODER_KV_ATTR, None):
             inputs["cross_attention_states"] = None
         mask = inputs.get("cross_attention_mask")
         if mask is not None and mask.dim() == 3:
             ids = inputs.get("input_ids")
             new = (ids if ids is not None else inputs["inputs_embeds"]).shape[1]
-            start = _cached_length(cache, inputs) if cache is not None else 0
+            start = cached_length(cache, inputs) if cache is not None else 0
             if start == 0 and new == mask.shape[1]:
                 return inputs
             rows = torch.arange(start, start + new, device=mask.device).clamp(max=mask.shape[1] - 1)
@@ -394,16 +268,6 @@ class FusedCausalLMMixin:
 def _base_of(cls: type) -> type:
     """The base's own ``*ForCausalLM`` class of a fused class."""
     return next(c for c in cls.__mro__[1:] if not issubclass(c, FusedCausalLMMixin))
-
-
-def _cached_length(cache: Any, inputs: dict[str, Any]) -> int:
-    """Tokens a generation cache has seen; a cache of state-space layers alone (Mamba) keeps no length,
-    so the position of the step's first token stands for it."""
-    try:
-        return int(cache.get_seq_length())
-    except (ValueError, AttributeError, NotImplementedError):
-        position = inputs.get("cache_position")
-        return int(position.reshape(-1)[0]) if isinstance(position, torch.Tensor) and position.numel() else 0
 
 
 def fused_class(base_cls: type) -> type:

@@ -31,7 +31,7 @@ from ..io.writer import AtomicDirectory, SafetensorsWriter, write_index, write_j
 from ..surgery.manifest import changed_since_fusion
 from ..arch.mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_origin
 from ..version import __version__
-from .loading import permute_head_rows, transformers_names
+from .names import permute_head_rows, transformers_names
 from .prequantized import with_source_quantization
 from .training import unwrap_peft
 

@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from ..modules.fusion import get_fusion_params, set_trainable_params
-from .model import decoder_layer_list, decoder_layer_path
+from .layers import decoder_layer_list, decoder_layer_path
 
 #: PEFT ``target_modules`` (a regular expression) for the base's self-attention projections only,
 #: never the fusion blocks' cross-attention (whose projections share the names q_proj ... o_proj).

@@ -22,7 +22,21 @@ from .progress import Progress
 
 
 class SafetensorsWriter:
-    """Writes a safetensors file whose tensors are given in header order, chunk by chunk."""
+    """Writes a safetensors file whose tensors are given in header order, chunk by chunk.
+
+    Used as a context manager: the file is closed (and checked complete) when the block ends, and
+    aborted (removed, nothing half-written left behind) when the block raises.
+
+    Args:
+        path (Path): the file to write.
+        entries (list[tuple[str, str, tuple[int, ...]]]): ``(name, safetensors dtype, shape)`` in file order.
+        metadata (dict[str, str] | None): the header's ``__metadata__``.
+        algorithm (str): the digest of each tensor's bytes that ``write`` returns.
+
+    Example:
+        >>> with SafetensorsWriter(path, [("w", "F32", (2,))]) as writer:  # doctest: +SKIP
+        ...     digest = writer.write("w", [struct.pack("<2f", 1.0, 2.0)])
+    """
 
     def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None, algorithm: str = DEFAULT_ALGORITHM) -> None:
@@ -60,6 +74,16 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         self._fh.abort()
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        """Close the file after the block, or abort it when the block raised (the exception goes on)."""
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 #: Largest shard file a writer makes (5 GiB).

@@ -278,16 +278,11 @@ def _write_new(ckpt: Checkpoint, new: list[NewTensor], seed: int, tmp: Path, alg
             name = f"fusion-{s:05d}-of-{len(shards):05d}.safetensors"
             if name in ckpt.files:
                 raise CheckpointError(f"base already has a file named {name}")
-            writer = SafetensorsWriter(tmp / name, [(t.key, t.dtype, t.shape) for t in shard],
-                                       {"format": "pt", "producer": f"fusionsurgery {__version__}"}, algorithm)
-            try:
+            with SafetensorsWriter(tmp / name, [(t.key, t.dtype, t.shape) for t in shard],
+                                   {"format": "pt", "producer": f"fusionsurgery {__version__}"}, algorithm) as writer:
                 for t in shard:
                     digests[t.key] = writer.write(t.key, islice(stream, num_chunks(t)), step)
                     files[t.key] = name
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
     finally:
         chunks.close()  # stops the generation ahead
     return files, digests

@@ -54,7 +54,7 @@ def load_models(ckpt: Checkpoint, extra: list[Checkpoint], device: torch.device,
 
 def hf_blocks(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     """``{layer index: fusion block}`` of a ``fusionsurgery.hf`` model."""
-    from ..hf.model import decoder_layer_list
+    from ..hf.layers import decoder_layer_list
 
     return {i: layer.fusion_layer for i, layer in enumerate(decoder_layer_list(model)) if hasattr(layer, "fusion_layer")}
 
