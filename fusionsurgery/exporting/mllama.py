@@ -23,7 +23,7 @@ from ..surgery.quantized import base_config_of, quantization_of
 from ..errors import UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
 from ..io.identity import public_config
-from ..io.writer import AtomicDirectory
+from ..io.atomic import AtomicDirectory
 from .common import (EXPORT_MANIFEST_NAME, ExportResult, Source, copy_sidecars, export_manifest, listed_files,
                      tensor_entries, write_json, write_source_tensors)
 from ..arch.mllama_layouts import VISION_DIR, origin_config, origin_pad, read_origin

@@ -25,7 +25,7 @@ from ..arch.model_types import TORCHTUNE_NAMES, fused_projections, rope_layout_o
 from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME
 from ..io.identity import public_config, public_manifest
-from ..io.writer import AtomicDirectory
+from ..io.atomic import AtomicDirectory
 from .common import (EXPORT_MANIFEST_NAME, ExportResult, Source, copy_sidecars, export_manifest, listed_files,
                      source_name, tensor_entries, write_json, write_source_tensors)
 from ..arch.mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_origin

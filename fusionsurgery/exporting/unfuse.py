@@ -20,7 +20,9 @@ from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, Checkpoint
 from ..io.copying import copy_and_digest
 from ..io.digest import algorithm_of
 from ..io.identity import public_config
-from ..io.writer import AtomicDirectory, SafetensorsWriter, write_index
+from ..io.atomic import AtomicDirectory
+from ..io.json_files import write_index
+from ..io.writer import SafetensorsWriter
 from ..surgery.consistency import require_consistent
 from ..surgery.manifest import changed_since_fusion
 from ..surgery.quantized import base_config_of

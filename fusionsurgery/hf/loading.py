@@ -18,7 +18,7 @@ from ..arch.families import typed_family
 from ..arch.quantization import missing_library, read_quantization
 from ..errors import CheckpointError, UsageError, listed
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
-from ..io.writer import write_index, write_json
+from ..io.json_files import write_index, write_json
 from ..surgery.adapter import attach_base, is_adapter, made_on
 from ..surgery.consistency import is_fusion_name, require_consistent
 from ..surgery.quantized import quantization_problems

@@ -27,7 +27,9 @@ from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
 from ..io.digest import algorithm_of
 from ..io.identity import public_config, public_manifest
 from ..io.torch_dtypes import TORCH_DTYPES, tensor_bytes
-from ..io.writer import AtomicDirectory, SafetensorsWriter, write_index, write_json
+from ..io.atomic import AtomicDirectory
+from ..io.json_files import write_index, write_json
+from ..io.writer import SafetensorsWriter
 from ..surgery.manifest import changed_since_fusion
 from ..arch.mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_origin
 from ..version import __version__

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError
-from ..io.writer import AtomicDirectory
+from ..io.atomic import AtomicDirectory
 from .fusion import register_fusion_module
 
 #: File names that ``save_pretrained`` writes: the adapter's settings and its tensors.

@@ -25,8 +25,10 @@ from ..io.copying import Cancelled, copy_and_digest, link_and_digest, same_files
 from ..io.digest import tensor_digests
 from ..io.progress import StageProgress
 from ..io.identity import input_name, public_config, public_manifest
-from ..io.writer import (AtomicDirectory, SafetensorsWriter, check_output_location, copy_sidecars,
-                         default_output, group_into_shards, write_index, write_json)
+from ..io.atomic import AtomicDirectory
+from ..io.json_files import write_index, write_json
+from ..io.outputs import check_output_location, copy_sidecars, default_output
+from ..io.writer import SafetensorsWriter, group_into_shards
 from ..version import __version__
 from .init import chunk_stream, num_chunks
 from .manifest import build_manifest, describe_base

@@ -26,14 +26,15 @@ from ..io.copying import copy_checkpoint_files, same_filesystem
 from ..io.digest import algorithm_of, file_digest
 from ..io.identity import input_name, public_config, public_manifest
 from ..io.progress import StageProgress
-from ..io.writer import AtomicDirectory, check_output_location, default_output, write_index, write_json
+from ..io.atomic import AtomicDirectory
+from ..io.json_files import write_index, write_json
+from ..io.outputs import check_output_location, copy_sidecars, default_output
 from ..surgery.adapter import is_adapter
 from ..surgery.consistency import mismatches, original_problems
 from ..surgery.fuse import bring_originals, check_not_fused
 from ..surgery.manifest import build_manifest, describe_base
 from ..surgery.plan import plan_new_tensors
 from ..exporting.common import listed_files
-from ..io.writer import copy_sidecars
 from ..arch.mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_origin
 from .drift import Drift, compare
 

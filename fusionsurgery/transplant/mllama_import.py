@@ -25,12 +25,13 @@ from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Checkpoint
 from ..io.digest import ALGORITHMS, DEFAULT_ALGORITHM, file_digest
 from ..io.identity import input_name, public_config, public_manifest
 from ..io.manifest_schema import is_int
-from ..io.writer import AtomicDirectory, check_output_location, default_output, write_index, write_json
+from ..io.atomic import AtomicDirectory
+from ..io.json_files import write_index, write_json
+from ..io.outputs import check_output_location, copy_sidecars, default_output
 from ..surgery.manifest import build_manifest, describe_base
 from ..surgery.plan import plan_new_tensors
 from ..version import __version__
 from ..exporting.common import listed_files
-from ..io.writer import copy_sidecars
 from ..arch.mllama_layouts import (ORIGIN_KEY, VISION_DIR, MllamaLayout, detect_layout, expected_vision_keys,
                                     text_config_of)
 from ..exporting.tensors import OutTensor, Part, PlannedShard, Progress, plan_shards, same, write_shards
