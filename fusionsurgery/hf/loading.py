@@ -23,6 +23,7 @@ from ..io.writer import write_index, write_json
 from ..surgery.adapter import attach_base, is_adapter, made_on
 from ..surgery.consistency import is_fusion_name
 from .model import FusedCausalLMMixin, fused_class
+from .quantization import check_fusion_float, quantization_kwargs
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,11 @@ def load_checkpoint(ckpt: Checkpoint, extra: list[Checkpoint] | None = None, *, 
         kwargs["key_mapping"] = renamed.key_mapping
     with _loadable_dir(ckpt, list(extra or []), originals_only=not fused,
                        config=renamed.config if renamed is not None else None) as directory:
+        if fused:  # a quantization_config quantizes the base's linears only (hf/quantization.py)
+            kwargs = quantization_kwargs(cls, directory, kwargs)
         loaded = cls.from_pretrained(str(directory), **kwargs)
+    if fused and kwargs.get("quantization_config") is not None:
+        check_fusion_float(loaded[0] if isinstance(loaded, tuple) else loaded)
     if renamed is not None and renamed.to_model:
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         with torch.no_grad():
