@@ -49,7 +49,7 @@ def skip_attribute(quantization_config: Any) -> str:
     name = _SKIP_ATTRIBUTE.get(type(quantization_config).__name__, "modules_to_not_convert")
     if not hasattr(quantization_config, name):
         method = getattr(quantization_config, "quant_method", type(quantization_config).__name__)
-        raise UsageError(f"quantization method {str(method)!r} has no list of modules to leave unquantized "
+        raise UsageError(f"quantization method {str(getattr(method, 'value', method))!r} has no list of modules to leave unquantized "
                          "(modules_to_not_convert): fusionsurgery.hf cannot keep the fusion blocks float with it")
     return name
 
@@ -79,8 +79,8 @@ def _config_object(quantization_config: Any) -> Any:
 
 def _require_library(quantization_config: Any) -> None:
     """One line naming what to install when the method's library is missing (bitsandbytes: the ``[quant]`` extra)."""
-    method = str(getattr(quantization_config, "quant_method", ""))
-    if "bitsandbytes" in method:
+    method = getattr(quantization_config, "quant_method", "")
+    if getattr(method, "value", method) == "bitsandbytes":
         require("bitsandbytes", BITSANDBYTES_FLOOR, extra="quant",
                 user="fusionsurgery.hf with a bitsandbytes quantization_config")
 
