@@ -88,8 +88,11 @@ def _require_library(quantization_config: Any) -> None:
 def keep_fusion_float(cls: type, config: Any, quantization_config: Any) -> Any:
     """A copy of ``quantization_config`` whose skip list also holds every fusion module of ``cls(config)``.
 
-    The user's list is kept as given; when they gave none, transformers' defaults for the model (the
-    output head, tied weights: ``get_keys_to_not_convert``) are written out, since a list replaces them.
+    The user's list is kept as given, plus the modules whose weights are tied (a tied output head
+    shares its tensor with the embeddings: quantized, the forward fails, as it does for the plain base
+    in transformers 5.25 given a list without it); when they gave none, transformers' defaults for the
+    model (the output head, tied weights: ``get_keys_to_not_convert``) are written out, since a list
+    replaces them.
 
     Args:
         cls: the fused transformers class (``model_class``).
@@ -116,11 +119,25 @@ def keep_fusion_float(cls: type, config: Any, quantization_config: Any) -> Any:
         skip = list(get_keys_to_not_convert(meta))
     else:
         skip = [given] if isinstance(given, str) else list(given)
+        skip += [name for name in tied_modules(meta) if name not in skip]
     fusion = fusion_module_names(meta)
     patterns = skip + [name for name in fusion if name not in skip]
     _check_patterns(meta, fusion, skip, patterns)
     setattr(quantization_config, attribute, patterns)
     return quantization_config
+
+
+def tied_modules(model: nn.Module) -> list[str]:
+    """Module paths of the weights transformers ties (``lm_head`` and ``model.embed_tokens`` in a tied model).
+
+    Args:
+        model: a transformers model (the meta device will do).
+
+    Returns:
+        list[str]: the modules owning a tied weight, sorted; empty when nothing is tied.
+    """
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return sorted({key.removesuffix(".weight") for pair in tied.items() for key in pair})
 
 
 def _check_patterns(model: nn.Module, fusion: list[str], before: list[str], after: list[str]) -> None:
@@ -252,4 +269,4 @@ def _logical_shape(module: nn.Module, pname: str) -> tuple[int, ...]:
 
 
 __all__ = ["BITSANDBYTES_FLOOR", "check_fusion_float", "fusion_module_names", "keep_fusion_float",
-           "quantization_kwargs", "quantized_weights", "skip_attribute", "with_original_placeholders"]
+           "quantization_kwargs", "quantized_weights", "skip_attribute", "tied_modules", "with_original_placeholders"]
