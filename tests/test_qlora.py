@@ -274,3 +274,16 @@ def test_qlora_on_the_real_smollm2(tmp_path_factory):
     saved, original = Checkpoint.open(tmp / "saved"), Checkpoint.open(smol)
     assert set(saved.keys()) == set(Checkpoint.open(tmp / "fused").keys())
     assert all(saved.read_bytes(k) == original.read_bytes(k) for k in original.keys())
+
+
+def test_the_bitsandbytes_floor_is_pyprojects():
+    import sys
+    from pathlib import Path
+
+    from fusionsurgery._requirements import release
+    from fusionsurgery.hf.quantization import BITSANDBYTES_FLOOR
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import version_pins
+
+    assert release(version_pins.floors(["quant"])["bitsandbytes"]) == release(BITSANDBYTES_FLOOR)

@@ -200,17 +200,18 @@ def check_fusion_float(model: nn.Module) -> None:
 
 
 def quantized_weights(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """The parameters transformers' quantizer holds in a quantized form, with their logical shape.
+    """The parameters transformers' quantizer quantized while loading, with their logical shape.
 
     Args:
         model: a transformers model (not a PEFT wrapper).
 
     Returns:
         dict[str, tuple[int, ...]]: ``{parameter name: (out_features, in_features)}`` for each weight the
-        model's quantizer replaced (``param_needs_quantization``); empty for a model loaded unquantized.
+        model's quantizer replaced (``param_needs_quantization``); empty for a model loaded unquantized, and
+        for a checkpoint that was quantized on disk (its tensors are the checkpoint's: ``hf/prequantized.py``).
     """
     quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None:
+    if quantizer is None or getattr(quantizer, "pre_quantized", False):
         return {}
     found: dict[str, tuple[int, ...]] = {}
     for module_name, module in model.named_modules():
