@@ -287,3 +287,21 @@ def test_the_bitsandbytes_floor_is_pyprojects():
     import version_pins
 
     assert release(version_pins.floors(["quant"])["bitsandbytes"]) == release(BITSANDBYTES_FLOOR)
+
+
+@pytest.mark.slow
+def test_an_adapter_on_a_4bit_base_saves_as_an_adapter(bases, tmp_path):
+    needs_bnb()
+    base, _ = bases["llama"]
+    fs.fuse(base, tmp_path / "adapter", every=2, adapter_only=True, seed=1)
+    model = hf.from_pretrained(tmp_path / "adapter", base=base, quantization_config=bnb_config(4),
+                               dtype=torch.bfloat16)
+    assert quantized_class(4) in set(linear_types(model, fusion=False).values())
+    assert_fusion_float(model)
+    hf.freeze_all_but_fusion(model)
+    losses = train_losses(model, *batch(model), steps=4, lr=2e-2)
+    assert losses[-1] < losses[0]
+    model.save_pretrained(tmp_path / "saved")
+    assert set(Checkpoint.open(tmp_path / "saved").keys()) == set(Checkpoint.open(tmp_path / "adapter").keys())
+    report = verify(tmp_path / "saved", base, device="cpu")
+    assert report.ok, [(c.name, c.details) for c in report.failures]
