@@ -6,9 +6,12 @@ For each model (``smollm2``: the real SmolLM2-135M-Instruct from the ``llm-smoll
 ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``, same dtype for the rest), a fresh
 process loads the fused model with ``fusionsurgery.hf.from_pretrained``, freezes all but the fusion
 blocks, and runs AdamW steps on one batch of random tokens and encoder states. It reports the model's
-memory (``get_memory_footprint``: parameters and buffers), the process's resident memory after loading
-and its peak over the training steps (sampled every 20 ms; the optimizer state and activations
-included), and the median step time (after one warm-up step), then the nf4 / bf16 ratios.
+memory (``get_memory_footprint``: parameters and buffers), the process's resident memory after loading,
+its peak over the training steps (sampled every 20 ms; gradients, optimizer state, activations and the
+nf4 kernels' dequantized copies included) and after them, and the median step time (after one warm-up
+step), then the nf4 / bf16 ratios. Freed heap memory is handed back to the OS (``malloc_trim``) after
+loading and after training, so that what quantizing left behind does not count. A bf16 base's weights
+are the checkpoint file's pages, mapped: they count once touched (after the first step).
 
     python benchmarks/qlora.py --models smollm2,1b --steps 2 --seq 32
 
@@ -20,6 +23,8 @@ memory figures do not depend on that. Needs transformers, accelerate and bitsand
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -61,6 +66,16 @@ def prepare(model: str, work: Path) -> Path:
     else:
         raise SystemExit(f"unknown model {model!r} (smollm2, 1b)")
     return fused
+
+
+def release_freed() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise: quantizing while loading frees
+    gigabytes of bf16 copies that would count in every later RSS figure)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def rss_bytes() -> int:
@@ -107,6 +122,7 @@ def child(fused: Path, base: str, steps: int, seq: int, batch: int, compute: str
     start = time.perf_counter()
     model = hf.from_pretrained(fused, **kwargs)
     load_s = time.perf_counter() - start
+    release_freed()
     after_load = rss_bytes()
     trainable = hf.freeze_all_but_fusion(model)
     g = torch.Generator().manual_seed(0)
@@ -124,10 +140,12 @@ def child(fused: Path, base: str, steps: int, seq: int, batch: int, compute: str
             opt.zero_grad()
             times.append(time.perf_counter() - t)
             losses.append(loss.item())
+    release_freed()
+    after_training = rss_bytes()
     linears = sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear))
     quantized = sum(1 for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt"))
     return {"load_s": load_s, "footprint": model.get_memory_footprint(), "rss_after_load": after_load,
-            "peak_rss_training": peak.peak, "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_training": peak.peak, "rss_after_training": after_training, "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "step_s": statistics.median(times[1:]), "steps": steps, "losses": losses,
             "trainable": sum(p.numel() for p in trainable.values()), "linears": linears, "quantized": quantized}
 
@@ -147,19 +165,21 @@ def report(results: dict[str, dict[str, dict]], args: argparse.Namespace) -> Non
     print(f"\nbatch {args.batch} x {args.seq} tokens, encoder 8 positions, {args.steps} timed AdamW steps after one "
           f"warm-up; nf4 compute dtype {args.compute_dtype}; memory in GiB, time in s")
     head = ("| model | base | linears 4-bit | trainable | model memory | RSS after load | peak RSS training "
-            "| step s | load s |")
+            "| RSS after training | step s | load s |")
     print(head)
     print("| --- " * (head.count("|") - 1) + "|")
     for model, by_base in results.items():
         for base, r in by_base.items():
             print(f"| {model} | {base} | {r['quantized']} / {r['linears']} | {r['trainable'] / 1e6:.1f} M "
                   f"| {r['footprint'] / GIB:.2f} | {r['rss_after_load'] / GIB:.2f} | {r['peak_rss_training'] / GIB:.2f} "
+                  f"| {r['rss_after_training'] / GIB:.2f} "
                   f"| {r['step_s']:.1f} | {r['load_s']:.1f} |")
         if {"bf16", "nf4"} <= set(by_base):
             a, b = by_base["nf4"], by_base["bf16"]
             print(f"| {model} | nf4 / bf16 | | | x{a['footprint'] / b['footprint']:.2f} "
                   f"| x{a['rss_after_load'] / b['rss_after_load']:.2f} "
-                  f"| x{a['peak_rss_training'] / b['peak_rss_training']:.2f} | x{a['step_s'] / b['step_s']:.2f} "
+                  f"| x{a['peak_rss_training'] / b['peak_rss_training']:.2f} "
+                  f"| x{a['rss_after_training'] / b['rss_after_training']:.2f} | x{a['step_s'] / b['step_s']:.2f} "
                   f"| x{a['load_s'] / b['load_s']:.2f} |")
 
 
