@@ -10,14 +10,16 @@ memory (``get_memory_footprint``: parameters and buffers), the process's residen
 its peak over the training steps (sampled every 20 ms; gradients, optimizer state, activations and the
 nf4 kernels' dequantized copies included) and after them, and the median step time (after one warm-up
 step), then the nf4 / bf16 ratios. Freed heap memory is handed back to the OS (``malloc_trim``) after
-loading and after training, so that what quantizing left behind does not count. A bf16 base's weights
-are the checkpoint file's pages, mapped: they count once touched (after the first step).
+loading and after training, so that what quantizing left behind does not count, and the weights the
+loader left mapped from the checkpoint file are copied into the process's memory first (mapped pages
+count in RSS only once touched, and an nf4 base touched them all to quantize them).
 
-    python benchmarks/qlora.py --models smollm2,1b --steps 2 --seq 32
+    python benchmarks/qlora.py --models smollm2,1b --steps 1 --seq 16
 
-On a CPU the steps are few and short (a 2-core machine: ~2 s per bf16 step of SmolLM2, minutes per
-nf4 step of the 1B shape: bitsandbytes' CPU kernels dequantize every 4-bit weight at each use); the
-memory figures do not depend on that. Needs transformers, accelerate and bitsandbytes (``[quant]``).
+On a CPU the steps are few and short (on this project's 2-core machine about 10 s per step of SmolLM2
+and 3 minutes per step of the 1B shape, bf16 or nf4: bitsandbytes' CPU kernels dequantize every 4-bit
+weight at each use, and bf16 matmuls are slow there); the memory figures do not depend on that.
+Needs transformers, accelerate and bitsandbytes (``[quant]``).
 """
 
 from __future__ import annotations
@@ -78,6 +80,22 @@ def release_freed() -> None:
         pass
 
 
+def in_memory(model) -> None:
+    """Copy every float parameter and buffer the loader left mapped from the checkpoint file into the
+    process's own memory (as a GPU copy would be): a mapped file's pages count in RSS only once touched,
+    and stay counted while any tensor still maps them (an nf4 base read every page to quantize it)."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if type(p) is torch.nn.Parameter:
+                p.data = p.data.clone()
+        for module in model.modules():
+            for name, b in module.named_buffers(recurse=False):
+                if b is not None:
+                    setattr(module, name, b.clone())
+
+
 def rss_bytes() -> int:
     """This process's resident set now (VmRSS)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -122,6 +140,7 @@ def child(fused: Path, base: str, steps: int, seq: int, batch: int, compute: str
     start = time.perf_counter()
     model = hf.from_pretrained(fused, **kwargs)
     load_s = time.perf_counter() - start
+    in_memory(model)
     release_freed()
     after_load = rss_bytes()
     trainable = hf.freeze_all_but_fusion(model)
@@ -187,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="smollm2,1b", help="comma-separated: smollm2, 1b")
     ap.add_argument("--bases", default="bf16,nf4", help="comma-separated: bf16, nf4")
-    ap.add_argument("--steps", type=int, default=2, help="timed training steps (after one warm-up)")
-    ap.add_argument("--seq", type=int, default=32, help="tokens per sequence")
+    ap.add_argument("--steps", type=int, default=1, help="timed training steps (after one warm-up)")
+    ap.add_argument("--seq", type=int, default=16, help="tokens per sequence")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="bnb_4bit_compute_dtype of the nf4 base")
