@@ -24,6 +24,7 @@ from ..surgery.consistency import is_fusion_name, require_consistent
 from ..surgery.quantized import quantization_problems
 from .model import FusedCausalLMMixin, fused_class
 from .names import TransformersNames, permute_head_rows, transformers_names
+from .quantization import check_fusion_float, quantization_kwargs
 
 
 @dataclass(frozen=True)
@@ -195,8 +196,12 @@ def load_checkpoint(ckpt: Checkpoint, extra: list[Checkpoint] | None = None, *, 
         kwargs["key_mapping"] = renamed.key_mapping
     with _loadable_dir(ckpt, list(extra or []), originals_only=not fused,
                        config=renamed.config if renamed is not None else None) as directory:
+        if fused:  # a quantization_config quantizes the base's linears only (hf/quantization.py)
+            kwargs = quantization_kwargs(cls, directory, kwargs)
         loaded = _load_strictly(cls, directory, ckpt.root, kwargs,
                                 set() if fused else _fusion_keys(ckpt, renamed))
+    if fused and kwargs.get("quantization_config") is not None:
+        check_fusion_float(loaded[0] if isinstance(loaded, tuple) else loaded)
     if renamed is not None and renamed.to_model:
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         with torch.no_grad():

@@ -35,6 +35,7 @@ from ..arch.mllama_layouts import ORIGIN_KEY, VISION_DIR, copy_vision, read_orig
 from ..version import __version__
 from .names import permute_head_rows, transformers_names
 from .prequantized import with_source_quantization
+from .quantization import with_original_placeholders
 from .training import unwrap_peft
 
 #: Segments PEFT adds to parameter names, and what they stand for in the checkpoint.
@@ -127,6 +128,7 @@ def save_fused(model: torch.nn.Module, out: str | os.PathLike[str], *,
     if manifest is None:
         raise UsageError(f"{source.path} has no {MANIFEST_NAME}: nothing to verify the saved checkpoint against")
     renamed = transformers_names(src)
+    state_dict = with_original_placeholders(inner, state_dict)  # a quantized base: its weights from src (meta here)
     if renamed is None:
         tensors = checkpoint_tensors(model, state_dict, set(src.keys()))
     else:  # the source is in torchtune's names: each tensor back under its key, q/k rows in its RoPE layout
@@ -143,7 +145,7 @@ def save_fused(model: torch.nn.Module, out: str | os.PathLike[str], *,
     with AtomicDirectory(_staging_target(out_path), force=False) as staging:
         digests: dict[str, str] = {}
         for name, header in src.files.items():
-            digests.update(_write_file(staging.tmp / name, header, tensors, algorithm))
+            digests.update(_write_file(staging.tmp / name, header, tensors, algorithm, src))
         if src.has_index:
             write_index(staging.tmp / INDEX_NAME, dict(src.key_to_file), sum(src.info(k).nbytes for k in src.keys()))
         write_json(staging.tmp / CONFIG_NAME, public_config(src.config) or {})
@@ -170,23 +172,23 @@ def _staging_target(out: Path) -> Path:
     return out.parent / f".{out.name}.save-{uuid.uuid4().hex[:8]}"
 
 
-def _write_file(path: Path, header: Any, tensors: dict[str, torch.Tensor], algorithm: str) -> dict[str, str]:
-    """One safetensors file with ``header``'s keys, dtypes, shapes and metadata, from ``tensors``."""
+def _write_file(path: Path, header: Any, tensors: dict[str, torch.Tensor], algorithm: str,
+                src: Checkpoint) -> dict[str, str]:
+    """One safetensors file with ``header``'s keys, dtypes, shapes and metadata, from ``tensors``; a meta
+    tensor (a weight the model holds quantized) stands for ``src``'s bytes of that key."""
     entries = [(k, info.dtype, info.shape) for k, info in sorted(header.tensors.items(), key=lambda kv: kv[1].start)]
-    writer = SafetensorsWriter(path, entries, header.metadata or None, algorithm)
     digests: dict[str, str] = {}
-    try:
+    with SafetensorsWriter(path, entries, header.metadata or None, algorithm) as writer:
         for key, dtype, shape in entries:
             t = tensors[key]
             if hasattr(t, "full_tensor"):  # a DTensor (FSDP2): every rank must save together
                 t = t.full_tensor()
             if tuple(t.shape) != tuple(shape):
                 raise UsageError(f"{key}: the model's tensor is {list(t.shape)}, the checkpoint's {list(shape)}")
-            digests[key] = writer.write(key, [tensor_bytes(t.detach().to(TORCH_DTYPES[dtype]))])
-    except BaseException:
-        writer.abort()
-        raise
-    writer.close()
+            if t.is_meta:
+                digests[key] = writer.write(key, [src.read_bytes(key)])
+            else:
+                digests[key] = writer.write(key, [tensor_bytes(t.detach().to(TORCH_DTYPES[dtype]))])
     return digests
 
 

@@ -35,8 +35,8 @@ ATTENTION_MODULES = ("self_attn", "attn", "attention", "self_attention")
 
 
 def attention_targets(model: nn.Module) -> list[str]:
-    """PEFT ``target_modules`` for any type: the full names of the projections (``nn.Linear``, GPT-2's
-    ``Conv1D``) inside each decoder layer's self-attention, never a fusion block's.
+    """PEFT ``target_modules`` for any type: the full names of the projections (``nn.Linear`` and its
+    quantized subclasses such as bitsandbytes' ``Linear4bit``, GPT-2's ``Conv1D``) inside each decoder layer's self-attention, never a fusion block's.
 
     Args:
         model: a fused transformers model (``fusionsurgery.hf.from_pretrained``).
@@ -56,7 +56,7 @@ def attention_targets(model: nn.Module) -> list[str]:
         parts = name.split(".")
         if not name.startswith(prefix + ".") or "fusion_layer" in parts or len(parts) < 2:
             continue
-        if parts[-2] in ATTENTION_MODULES and type(module).__name__ in ("Linear", "Conv1D"):
+        if parts[-2] in ATTENTION_MODULES and (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):
             names.append(name)
     if not names:
         raise ValueError(f"no self-attention projection found in the decoder layers at {prefix!r}")
