@@ -146,3 +146,23 @@ def save_gptq(model: Any, path: Path, bits: int = 4, group: int = 32, seed: int 
     config["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": False,
                                      "sym": True, "checkpoint_format": "gptq", "damp_percent": 0.01}
     return _write(path, tensors, config)
+
+
+def save_awq(model: Any, path: Path, bits: int = 4, group: int = 32, seed: int = 0) -> Path:
+    """The AWQ layout (AutoAWQ ``version: gemm``, what transformers' AWQ quantizer reads): per linear ``qweight``
+    I32 ``[in, out*bits/32]`` (packed along the output), ``qzeros`` I32 ``[in/group, out*bits/32]`` and
+    ``scales`` F16 ``[in/group, out]``, no ``g_idx``; random codes (no AWQ kernel runs on this CPU)."""
+    tensors, config = _save_float(model, path)
+    gen = torch.Generator().manual_seed(seed)
+    per = 32 // bits
+    for key in [k for k in tensors if k.endswith(".weight") and LINEARS.search(k.removesuffix(".weight"))]:
+        out_f, in_f = tensors.pop(key).shape
+        stem = key.removesuffix("weight")
+        tensors[stem + "qweight"] = torch.randint(-2**31, 2**31 - 1, (in_f, out_f // per), dtype=torch.int32,
+                                                  generator=gen)
+        tensors[stem + "qzeros"] = torch.full((in_f // group, out_f // per), 0x77777777, dtype=torch.int32)
+        tensors[stem + "scales"] = (torch.rand(in_f // group, out_f, generator=gen) * 0.01).half()
+    config["quantization_config"] = {"quant_method": "awq", "bits": bits, "group_size": group, "version": "gemm",
+                                     "zero_point": True, "modules_to_not_convert": None}
+    return _write(path, tensors, config)
+

@@ -18,8 +18,8 @@ pytest.importorskip("transformers")
 
 from any_decoder import build_model  # noqa: E402
 from helpers import error_lines, run_cli  # noqa: E402
-from quantized_bases import (LINEARS, save_block_fp8, save_bnb_4bit, save_compressed_fp8, save_gptq,  # noqa: E402
-                             save_mxfp4, tiny_model)
+from quantized_bases import (LINEARS, save_awq, save_block_fp8, save_bnb_4bit, save_compressed_fp8,  # noqa: E402
+                             save_gptq, save_mxfp4, tiny_model)
 
 from fusionsurgery import fuse, inspect_checkpoint, unfuse, verify  # noqa: E402
 from fusionsurgery.errors import CheckpointError, UsageError  # noqa: E402
@@ -262,6 +262,31 @@ def test_gptq_base_layout_and_missing_kernel_package(tmp_path, monkeypatch, caps
 
     with pytest.raises(UsageError, match="fusionsurgery\\[quant\\]"):
         fhf.from_pretrained(tmp_path / "fused")
+
+
+def test_awq_base_layout(tmp_path, monkeypatch, capsys):
+    """AWQ (its published GEMM layout; no AWQ kernel package installs on this CPU): fuse -> inspect -> unfuse
+    byte-exact; the fusion modules join the list transformers' AWQ quantizer reads (by its own matcher), the base
+    keeps every packed tensor's bytes, parameters are counted unpacked; verify names what to install in one line."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    model = tiny_model("llama")
+    base = tmp_path / "awq"
+    base.mkdir()
+    save_awq(model, base)
+    fuse(base, tmp_path / "fused", layers="1,3")
+    qc = json.loads((tmp_path / "fused" / "config.json").read_text())["quantization_config"]
+    assert not any(should_convert_module(n, qc["modules_to_not_convert"]) for n in _fusion_linears())
+    assert all(should_convert_module(n, qc["modules_to_not_convert"]) for n in _base_linears(base, ".qweight"))
+    report = inspect_checkpoint(tmp_path / "fused")
+    assert report.quantization["method"] == "awq" and report.quantization["packed_tensors"] == ["qweight"]
+    assert set(report.quantization["side_tensors"]) == {"qzeros", "scales"}
+    assert report.fusion.base_params == sum(p.numel() for p in model.parameters())
+    unfuse(tmp_path / "fused", tmp_path / "back")
+    _same_bytes(base, tmp_path / "back")
+    monkeypatch.setitem(sys.modules, "gptqmodel", None)  # not installed, whatever this machine has
+    code, err = run_cli(["verify", str(tmp_path / "fused")], capsys)
+    assert code == 2 and len(error_lines(err)) == 1 and "gptqmodel" in err
 
 
 def test_missing_compressed_tensors_is_one_line(fp8_cases, tmp_path_factory, monkeypatch, capsys):
