@@ -16,15 +16,8 @@ from ..errors import CheckpointError, FusionSurgeryError
 
 
 def _layer_count(config: Any) -> int | None:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        try:
-            value = getattr(text, name, None)
-        except Exception:  # noqa: BLE001 - a per-layer attribute transformers refuses to read globally
-            value = None
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
+    """The decoder's layer count in the config's text part, or None."""
+    return _int_field(_text_config_of(config), "num_hidden_layers", "n_layer", "num_layers")
 
 
 def decoder_layer_path(model: nn.Module) -> str:
