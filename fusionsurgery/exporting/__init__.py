@@ -54,6 +54,9 @@ def export(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = No
     Raises:
         UsageError: an unknown target, or an output inside the input.
         CheckpointError: an unreadable input, or one the target cannot express (named).
+
+    Example:
+        >>> result = fs.export("/tmp/tiny-fused", "/tmp/tiny-mllama", to="mllama", force=True)
     """
     if to not in TARGETS:
         raise UsageError(f"`to` must be one of {', '.join(TARGETS)}, got {to!r}")

@@ -143,6 +143,13 @@ def from_pretrained(path: str | os.PathLike[str], base: str | os.PathLike[str] |
         UsageError: an adapter without its base; a torchtune-named, unfused or RoPE-less checkpoint;
             a model type transformers has no causal-LM class for.
         CheckpointError: an unreadable checkpoint, or a base that does not match the adapter.
+
+    Example:
+        >>> from fusionsurgery import hf
+        >>> model = hf.from_pretrained("/tmp/tiny-fused", dtype=torch.float32)  # a FusedLlamaForCausalLM
+        >>> out = model(torch.randint(0, 2048, (1, 8)), cross_attention_states=torch.randn(1, 4, 128))
+        >>> out.logits.shape
+        torch.Size([1, 8, 2048])
     """
     ckpt = Checkpoint.open(path, follow_symlinks=follow_symlinks)
     manifest = ckpt.read_manifest()

@@ -129,6 +129,11 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, base: str | os.PathLike[
     Raises:
         CheckpointError: an unreadable or unsupported checkpoint, or an adapter whose base does not
             match its digests.
+
+    Example:
+        >>> info = fs.inspect_checkpoint("/tmp/tiny-fused")
+        >>> info.is_fused, info.fusion.layers
+        (True, [3, 7])
     """
     ckpt = Checkpoint.open(path, follow_symlinks=follow_symlinks)
     manifest = ckpt.read_manifest()

@@ -149,6 +149,11 @@ def get_fusion_params(model: nn.Module) -> dict[str, nn.Parameter]:
 
     Raises:
         ValueError: a ``fusion_params()`` names a parameter its module does not have.
+
+    Example:
+        >>> model = fs.load_fused("/tmp/tiny-fused")
+        >>> sorted(fs.get_fusion_params(model))[0]
+        'layers.3.fusion_layer.attn.k_norm.scale'
     """
     out: dict[str, nn.Parameter] = {}
     for prefix, module in model.named_modules():

@@ -156,6 +156,12 @@ def load_fused(path: str | os.PathLike[str], dtype: torch.dtype | str | None = N
     Raises:
         CheckpointError: an unreadable or inconsistent checkpoint, a wrong base, an unusable device.
         UsageError: an unknown dtype or option.
+
+    Example:
+        >>> model = fs.load_fused("/tmp/tiny-fused", dtype=torch.float32)
+        >>> tokens = torch.randint(0, 2048, (1, 8))
+        >>> model(tokens, encoder_input=torch.randn(1, 4, 128)).shape  # encoder states [b, e, encoder_dim]
+        torch.Size([1, 8, 2048])
     """
     return open_model(path, dtype=dtype, device=device, config=config, rope_theta=rope_theta, base=base,
                       rope_defaults=rope_defaults, follow_symlinks=follow_symlinks).model

@@ -149,6 +149,12 @@ def fuse(base: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
             inside the base or existing without ``force``.
         CheckpointError: an unreadable, unsupported or inconsistent base.
         TypeError: a keyword that is not a ``FuseOptions`` field.
+
+    Example:
+        >>> import fusionsurgery as fs
+        >>> result = fs.fuse("examples/tiny-llama", "/tmp/tiny-fused", every=4, force=True)
+        >>> result.fusion.layers  # (i + 1) % 4 == 0 of 8 layers
+        [3, 7]
     """
     opts = (options or FuseOptions()).with_settings(settings)
     opts.check()

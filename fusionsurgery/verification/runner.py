@@ -71,6 +71,11 @@ def verify(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = N
     Raises:
         FusionSurgeryError: bad usage or unreadable input (the CLI exits 2), including a device
             without enough memory for the run.
+
+    Example:
+        >>> report = fs.verify("/tmp/tiny-fused", base="examples/tiny-llama")
+        >>> report.ok  # originals bit-identical, manifest honest, closed gates = the base's logits ...
+        True
     """
     say = notify or (lambda _msg: None)
     if batch < 1 or seq_len < 2 or encoder_len < 1:
