@@ -48,6 +48,17 @@ def _base_linears(base: Path, suffix: str = ".weight") -> list[str]:
         return sorted({k.removesuffix(suffix) for k in f.keys() if LINEARS.search(k.removesuffix(suffix))})
 
 
+def _require_fp8_reference() -> None:
+    """Skip where the installed transformers cannot read block FP8 on this machine (its early 5.x releases
+    import triton for it): the tool then refuses in one line (test_fp8_without_triton_is_one_line), and there
+    is no transformers reference to compare with."""
+    from fusionsurgery.arch.quantization import _fp8_without_triton
+
+    problem = _fp8_without_triton()
+    if problem is not None:
+        pytest.skip(problem)
+
+
 def _same_bytes(a: Path, b: Path) -> None:
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
@@ -121,6 +132,7 @@ def test_fp8_base_fuses_verifies_loads_and_unfuses(model_type, fmt, fp8_cases, t
 def test_block_fp8_skip_list_by_transformers_replacement(fp8_cases, tmp_path_factory):
     """transformers' own FP8 replacement (what runs on an FP8 GPU) leaves the fusion linears float with the
     fused config's list, and converts them with the base's (the list is what keeps them out)."""
+    _require_fp8_reference()
     import transformers
     from transformers.integrations.finegrained_fp8 import replace_with_fp8_linear
     from transformers.quantizers.base import HfQuantizer
@@ -310,6 +322,7 @@ def test_refusals(fp8_cases, tmp_path_factory, tmp_path):
     doc = json.loads((fused / "config.json").read_text())
     doc["quantization_config"] = doc["fusion"].pop("base_quantization_config")
     (old / "config.json").write_text(json.dumps(doc))
+    _require_fp8_reference()  # verify reads the forward's needs first: there, one line on triton
     report = verify(old)
     assert not report.ok and "fusion block(s), which have no quantization scales" in report.checks[0].details[0]
     import fusionsurgery.hf as fhf
@@ -427,6 +440,7 @@ def test_load_fused_dequantizes_fp8_of_native_types(model_type, fp8_cases, tmp_p
     """load_fused (the native modules) reads a block-FP8 and a weight-only compressed-tensors FP8 release of a
     native type, dequantizing as transformers and compressed-tensors do: closed gates give the base's logits as
     transformers computes them; a scheme quantizing activations too is refused, naming fusionsurgery.hf."""
+    _require_fp8_reference()
     import transformers
 
     from fusionsurgery import load_fused
@@ -448,3 +462,21 @@ def test_load_fused_dequantizes_fp8_of_native_types(model_type, fp8_cases, tmp_p
     _, dynamic = _case(fp8_cases, tmp_path_factory, model_type, "compressed")
     with pytest.raises(UsageError, match="fusionsurgery.hf.from_pretrained"):
         load_fused(dynamic)
+
+
+def test_fp8_without_triton_is_one_line(fp8_cases, tmp_path_factory, monkeypatch, capsys):
+    """A transformers whose FP8 integration needs triton (its early 5.x releases on a machine without triton):
+    verify and fusionsurgery.hf refuse an FP8 checkpoint in one line naming the upgrade, before loading."""
+    import importlib.util
+
+    base, fused = _case(fp8_cases, tmp_path_factory, "llama", "block")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, "transformers.integrations.finegrained_fp8", None)  # as if it imported triton
+    code, err = run_cli(["verify", str(fused), "--base", str(base)], capsys)
+    assert code == 2 and len(error_lines(err)) == 1 and "pip install -U transformers" in err, err
+    import fusionsurgery.hf as fhf
+
+    with pytest.raises(UsageError, match="reads FP8 only with triton"):
+        fhf.from_pretrained(fused)
+

@@ -220,11 +220,28 @@ def missing_library(quant: Quantization) -> str | None:
     need nothing beyond transformers, which dequantizes them where no GPU runs them)."""
     missing = [pip for module, pip in LIBRARIES.get(quant.method, ()) if importlib.util.find_spec(module) is None]
     if not missing:
-        return None
+        return _fp8_without_triton() if quant.method == "fp8" else None
     names = " and ".join(missing)
     return (f"this {quant.method} checkpoint runs through transformers with {names}, which "
             f"{'is' if len(missing) == 1 else 'are'} not installed: pip install \"fusionsurgery[quant]\" "
             f"(or pip install {' '.join(missing)})")
+
+
+def _fp8_without_triton() -> str | None:
+    """One line when the installed transformers reads block FP8 only with triton (a GPU package): its FP8
+    integration imported triton at once in the early 5.x releases (5.0 measured), where later ones dequantize
+    on a CPU without it (5.25 measured). Called on the forward path only, where transformers is needed anyway."""
+    if importlib.util.find_spec("triton") is not None:
+        return None
+    try:
+        importlib.import_module("transformers.integrations.finegrained_fp8")
+    except ImportError as exc:
+        import transformers
+
+        return (f"this fp8 checkpoint runs through transformers, and transformers {transformers.__version__} reads "
+                f"FP8 only with triton ({exc}): a newer transformers dequantizes it without (5.25 tested): "
+                "pip install -U transformers")
+    return None
 
 
 def is_quantized(doc: Mapping[str, Any] | None) -> bool:
