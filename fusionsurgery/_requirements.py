@@ -37,6 +37,13 @@ TRANSFORMERS_FOR_TYPE: dict[str, TypeFloor] = {
     "falcon_h1": TypeFloor("5.5.0", "before 5.4.0 a Falcon-H1 forward with use_cache=True returns no cache "
                                     "(verify's cached-decoding check fails), and 5.4.0 refuses its own config "
                                     "(use_cache typed as an int)"),
+    "jamba": TypeFloor("5.2.0", "before 5.2.0 transformers' Jamba refuses to build on a CPU with use_mamba_kernels "
+                                "left at its default (\"Fast Mamba kernels are not available\"; 5.1.0 fails, 5.2.0 runs)"),
+    "gemma3": TypeFloor("5.6.0", "before 5.6.0 transformers neither reverts Gemma 3's key conversions (the fusion "
+                                 "blocks are found by the name the layers are saved under) nor saves its tied head "
+                                 "as it loads it (5.5.4 fails, 5.6.2 runs)"),
+    "llama4": TypeFloor("5.8.0", "before 5.8.0 Llama 4's composite config has no top-level pad_token_id, which "
+                                 "its model reads as it is built (5.7.0 fails, 5.8.1 runs)"),
     "cpmant": TypeFloor("5.16.0", "before 5.16.0 CPM-Ant's cached generation adds a position bias of the wrong "
                                   "length (a RuntimeError inside transformers' CpmAnt attention)"),
 }
