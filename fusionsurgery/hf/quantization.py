@@ -23,16 +23,13 @@ import torch
 from torch import nn
 
 from .._requirements import require
+from ..arch.quantization import SKIP_FIELDS
 from ..errors import UsageError
 from .blocks import FusionBlock
 
 #: The oldest bitsandbytes release tested here (CPU backend, 4-bit nf4 and 8-bit through transformers);
 #: pyproject.toml's ``[quant]`` extra declares the same floor.
 BITSANDBYTES_FLOOR = "0.46.1"
-
-#: Skip-list attribute of each transformers quantization config class; the rest use ``modules_to_not_convert``.
-_SKIP_ATTRIBUTE = {"BitsAndBytesConfig": "llm_int8_skip_modules"}
-
 
 def skip_attribute(quantization_config: Any) -> str:
     """The attribute of a transformers quantization config that lists the modules its quantizer leaves alone.
@@ -46,9 +43,10 @@ def skip_attribute(quantization_config: Any) -> str:
     Raises:
         UsageError: a method whose config has no such list (the fusion blocks could not be kept out).
     """
-    name = _SKIP_ATTRIBUTE.get(type(quantization_config).__name__, "modules_to_not_convert")
+    method = getattr(quantization_config, "quant_method", type(quantization_config).__name__)
+    # the list each method's loader reads (arch.quantization.SKIP_FIELDS: bitsandbytes' own, else transformers')
+    name = SKIP_FIELDS.get(str(getattr(method, "value", method)), ("modules_to_not_convert",))[0]
     if not hasattr(quantization_config, name):
-        method = getattr(quantization_config, "quant_method", type(quantization_config).__name__)
         raise UsageError(f"quantization method {str(getattr(method, 'value', method))!r} has no list of modules to leave unquantized "
                          "(modules_to_not_convert): fusionsurgery.hf cannot keep the fusion blocks float with it")
     return name
