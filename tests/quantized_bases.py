@@ -128,41 +128,39 @@ def save_mxfp4(model: Any, path: Path, seed: int = 0) -> Path:
     return _write(path, tensors, config)
 
 
-def save_gptq(model: Any, path: Path, bits: int = 4, group: int = 32, seed: int = 0) -> Path:
-    """The GPTQ layout (AutoGPTQ / GPTQModel ``checkpoint_format: gptq``): per linear ``qweight`` I32
-    ``[in*bits/32, out]``, ``qzeros`` I32 ``[in/group, out*bits/32]``, ``scales`` F16 ``[in/group, out]`` and
-    ``g_idx`` I32 ``[in]``; random codes (no GPTQ kernel runs on this CPU to quantize with)."""
+def _save_int_packed(model: Any, path: Path, bits: int, group: int, seed: int, *, along_output: bool,
+                     g_idx: bool, quantization_config: dict[str, Any]) -> Path:
+    """The GPTQ / AWQ layouts: per linear ``qweight`` I32 packed along the input (GPTQ, ``[in*bits/32, out]``) or
+    the output (AWQ, ``[in, out*bits/32]``), ``qzeros`` I32 ``[in/group, out*bits/32]``, ``scales`` F16
+    ``[in/group, out]`` and, with ``g_idx``, ``g_idx`` I32 ``[in]``; random codes (no kernel runs on this CPU
+    to quantize with)."""
     tensors, config = _save_float(model, path)
     gen = torch.Generator().manual_seed(seed)
     per = 32 // bits
     for key in [k for k in tensors if k.endswith(".weight") and LINEARS.search(k.removesuffix(".weight"))]:
         out_f, in_f = tensors.pop(key).shape
         stem = key.removesuffix("weight")
-        tensors[stem + "qweight"] = torch.randint(-2**31, 2**31 - 1, (in_f // per, out_f), dtype=torch.int32,
-                                                  generator=gen)
+        shape = (in_f, out_f // per) if along_output else (in_f // per, out_f)
+        tensors[stem + "qweight"] = torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int32, generator=gen)
         tensors[stem + "qzeros"] = torch.full((in_f // group, out_f // per), 0x77777777, dtype=torch.int32)
         tensors[stem + "scales"] = (torch.rand(in_f // group, out_f, generator=gen) * 0.01).half()
-        tensors[stem + "g_idx"] = torch.arange(in_f, dtype=torch.int32) // group
-    config["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": False,
-                                     "sym": True, "checkpoint_format": "gptq", "damp_percent": 0.01}
+        if g_idx:
+            tensors[stem + "g_idx"] = torch.arange(in_f, dtype=torch.int32) // group
+    config["quantization_config"] = quantization_config
     return _write(path, tensors, config)
+
+
+def save_gptq(model: Any, path: Path, bits: int = 4, group: int = 32, seed: int = 0) -> Path:
+    """The GPTQ layout (AutoGPTQ / GPTQModel ``checkpoint_format: gptq``): ``qweight`` packed along the input,
+    with ``g_idx``."""
+    return _save_int_packed(model, path, bits, group, seed, along_output=False, g_idx=True, quantization_config={
+        "quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": False, "sym": True,
+        "checkpoint_format": "gptq", "damp_percent": 0.01})
 
 
 def save_awq(model: Any, path: Path, bits: int = 4, group: int = 32, seed: int = 0) -> Path:
-    """The AWQ layout (AutoAWQ ``version: gemm``, what transformers' AWQ quantizer reads): per linear ``qweight``
-    I32 ``[in, out*bits/32]`` (packed along the output), ``qzeros`` I32 ``[in/group, out*bits/32]`` and
-    ``scales`` F16 ``[in/group, out]``, no ``g_idx``; random codes (no AWQ kernel runs on this CPU)."""
-    tensors, config = _save_float(model, path)
-    gen = torch.Generator().manual_seed(seed)
-    per = 32 // bits
-    for key in [k for k in tensors if k.endswith(".weight") and LINEARS.search(k.removesuffix(".weight"))]:
-        out_f, in_f = tensors.pop(key).shape
-        stem = key.removesuffix("weight")
-        tensors[stem + "qweight"] = torch.randint(-2**31, 2**31 - 1, (in_f, out_f // per), dtype=torch.int32,
-                                                  generator=gen)
-        tensors[stem + "qzeros"] = torch.full((in_f // group, out_f // per), 0x77777777, dtype=torch.int32)
-        tensors[stem + "scales"] = (torch.rand(in_f // group, out_f, generator=gen) * 0.01).half()
-    config["quantization_config"] = {"quant_method": "awq", "bits": bits, "group_size": group, "version": "gemm",
-                                     "zero_point": True, "modules_to_not_convert": None}
-    return _write(path, tensors, config)
-
+    """The AWQ layout (AutoAWQ ``version: gemm``, what transformers' AWQ quantizer reads): ``qweight`` packed
+    along the output, no ``g_idx``."""
+    return _save_int_packed(model, path, bits, group, seed, along_output=True, g_idx=False, quantization_config={
+        "quant_method": "awq", "bits": bits, "group_size": group, "version": "gemm", "zero_point": True,
+        "modules_to_not_convert": None})
