@@ -40,11 +40,17 @@ def hf_model(arch: str, seed: int = 0, **overrides: Any):
     config = transformers.AutoConfig.for_model(MODEL_TYPE[arch], **kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    return perturb(model, biases=True)
+
+
+def perturb(model: Any, biases: bool = False) -> Any:
+    """``model`` with its norm weights moved off one (and, with ``biases``, its biases off zero), so that a
+    test comparing logits sees a wrong norm convention or a dropped bias; returns it."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
-            if name.endswith(".bias"):
+            if biases and name.endswith(".bias"):
                 p.normal_(0, 0.05)
     return model
 

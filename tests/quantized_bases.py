@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import perturb
+
 _SPEC = importlib.util.spec_from_file_location(
     "make_quantized", Path(__file__).resolve().parents[1] / "examples" / "make_quantized.py")
 MAKE_QUANTIZED = importlib.util.module_from_spec(_SPEC)
@@ -37,12 +39,7 @@ def tiny_model(model_type: str, seed: int = 0, tie: bool = False) -> Any:
         num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5,
         tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return perturb(transformers.AutoModelForCausalLM.from_config(config).eval())
 
 
 def _save_float(model: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
